@@ -1,0 +1,136 @@
+"""The `modelloader` command: `local` (the embedded default) and `status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modelloader import control_channel
+from modelloader.sources import default_roots
+
+
+def default_state_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path.home() / ".cache"
+    return base / "modelloader" / "run"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "modelloader" / "models"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelloader", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    local = commands.add_parser(
+        "local", help="serve LoadedModel manifests from files on this machine",
+        description="Read LoadedModel manifests (files or folders), start a local Ray, load the "
+        "models and serve them over the Open Inference Protocol. Edits to the files are applied "
+        "while running; Ctrl-C stops everything.",
+    )
+    local.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                       help="YAML files (multi-document) or folders of them")
+    local.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
+    local.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s)")
+    local.add_argument("--metrics-port", type=int, default=9090,
+                       help="Prometheus /metrics port (default %(default)s)")
+    local.add_argument("--model-root", action="append", type=Path, default=None,
+                       help="a folder file:// models may be read from (repeatable; default: the "
+                       "folders of the manifests given)")
+    local.add_argument("--state-dir", type=Path, default=None,
+                       help="private folder for sockets (default $XDG_RUNTIME_DIR/modelloader/run "
+                       "or ~/.cache/modelloader/run)")
+    local.add_argument("--cache-dir", type=Path, default=None,
+                       help="content-addressed model cache (default ~/.cache/modelloader/models)")
+    local.add_argument("--num-cpus", type=int, default=None,
+                       help="CPUs the local Ray offers (default: all)")
+    local.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                       help="largest inference request body (default %(default)s)")
+
+    stat = commands.add_parser("status", help="show the LoadedModels of a running modelloader local")
+    stat.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    stat.add_argument("--state-dir", type=Path, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "local":
+        return _local(args)
+    return _status(args)
+
+
+def _local(args: argparse.Namespace) -> int:
+    from modelloader.local_runtime import LocalConfig, LocalRuntime
+
+    paths = tuple(p.resolve() for p in args.paths)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"modelloader local: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    roots = tuple(r.resolve() for r in args.model_root) if args.model_root else default_roots(paths)
+    config = LocalConfig(
+        paths=paths,
+        model_roots=roots,
+        state_dir=(args.state_dir or default_state_dir()).resolve(),
+        cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        num_cpus=args.num_cpus,
+        max_request_bytes=args.max_request_bytes,
+    )
+    try:
+        asyncio.run(LocalRuntime(config).run())
+    except RuntimeError as error:
+        print(f"modelloader local: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state_dir = (args.state_dir or default_state_dir()).resolve()
+    try:
+        data = control_channel.fetch(state_dir)
+    except control_channel.ControlUnavailable as error:
+        print(f"modelloader status: {error}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    print(format_table(data["items"]))
+    for error in data.get("errors", []):
+        print(f"warning: {error}")
+    return 0
+
+
+def format_table(items: Sequence[dict[str, Any]]) -> str:
+    rows = [("NAMESPACE", "NAME", "ORIGIN", "PHASE", "MESSAGE")]
+    rows += [
+        (i["namespace"], i["name"], i["origin"], i["status"].get("phase", ""),
+         i["status"].get("message", ""))
+        for i in items
+    ]
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:4])) + "  " + row[4]
+        for row in rows
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""`modelloader local`: the embedded default. Manifests from files, a private local Ray, the
+gateway on localhost, metrics, and the control channel for `modelloader status`; one process.
+
+The loop is the same as the operator's: read desired state, observe workers, `reconcile.plan`,
+apply effects, render status. Only the source of manifests (files) and the place status goes
+(memory, shown by `modelloader status`) are local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from modelloader import control_channel, status
+from modelloader.control_metrics import ControlMetrics
+from modelloader.manifests import ManifestReader, ManifestSet
+from modelloader.ray_workers import RayWorkers, start_local_ray, stop_ray
+from modelloader.reconcile import plan
+from modelloader.resource import LoadedModel
+from modelloader.sources import ModelSources, SourcePolicy
+from modelloader.worker_pool import WorkerPool
+from modelloader_workers.gateway.dataplane import DataPlane
+from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
+from modelloader_workers.gateway.http_v2 import build_app
+from modelloader_workers.gateway.metrics import GatewayMetrics
+from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader_workers.signature import Signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    paths: tuple[Path, ...]
+    model_roots: tuple[Path, ...]
+    state_dir: Path
+    cache_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int = 9090
+    num_cpus: int | None = None
+    max_request_bytes: int = 64 << 20
+    max_model_bytes: int = 1 << 30
+    interval_seconds: float = 0.5
+    liveness_seconds: float = 1.0
+
+
+class Generations:
+    """Kubernetes bumps metadata.generation on each spec change; files have none, so count."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, int]] = {}
+
+    def stamp(self, models: tuple[LoadedModel, ...]) -> list[LoadedModel]:
+        stamped = []
+        for model in models:
+            fingerprint, generation = self._seen.get(model.key, (model.fingerprint, 0))
+            if fingerprint != model.fingerprint or generation == 0:
+                generation += 1
+            self._seen[model.key] = (model.fingerprint, generation)
+            stamped.append(dataclasses.replace(model, generation=generation))
+        for gone in set(self._seen) - {m.key for m in models}:
+            del self._seen[gone]
+        return stamped
+
+
+class LocalRuntime:
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = ControlMetrics(self.registry)
+        self.directory = ModelDirectory()
+        self.clients = WorkerClients()
+        self.reader = ManifestReader(list(config.paths))
+        self.generations = Generations()
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.listing: list[dict[str, Any]] = []
+        self.file_errors: tuple[str, ...] = ()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._synced = False
+        self._runners: list[web.AppRunner] = []
+        self._capacity: dict[str, float] = {}
+        self._capacity_at = 0.0
+        self._pool: WorkerPool | None = None
+        self._ray_temp: str | None = None
+
+    # Lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+            # After start: ray.init installs a SIGTERM handler of its own, which would exit
+            # without unloading anything.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+            await self._serve_until_stopped()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def start(self) -> None:
+        config = self.config
+        control_channel.prepare_state_dir(config.state_dir)
+        if control_channel.is_running(config.state_dir):
+            raise RuntimeError(
+                f"another modelloader local is running with state dir {config.state_dir}"
+            )
+        sources = ModelSources(SourcePolicy(
+            roots=config.model_roots, cache_dir=config.cache_dir,
+            max_bytes=config.max_model_bytes,
+        ))
+        started = time.perf_counter()
+        # On this thread: Ray wants the main thread for its signal handling. Nothing else is
+        # running yet, so blocking the loop for a few seconds costs nothing.
+        self._ray_temp = start_local_ray(config.num_cpus)
+        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
+        workers = RayWorkers(config.state_dir / "w")
+        self._pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
+        self._workers = workers
+
+        gateway = build_app(
+            DataPlane(self.directory, self.clients), GatewayMetrics(self.registry),
+            max_request_bytes=config.max_request_bytes, ready=lambda: self._synced,
+        )
+        await self._serve(gateway, web.TCPSite, config.host, config.port)
+        await self._serve(self._metrics_app(), web.TCPSite, config.host, config.metrics_port)
+        control_socket = config.state_dir / control_channel.SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            control_socket.unlink()
+        runner = await self._serve(self._control_app(), None, str(control_socket))
+        del runner
+        control_socket.chmod(0o600)
+        log.info("gateway on http://%s:%d, metrics on :%d/metrics",
+                 config.host, config.port, config.metrics_port)
+
+    async def _serve(self, app: web.Application, site: Any, *where: Any) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        if site is None:
+            await web.UnixSite(runner, where[0]).start()
+        else:
+            await site(runner, *where).start()
+        return runner
+
+    async def _serve_until_stopped(self) -> None:
+        liveness = asyncio.ensure_future(self._liveness_loop())
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                await self.reconcile_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.interval_seconds)
+        finally:
+            liveness.cancel()
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.liveness_seconds)
+            if self._pool is not None:
+                try:
+                    await self._pool.check_liveness()
+                except Exception:
+                    log.exception("liveness check failed")
+
+    async def shutdown(self) -> None:
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        self.clients.close()
+        if self._pool is not None:
+            await self._pool.close()
+        await asyncio.to_thread(stop_ray)
+        if self._ray_temp is not None:
+            shutil.rmtree(self._ray_temp, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.state_dir / control_channel.SOCKET_NAME).unlink()
+
+    # One pass of the loop
+
+    async def reconcile_once(self) -> None:
+        assert self._pool is not None
+        started = time.perf_counter()
+        try:
+            manifests = await asyncio.to_thread(self.reader.read)
+            self._reconcile(manifests, await self._cluster_capacity())
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            log.exception("reconcile failed")
+        finally:
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def _cluster_capacity(self) -> dict[str, float]:
+        # Refreshed every few seconds: a node (and its GPUs) may join a Ray cluster.
+        if time.monotonic() - self._capacity_at > 5.0:
+            self._capacity = await asyncio.to_thread(self._workers.capacity)
+            self._capacity_at = time.monotonic()
+        return self._capacity
+
+    def _reconcile(self, manifests: ManifestSet, capacity: dict[str, float]) -> None:
+        assert self._pool is not None
+        models = self.generations.stamp(manifests.models)
+        result = plan(models, self._pool.views(), capacity)
+        self._pool.apply(result.effects)
+
+        now = datetime.now(UTC)
+        statuses: dict[str, dict[str, Any]] = {}
+        listing: list[dict[str, Any]] = []
+        entries: list[ModelEntry] = []
+        for model in models:
+            state = result.states[model.key]
+            rendered = status.render(model, state, self.statuses.get(model.key), now)
+            statuses[model.key] = rendered
+            listing.append(_item(model.namespace, model.name, model.spec.origin, rendered))
+            serving = state.serving
+            entries.append(ModelEntry(
+                origin=model.spec.origin,
+                name=model.name,
+                ready=serving is not None and serving.address is not None,
+                message=state.message,
+                signature=Signature.from_dict(serving.signature)
+                if serving is not None and serving.signature else None,
+                address=serving.address if serving is not None else None,
+            ))
+        for rejected in manifests.rejected:
+            rendered = status.render_rejected(rejected, now)
+            listing.append(_item(rejected.namespace, rejected.name, "", rendered))
+        self.directory.publish(entries)
+        self.clients.forget_except(self.directory.addresses())
+        self.statuses = statuses
+        self.listing = listing
+        self.file_errors = manifests.file_errors
+        self.metrics.count_phases([item["status"]["phase"] for item in listing])
+        self._synced = True
+
+    # HTTP apps besides the gateway
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            response = web.Response(body=generate_latest(self.registry))
+            response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+            return response
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    def _control_app(self) -> web.Application:
+        async def status_handler(_: web.Request) -> web.Response:
+            return web.json_response({"items": self.listing, "errors": list(self.file_errors)})
+
+        app = web.Application()
+        app.router.add_get("/status", status_handler)
+        return app
+
+
+def _item(namespace: str, name: str, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:
+    return {"namespace": namespace, "name": name, "origin": origin, "status": rendered}

@@ -1,0 +1,118 @@
+"""Manifests from files: YAML files (several documents each) or folders of them.
+
+The source of truth of `modelloader local`: the Kubernetes operator reads the same resources from
+the API server instead. A file that stops parsing (half-saved in an editor) keeps its last good
+documents: a typo must not unload models that are serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelloader.resource import KIND, LoadedModel, ManifestError, parse_loaded_model
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A LoadedModel manifest that failed validation; shown in status like a Failed model."""
+
+    namespace: str
+    name: str
+    where: str  # "file.yaml#2"
+    message: str
+
+
+@dataclass(frozen=True)
+class ManifestSet:
+    models: tuple[LoadedModel, ...] = ()
+    rejected: tuple[Rejected, ...] = ()
+    file_errors: tuple[str, ...] = ()
+
+
+def manifest_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+@dataclass
+class ManifestReader:
+    """Reads the given paths again on each call, remembering each file's last good documents."""
+
+    paths: Sequence[Path]
+    default_namespace: str = "default"
+    _last_good: dict[Path, list[Any]] = field(default_factory=dict)
+
+    def read(self) -> ManifestSet:
+        documents: list[tuple[Path, int, Any]] = []
+        file_errors: list[str] = []
+        files = manifest_files(self.paths)
+        for missing in [p for p in self.paths if not p.exists()]:
+            file_errors.append(f"{missing}: no such file or folder")
+        for path in files:
+            try:
+                docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+                self._last_good[path] = docs
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+                file_errors.append(f"{path}: {_first_line(error)}; keeping its last good version")
+                docs = self._last_good.get(path, [])
+            documents += [(path, i, d) for i, d in enumerate(docs)]
+        for gone in set(self._last_good) - set(files):
+            del self._last_good[gone]
+        models, rejected = parse_documents(documents, self.default_namespace)
+        return ManifestSet(tuple(models), tuple(rejected), tuple(file_errors))
+
+
+def parse_documents(
+    documents: Iterable[tuple[Path, int, Any]], default_namespace: str = "default"
+) -> tuple[list[LoadedModel], list[Rejected]]:
+    """LoadedModels in document order (the order models are created in); others are skipped."""
+    models: list[LoadedModel] = []
+    rejected: list[Rejected] = []
+    seen: dict[tuple[str, str], str] = {}
+    for path, index, doc in documents:
+        where = f"{path}#{index + 1}"
+        if not _is_loaded_model(doc):
+            continue
+        namespace, name = _identity(doc, default_namespace)
+        try:
+            if (namespace, name) in seen:
+                raise ManifestError(
+                    f"metadata.name: LoadedModel {namespace}/{name} is already defined at "
+                    f"{seen[(namespace, name)]}"
+                )
+            model = parse_loaded_model(doc, default_namespace=default_namespace,
+                                       base_dir=path.parent.resolve())
+        except ManifestError as error:
+            rejected.append(Rejected(namespace, name, where, str(error)))
+            continue
+        seen[(namespace, name)] = where
+        models.append(model)
+    return models, rejected
+
+
+def _is_loaded_model(doc: Any) -> bool:
+    # Other kinds (Secrets, OriginPolicies, ...) may share the files; a wrong apiVersion on a
+    # LoadedModel is the parser's to report.
+    return isinstance(doc, Mapping) and doc.get("kind") == KIND
+
+
+def _identity(doc: Mapping[str, Any], default_namespace: str) -> tuple[str, str]:
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    return str(meta.get("namespace", default_namespace)), str(meta.get("name", "?"))
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]

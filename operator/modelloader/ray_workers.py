@@ -1,0 +1,149 @@
+"""The one adapter to Ray: start a worker actor, load its model, check it is alive, stop it.
+
+Each LoadedModel's worker is a Ray actor in its own process, in a Ray namespace of its origin's
+(two origins never share a process or a namespace). Ray places and supervises the process;
+inference tensors do not pass through Ray (see `modelloader_workers.ipc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from modelloader.resource import LoadedModel
+from modelloader_workers.litert_runner import ModelLoadError
+from modelloader_workers.worker import LoadedInfo, ModelWorker
+
+log = logging.getLogger(__name__)
+
+# Unix socket paths are limited to 107 bytes; our names take 22.
+MAX_SOCKET_DIR = 80
+
+
+class WorkerStartError(RuntimeError):
+    """The worker could not be started or could not load its model; the message says why."""
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    actor: Any
+    socket_path: Path
+
+
+def origin_namespace(origin: str) -> str:
+    return f"modelloader-origin-{origin}"
+
+
+def start_local_ray(num_cpus: int | None) -> str:
+    """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
+    `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
+    temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+    ray.init(
+        address="local",
+        num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        _temp_dir=temp_dir,
+    )
+    return temp_dir
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class RayWorkers:
+    def __init__(self, socket_dir: Path, *, detached: bool = False) -> None:
+        if len(str(socket_dir)) > MAX_SOCKET_DIR:
+            raise ValueError(
+                f"{socket_dir} is too long for Unix sockets; choose a shorter --state-dir"
+            )
+        socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._socket_dir = socket_dir
+        self._detached = detached
+        self._remote = ray.remote(ModelWorker)
+
+    def capacity(self) -> dict[str, float]:
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+    async def start(
+        self,
+        worker_id: str,
+        model: LoadedModel,
+        model_path: Path,
+        resources: dict[str, float],
+    ) -> tuple[WorkerHandle, LoadedInfo]:
+        name_hash = hashlib.sha256(worker_id.encode()).hexdigest()[:16]
+        socket_path = self._socket_dir / f"{name_hash}.sock"
+        spec = model.spec
+        options: dict[str, Any] = {
+            "name": worker_id,
+            "namespace": origin_namespace(spec.origin),
+            # No CPU reserved unless asked: LiteRT's threads are the real limit, and a laptop
+            # with 2 cores must still hold more than 2 models.
+            "num_cpus": spec.resources.cpu or 0,
+            "max_restarts": 0,  # the reconcile core decides restarts, and sees each one
+        }
+        if spec.resources.memory_bytes:
+            options["memory"] = spec.resources.memory_bytes
+        if resources:
+            options["resources"] = dict(resources)
+        if self._detached:
+            options["lifetime"] = "detached"
+        actor = self._remote.options(**options).remote()
+        handle = WorkerHandle(worker_id, actor, socket_path)
+        try:
+            info: LoadedInfo = await actor.load.remote(str(model_path), spec.threads, str(socket_path))
+        except RayTaskError as error:
+            self.stop(handle)
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
+                raise WorkerStartError(str(cause or error).strip()) from None
+            raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
+        except RayActorError as error:
+            self.stop(handle)
+            raise WorkerStartError(
+                "the worker process died while loading the model "
+                f"(LiteRT may have crashed on this file): {_short(error)}"
+            ) from None
+        except asyncio.CancelledError:
+            self.stop(handle)
+            raise
+        return handle, info
+
+    async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
+        """None when alive, else why not. A slow answer is not death: only Ray saying the
+        actor is gone is."""
+        try:
+            await asyncio.wait_for(handle.actor.ping.remote(), timeout)
+        except RayActorError as error:
+            return f"the worker process exited: {_short(error)}"
+        except (TimeoutError, GetTimeoutError):
+            return None
+        except RayError as error:
+            return f"the worker is unreachable: {_short(error)}"
+        return None
+
+    def stop(self, handle: WorkerHandle) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(handle.actor, no_restart=True)
+        with contextlib.suppress(FileNotFoundError):
+            handle.socket_path.unlink()
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:400]

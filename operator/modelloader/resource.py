@@ -1,0 +1,193 @@
+"""The LoadedModel resource as typed, frozen objects, and the parser that turns a manifest
+into them or says which field is wrong. Pure: no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from modelloader import API_GROUP, API_VERSION
+from modelloader.quantity import QuantityError, parse_quantity
+
+KIND = "LoadedModel"
+API = f"{API_GROUP}/{API_VERSION}"
+
+Accelerator = Literal["auto", "cpu", "gpu", "npu"]
+Delegation = Literal["whole", "partitioned"]
+Precision = Literal["fp32", "fp16"]
+ACCELERATORS: tuple[Accelerator, ...] = ("auto", "cpu", "gpu", "npu")
+DELEGATIONS: tuple[Delegation, ...] = ("whole", "partitioned")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+MAX_THREADS = 64
+
+# Kubernetes object names (DNS-1123 subdomain) and origins (DNS-1123 label).
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+SHA256_PATTERN = r"^[a-f0-9]{64}$"
+URI_PATTERN = r"^(file|https?)://.+"
+_NAME = re.compile(NAME_PATTERN)
+_LABEL = re.compile(LABEL_PATTERN)
+_SHA256 = re.compile(SHA256_PATTERN)
+_URI = re.compile(URI_PATTERN)
+
+
+class ManifestError(ValueError):
+    """A manifest that is not a valid LoadedModel; the message starts with the field's path."""
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_bytes: int | None = None
+    cpu: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModelSpec:
+    origin: str
+    source: Source
+    accelerator: Accelerator = "auto"
+    delegation: Delegation = "partitioned"
+    precision: Precision = "fp32"
+    threads: int = 1
+    resources: Resources = Resources()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    namespace: str
+    name: str
+    spec: LoadedModelSpec
+    generation: int = 1
+    # Where a relative file:// URI is resolved from: the manifest's folder in local mode.
+    base_dir: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes exactly when what the worker must load changes."""
+        data = {"spec": asdict(self.spec), "base": str(self.base_dir)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_loaded_model(
+    doc: Mapping[str, Any], *, default_namespace: str = "default", base_dir: Path | None = None
+) -> LoadedModel:
+    if doc.get("apiVersion") != API or doc.get("kind") != KIND:
+        raise ManifestError(
+            f"apiVersion/kind: expected {API} {KIND}, got "
+            f"{doc.get('apiVersion')!r} {doc.get('kind')!r}"
+        )
+    meta = _mapping(doc.get("metadata"), "metadata")
+    name = _string(meta.get("name"), "metadata.name")
+    if not _NAME.match(name):
+        raise ManifestError(
+            f"metadata.name: {name!r} must be lowercase letters, digits, '-' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    namespace = meta.get("namespace", default_namespace)
+    namespace = _string(namespace, "metadata.namespace")
+    _label(namespace, "metadata.namespace")
+    generation = meta.get("generation", 1)
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        raise ManifestError("metadata.generation: must be a positive integer")
+    spec = parse_spec(_mapping(doc.get("spec"), "spec"), namespace)
+    return LoadedModel(namespace, name, spec, generation, base_dir)
+
+
+def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
+    _no_unknown(spec, {"origin", "source", "accelerator", "delegation", "precision", "threads",
+                       "resources"}, "spec")
+    origin = _string(spec.get("origin", namespace), "spec.origin")
+    _label(origin, "spec.origin")
+
+    raw_source = _mapping(spec.get("source"), "spec.source")
+    _no_unknown(raw_source, {"uri", "sha256"}, "spec.source")
+    uri = _string(raw_source.get("uri"), "spec.source.uri")
+    if not _URI.match(uri):
+        raise ManifestError(f"spec.source.uri: {uri!r} must start with file://, http:// or https://")
+    sha256 = raw_source.get("sha256")
+    if sha256 is not None:
+        sha256 = _string(sha256, "spec.source.sha256")
+        if not _SHA256.match(sha256):
+            raise ManifestError("spec.source.sha256: must be 64 lowercase hexadecimal digits")
+
+    threads = spec.get("threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+        raise ManifestError(f"spec.threads: must be an integer from 1 to {MAX_THREADS}")
+
+    raw_resources = _mapping(spec.get("resources", {}), "spec.resources")
+    _no_unknown(raw_resources, {"memory", "cpu"}, "spec.resources")
+    resources = Resources(
+        memory_bytes=_quantity(raw_resources, "memory", integer=True),
+        cpu=_quantity(raw_resources, "cpu", integer=False),
+    )
+    return LoadedModelSpec(
+        origin=origin,
+        source=Source(uri, sha256),
+        accelerator=cast(Accelerator, _enum(spec, "accelerator", ACCELERATORS, "auto")),
+        delegation=cast(Delegation, _enum(spec, "delegation", DELEGATIONS, "partitioned")),
+        precision=cast(Precision, _enum(spec, "precision", PRECISIONS, "fp32")),
+        threads=threads,
+        resources=resources,
+    )
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{field}: required, and must be a mapping")
+    return value
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{field}: required, and must be a non-empty string")
+    return value
+
+
+def _label(value: str, field: str) -> None:
+    if not _LABEL.match(value):
+        raise ManifestError(
+            f"{field}: {value!r} must be at most 63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def _enum(spec: Mapping[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = spec.get(key, default)
+    if value not in allowed:
+        raise ManifestError(f"spec.{key}: must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
+
+
+def _quantity(raw: Mapping[str, Any], key: str, *, integer: bool) -> Any:
+    if key not in raw:
+        return None
+    try:
+        amount = parse_quantity(raw[key])
+    except QuantityError as error:
+        raise ManifestError(f"spec.resources.{key}: {error}") from None
+    if amount <= 0:
+        raise ManifestError(f"spec.resources.{key}: must be more than zero")
+    return int(amount) if integer else float(amount)
+
+
+def _no_unknown(raw: Mapping[str, Any], known: set[str], field: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ManifestError(
+            f"{field}.{unknown[0]}: unknown field; known fields are {', '.join(sorted(known))}"
+        )

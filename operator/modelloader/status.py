@@ -1,0 +1,85 @@
+"""Render a LoadedModel's state as the resource's `status`, in the CRD's shape. Pure.
+
+Condition transition times move only when a condition's status changes, so the previous status
+goes in along with the clock's reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from modelloader.manifests import Rejected
+from modelloader.reconcile import ModelState
+from modelloader.resource import LoadedModel
+
+CONDITION_TYPES = ("Scheduled", "Loaded", "Ready", "Degraded")
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def render(
+    model: LoadedModel,
+    state: ModelState,
+    previous: Mapping[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    triples = dict(zip(CONDITION_TYPES,
+                       (state.scheduled, state.loaded, state.ready, state.degraded), strict=True))
+    conditions = [
+        _condition(kind, value, reason, message, previous, now)
+        for kind, (value, reason, message) in triples.items()
+    ]
+    status: dict[str, Any] = {
+        "phase": state.phase,
+        "message": state.message,
+        "observedGeneration": model.generation,
+        "conditions": conditions,
+    }
+    shown = state.serving or state.current
+    if shown is not None and shown.signature is not None:
+        status["inputs"] = list(shown.signature["inputs"])
+        status["outputs"] = list(shown.signature["outputs"])
+    if shown is not None and shown.placement is not None:
+        status["placement"] = dict(shown.placement)
+    if shown is not None and shown.load_seconds is not None:
+        status["loadSeconds"] = round(shown.load_seconds, 4)
+    return status
+
+
+def render_rejected(rejected: Rejected, now: datetime) -> dict[str, Any]:
+    """A manifest that failed validation: what the API server's rejection would have said."""
+    message = f"invalid manifest ({rejected.where}): {rejected.message}"
+    return {
+        "phase": "Failed",
+        "message": message,
+        "conditions": [
+            {"type": kind, "status": "False", "reason": "InvalidSpec", "message": message,
+             "lastTransitionTime": timestamp(now)}
+            for kind in ("Scheduled", "Ready")
+        ],
+    }
+
+
+def _condition(
+    kind: str,
+    value: bool | None,
+    reason: str,
+    message: str,
+    previous: Mapping[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    text = "Unknown" if value is None else ("True" if value else "False")
+    before = next(
+        (c for c in (previous or {}).get("conditions", []) if c.get("type") == kind), None
+    )
+    since = (
+        before["lastTransitionTime"]
+        if before is not None and before.get("status") == text
+        else timestamp(now)
+    )
+    return {"type": kind, "status": text, "reason": reason, "message": message,
+            "lastTransitionTime": since}

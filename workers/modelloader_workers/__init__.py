@@ -1,0 +1,1 @@
+"""Model Loader's data plane: LiteRT workers (one process per model) and the v2 gateway."""

@@ -1,0 +1,129 @@
+"""Open Inference Protocol v2 over HTTP: a thin aiohttp layer over `DataPlane`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from modelloader_workers.gateway import codec
+from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane
+from modelloader_workers.gateway.errors import DataPlaneError, PayloadTooLarge
+from modelloader_workers.gateway.metrics import GatewayMetrics
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Every caller acts for this origin until per-origin tokens arrive: the one place to change.
+ANONYMOUS_ORIGIN = "default"
+
+OriginOf = Callable[[web.Request], str]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except DataPlaneError as error:
+        return error_response(error.status, error.message)
+    except web.HTTPRequestEntityTooLarge as error:
+        return error_response(413, f"request body is over the limit of {error.max_size} bytes")
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(error.status, error.reason)
+
+
+def build_app(
+    dataplane: DataPlane,
+    metrics: GatewayMetrics | None = None,
+    *,
+    max_request_bytes: int = 64 << 20,
+    ready: Callable[[], bool] = lambda: True,
+    origin_of: OriginOf = lambda _request: ANONYMOUS_ORIGIN,
+) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_json], client_max_size=max_request_bytes)
+
+    async def server_metadata(_: web.Request) -> web.Response:
+        return web.json_response(dataplane.server_metadata())
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def server_ready(_: web.Request) -> web.Response:
+        ok = ready()
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        name, version = _model(request)
+        return web.json_response(dataplane.model_metadata(origin_of(request), name, version))
+
+    async def model_ready(request: web.Request) -> web.Response:
+        name, version = _model(request)
+        ok = dataplane.model_ready(origin_of(request), name, version)
+        return web.json_response({"name": name, "ready": ok}, status=200 if ok else 503)
+
+    async def infer(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        name, version = _model(request)
+        origin = origin_of(request)
+        known = dataplane.directory.lookup(origin, name) is not None
+        labels = (origin, name if known else "")  # unknown names must not grow the series
+        status = 500
+        try:
+            if request.content_length is not None and request.content_length > max_request_bytes:
+                raise PayloadTooLarge(
+                    f"request body is over the limit of {max_request_bytes} bytes"
+                )
+            body = await request.read()
+            decoded = codec.decode_request(body, request.headers.get(HEADER_LENGTH))
+            result = await dataplane.infer(origin, name, version, decoded.inputs, decoded.outputs)
+            payload, header_length = codec.encode_response(
+                name, version or MODEL_VERSION, decoded, result.outputs
+            )
+            status = 200
+            if metrics is not None:
+                metrics.request_bytes.labels(*labels).observe(len(body))
+                metrics.response_bytes.labels(*labels).observe(len(payload))
+                metrics.queue_duration.labels(*labels).observe(result.queue_seconds)
+                metrics.inference_duration.labels(*labels).observe(result.invoke_seconds)
+        except DataPlaneError as error:
+            status = error.status
+            raise
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            if metrics is not None:
+                metrics.requests.labels(*labels, str(status)).inc()
+                metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+        if header_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
+
+    routes = [
+        web.get("/v2", server_metadata),
+        web.get("/v2/health/live", live),
+        web.get("/v2/health/ready", server_ready),
+    ]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            web.get(prefix, model_metadata),
+            web.get(prefix + "/ready", model_ready),
+            web.post(prefix + "/infer", infer),
+        ]
+    app.add_routes(routes)
+    return app
+
+
+def _model(request: web.Request) -> tuple[str, str | None]:
+    return request.match_info["name"], request.match_info.get("version")
+

@@ -1,0 +1,107 @@
+"""The gateway's persistent connections to workers' data-path sockets.
+
+A pool per worker address: a request takes an idle connection or opens one, and gives it back
+when the answer is read. A connection that fails is dropped, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelloader_workers import ipc
+from modelloader_workers.gateway.errors import BadRequest, InferenceFailed, WorkerUnavailable
+
+_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    outputs: dict[str, np.ndarray[Any, Any]]
+    queue_seconds: float
+    invoke_seconds: float
+
+
+class WorkerClients:
+    def __init__(self, max_idle_per_worker: int = 64) -> None:
+        self._idle: dict[str, list[_Connection]] = {}
+        self._max_idle = max_idle_per_worker
+
+    async def infer(
+        self,
+        address: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str],
+    ) -> WorkerReply:
+        entries, buffers = ipc.describe(inputs)
+        header = {"inputs": entries, "outputs": list(outputs)}
+        reused, connection = await self._acquire(address)
+        try:
+            reply, payload = await self._exchange(connection, header, buffers)
+        except (ipc.FrameError, OSError) as error:
+            _close(connection)
+            if not reused:
+                raise WorkerUnavailable(f"the model's worker went away: {error}") from None
+            # An idle connection may have gone stale (the worker restarted): one fresh try.
+            _, connection = await self._acquire(address, fresh=True)
+            try:
+                reply, payload = await self._exchange(connection, header, buffers)
+            except (ipc.FrameError, OSError) as error2:
+                _close(connection)
+                raise WorkerUnavailable(f"the model's worker went away: {error2}") from None
+        self._release(address, connection)
+        if "error" in reply:
+            status = int(reply.get("status", 500))
+            raise (BadRequest if status == 400 else InferenceFailed)(str(reply["error"]))
+        return WorkerReply(
+            outputs=ipc.tensors_from(reply["outputs"], payload),
+            queue_seconds=float(reply.get("queue_seconds", 0.0)),
+            invoke_seconds=float(reply.get("invoke_seconds", 0.0)),
+        )
+
+    async def _exchange(
+        self, connection: _Connection, header: Mapping[str, Any], buffers: Sequence[Any]
+    ) -> tuple[dict[str, Any], bytes]:
+        reader, writer = connection
+        ipc.write_frame_async(writer, header, buffers)
+        await writer.drain()
+        return await ipc.read_frame_async(reader)
+
+    async def _acquire(self, address: str, fresh: bool = False) -> tuple[bool, _Connection]:
+        idle = self._idle.get(address)
+        if idle and not fresh:
+            return True, idle.pop()
+        if not address.startswith("unix:"):
+            raise WorkerUnavailable(f"unsupported worker address {address!r}")
+        try:
+            connection = await asyncio.open_unix_connection(address[len("unix:"):])
+        except OSError as error:
+            raise WorkerUnavailable(f"cannot reach the model's worker: {error}") from None
+        return False, connection
+
+    def _release(self, address: str, connection: _Connection) -> None:
+        idle = self._idle.setdefault(address, [])
+        if len(idle) < self._max_idle:
+            idle.append(connection)
+        else:
+            _close(connection)
+
+    def forget_except(self, addresses: set[str]) -> None:
+        """Close pooled connections to workers no longer published."""
+        for address in list(self._idle):
+            if address not in addresses:
+                for connection in self._idle.pop(address):
+                    _close(connection)
+
+    def close(self) -> None:
+        self.forget_except(set())
+
+
+def _close(connection: _Connection) -> None:
+    with contextlib.suppress(Exception):
+        connection[1].close()

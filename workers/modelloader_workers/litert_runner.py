@@ -1,0 +1,105 @@
+"""The one adapter to LiteRT: load a .tflite file, describe it, run it.
+
+CPU inference goes through the classic `Interpreter`, which applies XNNPACK by default and takes
+an explicit thread count (measured here: 1.84 ms for MobileNetV2 uint8 with 2 threads, against
+3.49 ms for `CompiledModel` with default options).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelloader_workers.signature import Signature, TensorSpec
+from modelloader_workers.tensor_types import UnsupportedDatatype, v2_datatype
+
+
+class ModelLoadError(RuntimeError):
+    """The file could not be made into a runnable model; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Binding:
+    spec: TensorSpec
+    index: int  # the tensor's index in the interpreter
+
+
+class LiteRTRunner:
+    """One interpreter. Not thread-safe: the worker serialises calls to `run`."""
+
+    def __init__(self, model_path: str, threads: int = 1) -> None:
+        started = time.perf_counter()
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interpreter = Interpreter(model_path=model_path, num_threads=threads)
+            self._inputs, self._outputs = self._bindings()
+            self._interpreter.allocate_tensors()
+            # Input shapes as allocated now; `run` resizes only when a request differs.
+            self._shapes: dict[int, tuple[int, ...]] = {
+                int(d["index"]): tuple(int(x) for x in d["shape"])
+                for d in self._interpreter.get_input_details()
+            }
+        except ModelLoadError:
+            raise
+        except Exception as error:  # LiteRT reports bad models as ValueError/RuntimeError
+            raise ModelLoadError(_describe_load_error(error)) from None
+        self.signature = Signature(
+            tuple(b.spec for b in self._inputs), tuple(b.spec for b in self._outputs)
+        )
+        self.load_seconds = time.perf_counter() - started
+
+    def _bindings(self) -> tuple[list[_Binding], list[_Binding]]:
+        """Name tensors by the model's signature when it has exactly one (the names its author
+        chose, e.g. "pixels"), else by tensor name."""
+        interpreter = self._interpreter
+        signatures = interpreter.get_signature_list()
+        if len(signatures) == 1:
+            runner = interpreter.get_signature_runner(next(iter(signatures)))
+            inputs = runner.get_input_details().items()
+            outputs = runner.get_output_details().items()
+        else:
+            inputs = ((d["name"], d) for d in interpreter.get_input_details())
+            outputs = ((d["name"], d) for d in interpreter.get_output_details())
+        return (
+            [_binding(name, detail) for name, detail in inputs],
+            [_binding(name, detail) for name, detail in outputs],
+        )
+
+    def run(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run once. The caller has checked names, dtypes and shapes against `signature`."""
+        interpreter = self._interpreter
+        resized = False
+        for binding in self._inputs:
+            array = inputs[binding.spec.name]
+            if self._shapes[binding.index] != array.shape:
+                interpreter.resize_tensor_input(binding.index, list(array.shape), strict=True)
+                self._shapes[binding.index] = array.shape
+                resized = True
+        if resized:
+            interpreter.allocate_tensors()
+        for binding in self._inputs:
+            interpreter.set_tensor(binding.index, inputs[binding.spec.name])
+        interpreter.invoke()
+        return {b.spec.name: interpreter.get_tensor(b.index) for b in self._outputs}
+
+
+def _binding(name: str, detail: Mapping[str, Any]) -> _Binding:
+    try:
+        datatype = v2_datatype(detail["dtype"])
+    except UnsupportedDatatype as error:
+        raise ModelLoadError(f"tensor {name!r}: {error}") from None
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    return _Binding(TensorSpec(name, datatype, tuple(int(d) for d in shape)), int(detail["index"]))
+
+
+def _describe_load_error(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    # LiteRT's messages can run to many lines of internal context; the first says what failed.
+    first = text.splitlines()[0]
+    return f"LiteRT could not load the model: {first}"

@@ -1,0 +1,86 @@
+"""The worker's side of the data path: answers inference frames on a Unix socket.
+
+Runs in the worker process (the Ray actor), in threads of its own, so requests never queue
+behind Ray's task machinery. One lock serialises calls into the interpreter, which is not
+thread-safe; connections are persistent, one per in-flight gateway request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from modelloader_workers import ipc
+from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServer:
+    def __init__(self, runner: LiteRTRunner, socket_path: str) -> None:
+        self._runner = runner
+        self._lock = threading.Lock()
+        self.socket_path = socket_path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)  # a stale socket of a worker that died before us
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(socket_path)
+        os.chmod(socket_path, 0o600)  # only our user: the gateway runs as the same user
+        self._listener.listen(128)
+        threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), name="ipc-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    header, payload = ipc.read_frame(conn)
+                except (ipc.FrameError, OSError):
+                    return
+                reply, buffers = self._answer(header, payload)
+                try:
+                    ipc.write_frame(conn, reply, buffers)
+                except OSError:
+                    return
+
+    def _answer(self, header: dict[str, Any], payload: bytearray) -> tuple[dict[str, Any], list[Any]]:
+        signature = self._runner.signature
+        try:
+            inputs = ipc.tensors_from(header.get("inputs", []), payload)
+            # The gateway checked already; checking again costs microseconds and means a
+            # confused peer gets a message instead of a LiteRT crash.
+            check_inputs(signature, {n: (ipc.v2(a), a.shape) for n, a in inputs.items()})
+            wanted = header.get("outputs") or [t.name for t in signature.outputs]
+            check_outputs(signature, wanted)
+        except (InvalidRequest, ipc.FrameError, ValueError) as error:
+            return {"error": str(error), "status": 400}, []
+        try:
+            queued = time.perf_counter()
+            with self._lock:
+                started = time.perf_counter()
+                outputs = self._runner.run(inputs)
+            finished = time.perf_counter()
+        except Exception as error:  # LiteRT's runtime errors: the request failed, not us
+            log.warning("inference failed: %s", error)
+            return {"error": f"inference failed: {error}", "status": 500}, []
+        entries, buffers = ipc.describe({name: outputs[name] for name in wanted})
+        timing = {"queue_seconds": started - queued, "invoke_seconds": finished - started}
+        return {"outputs": entries, **timing}, buffers
+
+    def close(self) -> None:
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
