@@ -125,7 +125,8 @@ def _plan_one(
         # Died after loading: replace it. (Crash-loop limits come with the reliability work.)
         effects += [StopWorker(current.id, "worker died"), *_start(model, capacity, npu_resource)]
         state = ModelState(
-            "Loading", f"the worker died ({current.message}); starting a new one",
+            "Ready" if fallback else "Loading",
+            f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
             (True, "Restarting", ""), (None, "Restarting", ""),
             (fallback is not None, "Restarting", current.message),
             (True, "WorkerDied", current.message), serving=fallback, current=None,

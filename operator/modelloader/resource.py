@@ -135,11 +135,18 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
         memory_bytes=_quantity(raw_resources, "memory", integer=True),
         cpu=_quantity(raw_resources, "cpu", integer=False),
     )
+    accelerator = cast(Accelerator, _enum(spec, "accelerator", ACCELERATORS, "auto"))
+    delegation = cast(Delegation, _enum(spec, "delegation", DELEGATIONS, "partitioned"))
+    if accelerator == "cpu" and delegation == "whole":  # the CRD's CEL rule says the same
+        raise ManifestError(
+            "spec.delegation: 'whole' puts the whole graph on an accelerator; with accelerator "
+            "'cpu' use 'partitioned'"
+        )
     return LoadedModelSpec(
         origin=origin,
         source=Source(uri, sha256),
-        accelerator=cast(Accelerator, _enum(spec, "accelerator", ACCELERATORS, "auto")),
-        delegation=cast(Delegation, _enum(spec, "delegation", DELEGATIONS, "partitioned")),
+        accelerator=accelerator,
+        delegation=delegation,
         precision=cast(Precision, _enum(spec, "precision", PRECISIONS, "fp32")),
         threads=threads,
         resources=resources,

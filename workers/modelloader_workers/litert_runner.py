@@ -33,6 +33,7 @@ class LiteRTRunner:
 
     def __init__(self, model_path: str, threads: int = 1) -> None:
         started = time.perf_counter()
+        _check_identifier(model_path)
         try:
             from ai_edge_litert.interpreter import Interpreter
 
@@ -96,6 +97,20 @@ def _binding(name: str, detail: Mapping[str, Any]) -> _Binding:
     signature = detail.get("shape_signature")
     shape = signature if signature is not None and len(signature) else detail["shape"]
     return _Binding(TensorSpec(name, datatype, tuple(int(d) for d in shape)), int(detail["index"]))
+
+
+def _check_identifier(model_path: str) -> None:
+    """A TensorFlow Lite file carries "TFL3" at byte 4; say so plainly for anything else
+    rather than leave it to the flatbuffer verifier's message."""
+    try:
+        with open(model_path, "rb") as stream:
+            head = stream.read(8)
+    except OSError as error:
+        raise ModelLoadError(f"cannot read the model file: {error.strerror}") from None
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise ModelLoadError(
+            "not a TensorFlow Lite model: the file lacks the TFL3 identifier at byte 4"
+        )
 
 
 def _describe_load_error(error: Exception) -> str:

@@ -1,0 +1,86 @@
+"""Workers as real Ray actors: load, serve over direct IPC, fail alone, die observably."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelloader.ray_workers import RayWorkers, WorkerStartError
+from modelloader.resource import LoadedModel, LoadedModelSpec, Source
+from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader_workers.litert_runner import LiteRTRunner
+from tests.broken_models import write_broken_models
+
+
+def model(name: str, origin: str = "default") -> LoadedModel:
+    return LoadedModel("default", name, LoadedModelSpec(origin, Source("file://unused")))
+
+
+@pytest.fixture
+def workers(local_ray: str, tmp_path: Path) -> RayWorkers:
+    return RayWorkers(Path("/tmp") / f"mlw-{os.getpid()}-{tmp_path.name[-6:]}")
+
+
+def test_worker_serves_over_its_socket_like_the_interpreter(
+    workers: RayWorkers, dtypes_model: Path
+) -> None:
+    async def scenario() -> None:
+        handle, info = await workers.start("w-dtypes", model("dtypes"), dtypes_model, {})
+        assert info.pid != os.getpid()
+        assert info.address.startswith("unix:")
+        assert {t["name"] for t in info.signature["inputs"]} >= {"f16", "flag", "dyn"}
+        inputs = {
+            "f32": np.ones((2, 3), np.float32), "f16": np.ones((2, 3), np.float16),
+            "i8": np.array([-1, 0, 1, 2], np.int8), "u8": np.array([0, 99, 101, 255], np.uint8),
+            "i32": np.arange(4, dtype=np.int32), "i64": np.arange(4, dtype=np.int64),
+            "flag": np.array([True, True, False, False]), "dyn": np.ones((2, 9), np.float32),
+        }
+        clients = WorkerClients()
+        reply = await clients.infer(info.address, inputs, [])
+        expected = LiteRTRunner(str(dtypes_model)).run(inputs)
+        assert reply.outputs.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_array_equal(reply.outputs[name], value)
+            assert reply.outputs[name].dtype == value.dtype
+        assert reply.invoke_seconds > 0
+        clients.close()
+        assert await workers.alive(handle) is None
+        workers.stop(handle)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "not-a-model"])
+def test_a_broken_file_fails_its_worker_with_a_message(
+    workers: RayWorkers, digits_model: Path, tmp_path: Path, kind: str
+) -> None:
+    broken = write_broken_models(digits_model, tmp_path)[kind]
+
+    async def scenario() -> str:
+        with pytest.raises(WorkerStartError) as caught:
+            await workers.start(f"w-{kind}", model(kind), broken, {})
+        return str(caught.value)
+
+    message = asyncio.run(scenario())
+    assert message and "Traceback" not in message
+    assert "LiteRT could not load the model" in message or "died while loading" in message
+
+
+def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Path) -> None:
+    async def scenario() -> str | None:
+        handle, info = await workers.start("w-victim", model("victim"), digits_model, {})
+        os.kill(info.pid, signal.SIGKILL)
+        for _ in range(50):
+            verdict = await workers.alive(handle)
+            if verdict is not None:
+                return verdict
+            await asyncio.sleep(0.1)
+        return None
+
+    verdict = asyncio.run(scenario())
+    assert verdict is not None and "exited" in verdict

@@ -1,0 +1,91 @@
+"""The LoadedModel CRD: its schema accepts the examples, rejects what is wrong, and agrees
+with the Python parser on every enum and pattern."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from modelloader import resource
+from modelloader.quantity import QUANTITY_PATTERN
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((REPO / "crds" / "loadedmodel.yaml").read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+SPEC = SCHEMA["properties"]["spec"]["properties"]
+
+
+def validator() -> jsonschema.Draft7Validator:
+    # The Kubernetes extensions (x-kubernetes-*) mean nothing to JSON Schema; drop them.
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return jsonschema.Draft7Validator(strip(SCHEMA))
+
+
+def example_manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((REPO / "examples").rglob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "LoadedModel"]
+    return docs
+
+
+def test_shape_of_the_resource() -> None:
+    assert CRD["spec"]["group"] == "modelloader.dev"
+    assert CRD["spec"]["scope"] == "Namespaced"
+    assert CRD["spec"]["names"]["shortNames"] == ["lm"]
+    assert VERSION["name"] == "v1alpha1" and VERSION["subresources"] == {"status": {}}
+    columns = {c["name"] for c in VERSION["additionalPrinterColumns"]}
+    assert columns == {"Origin", "Accelerator", "Phase", "Ready", "Age"}
+    assert SCHEMA["properties"]["spec"]["x-kubernetes-validations"]
+
+
+def test_enums_and_patterns_match_the_parser() -> None:
+    assert tuple(SPEC["accelerator"]["enum"]) == resource.ACCELERATORS
+    assert tuple(SPEC["delegation"]["enum"]) == resource.DELEGATIONS
+    assert tuple(SPEC["precision"]["enum"]) == resource.PRECISIONS
+    assert SPEC["origin"]["pattern"] == resource.LABEL_PATTERN
+    assert SPEC["source"]["properties"]["sha256"]["pattern"] == resource.SHA256_PATTERN
+    assert SPEC["source"]["properties"]["uri"]["pattern"] == resource.URI_PATTERN
+    assert SPEC["threads"]["maximum"] == resource.MAX_THREADS
+    for key in ("memory", "cpu"):
+        assert SPEC["resources"]["properties"][key]["pattern"] == QUANTITY_PATTERN
+
+
+def test_every_example_is_valid_for_the_crd_and_the_parser() -> None:
+    docs = example_manifests()
+    assert docs
+    for doc in docs:
+        validator().validate(doc)
+        resource.parse_loaded_model(doc)
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda s: s.update(accelerator="tpu"), "accelerator"),
+        (lambda s: s.pop("source"), "source"),
+        (lambda s: s.update(source={"sha256": "a" * 64}), "uri"),
+        (lambda s: s.update(threads=0), "threads"),
+        (lambda s: s.update(origin="UPPER"), "origin"),
+        (lambda s: s.update(resources={"memory": "-1Gi"}), "memory"),
+        (lambda s: s.update(source={"uri": "file://x", "sha256": "nothex"}), "sha256"),
+    ],
+)
+def test_the_schema_rejects_invalid_manifests(change: Any, path: str) -> None:
+    doc = copy.deepcopy(example_manifests()[0])
+    change(doc["spec"])
+    errors = list(validator().iter_errors(doc))
+    assert errors, f"{path} should have been rejected"
+    with pytest.raises(resource.ManifestError):
+        resource.parse_loaded_model(doc)

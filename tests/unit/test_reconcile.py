@@ -1,0 +1,147 @@
+"""The reconcile core, without Ray: every combination of worker observations for one model,
+plus the cases that involve several models."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from modelloader.reconcile import StartWorker, StopWorker, WorkerState, WorkerView, plan
+from modelloader.resource import LoadedModel, LoadedModelSpec, Source
+from modelloader.status import render
+
+CPU_ONLY = {"CPU": 2.0}
+STATES: tuple[WorkerState | None, ...] = (None, "starting", "ready", "failed", "dead")
+
+
+def model(name: str = "m", origin: str = "default", namespace: str = "default",
+          uri: str = "file:///m.tflite", accelerator: str = "cpu", generation: int = 1) -> LoadedModel:
+    spec = LoadedModelSpec(origin=origin, source=Source(uri), accelerator=accelerator)  # type: ignore[arg-type]
+    return LoadedModel(namespace, name, spec, generation)
+
+
+def view(m: LoadedModel, state: WorkerState, wid: str | None = None, *,
+         fingerprint: str | None = None, generation: int | None = None) -> WorkerView:
+    return WorkerView(
+        id=wid or f"w-{state}", key=m.key, fingerprint=fingerprint or m.fingerprint,
+        generation=generation or m.generation, state=state,
+        message="boom" if state in ("failed", "dead") else "",
+        signature={"inputs": [], "outputs": []} if state == "ready" else None,
+        address=f"unix:/{wid}" if state == "ready" else None,
+    )
+
+
+def test_new_model_starts_a_worker() -> None:
+    m = model()
+    result = plan([m], [], CPU_ONLY)
+    assert result.effects == (StartWorker(m, "cpu", {}),)
+    assert result.states[m.key].phase == "Loading"
+
+
+@pytest.mark.parametrize(("current", "older"), list(itertools.product(STATES, STATES)))
+def test_every_combination_of_current_and_older_worker(
+    current: WorkerState | None, older: WorkerState | None
+) -> None:
+    """An update in flight: an older generation's worker and maybe one for the current spec."""
+    old_model = model(uri="file:///old.tflite", generation=1)
+    m = model(generation=2)
+    workers = []
+    if older is not None:
+        workers.append(view(old_model, older, "old"))
+    if current is not None:
+        workers.append(view(m, current, "new"))
+    result = plan([m], workers, CPU_ONLY)
+    state = result.states[m.key]
+    stops = {e.worker_id for e in result.effects if isinstance(e, StopWorker)}
+    starts = [e for e in result.effects if isinstance(e, StartWorker)]
+
+    # Traffic goes to the current spec's worker once it is ready, else to a ready older one.
+    if current == "ready":
+        assert state.serving is not None and state.serving.id == "new"
+    elif older == "ready":
+        assert state.serving is not None and state.serving.id == "old"
+    else:
+        assert state.serving is None
+    # Ready exactly when something serves.
+    assert (state.phase == "Ready") == (state.serving is not None)
+    # The old worker stops once the new one serves; it is never stopped while it is all we have.
+    if older == "ready":
+        assert ("old" in stops) == (current == "ready")
+    elif older is not None:
+        assert "old" in stops or current is None and older == "starting"
+    # A worker for the current spec is started when there is none, or after it died.
+    assert bool(starts) == (current in (None, "dead"))
+    # A failed load is final until the spec changes: no retry, and Failed unless old serves.
+    if current == "failed":
+        assert state.phase == ("Ready" if older == "ready" else "Failed")
+        assert "boom" in state.message
+    # Nothing that serves is ever stopped.
+    assert state.serving is None or state.serving.id not in stops
+
+
+def test_removed_model_stops_its_workers() -> None:
+    m = model()
+    result = plan([], [view(m, "ready", "a"), view(m, "starting", "b")], CPU_ONLY)
+    assert {e.worker_id for e in result.effects if isinstance(e, StopWorker)} == {"a", "b"}
+
+
+def test_failed_model_does_not_disturb_others() -> None:
+    good, bad = model("good"), model("bad")
+    result = plan([good, bad], [view(good, "ready", "g"), view(bad, "failed", "b")], CPU_ONLY)
+    assert result.effects == ()
+    assert result.states[good.key].phase == "Ready"
+    assert result.states[bad.key].phase == "Failed"
+
+
+def test_name_clash_within_an_origin_fails_the_later_model() -> None:
+    first = model("same", namespace="a", origin="shop")
+    second = model("same", namespace="b", origin="shop")
+    other_origin = model("same", namespace="c", origin="elsewhere")
+    result = plan([first, second, other_origin], [], CPU_ONLY)
+    assert result.states[second.key].phase == "Failed"
+    assert "a/same" in result.states[second.key].message
+    assert {e.model.key for e in result.effects if isinstance(e, StartWorker)} == {
+        first.key, other_origin.key}
+
+
+def test_gpu_without_gpu_nodes_waits_pending_then_starts() -> None:
+    m = model(accelerator="gpu")
+    waiting = plan([m], [], CPU_ONLY)
+    assert waiting.effects == ()
+    state = waiting.states[m.key]
+    assert state.phase == "Pending"
+    assert state.scheduled[0] is False and "GPU" in state.scheduled[2]
+    later = plan([m], [], {**CPU_ONLY, "GPU": 1.0})
+    assert later.effects == (StartWorker(m, "gpu", {"GPU": 1.0}),)
+
+
+def test_auto_runs_on_cpu() -> None:
+    m = model(accelerator="auto")
+    assert plan([m], [], {"CPU": 1, "GPU": 1}).effects == (StartWorker(m, "cpu", {}),)
+
+
+def test_condition_times_move_only_on_change() -> None:
+    m = model()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    loading = render(m, plan([m], [view(m, "starting", "w")], CPU_ONLY).states[m.key], None, t0)
+    ready = render(m, plan([m], [view(m, "ready", "w")], CPU_ONLY).states[m.key], loading,
+                   t0 + timedelta(seconds=5))
+    times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
+    assert times["Scheduled"] == "2026-01-01T00:00:00Z"  # True all along
+    assert times["Ready"] == "2026-01-01T00:00:05Z"  # False -> True
+    assert ready["phase"] == "Ready" and ready["observedGeneration"] == 1
+
+
+def test_status_shows_signature_and_placement_of_the_serving_worker() -> None:
+    m = model()
+    w = dataclasses.replace(
+        view(m, "ready", "w"),
+        signature={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}], "outputs": []},
+        placement={"node": "n", "accelerator": "cpu", "delegate": "xnnpack"}, load_seconds=0.25)
+    status = render(m, plan([m], [w], CPU_ONLY).states[m.key], None, datetime.now(UTC))
+    assert status["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1]}]
+    assert status["placement"]["accelerator"] == "cpu"
+    assert status["loadSeconds"] == 0.25
