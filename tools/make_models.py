@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tflite_build import Graph, schema  # noqa: E402
+from tflite_build import Graph, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 B = schema.BuiltinOperator
@@ -56,14 +56,22 @@ def digits_model() -> tuple[bytes, dict[str, Any], float]:
     w2 = g.const("logits/kernel", clf.coefs_[1].T.astype(np.float32))
     b2 = g.const("logits/bias", clf.intercepts_[1].astype(np.float32))
     logits = g.tensor("logits", np.float32, [1, 10], signature=[-1, 10])
-    g.op(B.FULLY_CONNECTED, [hidden, w2, b2], [logits], Opt.FullyConnectedOptions,
-         schema.FullyConnectedOptionsT())
+    g.op(
+        B.FULLY_CONNECTED,
+        [hidden, w2, b2],
+        [logits],
+        Opt.FullyConnectedOptions,
+        schema.FullyConnectedOptionsT(),
+    )
     probabilities = g.tensor("probabilities", np.float32, [1, 10], signature=[-1, 10])
     softmax = schema.SoftmaxOptionsT()
     softmax.beta = 1.0
     g.op(B.SOFTMAX, [logits], [probabilities], Opt.SoftmaxOptions, softmax)
-    model = g.build({"pixels": pixels}, {"probabilities": probabilities},
-                    description="scikit-learn digits MLP (tools/make_models.py)")
+    model = g.build(
+        {"pixels": pixels},
+        {"probabilities": probabilities},
+        description="scikit-learn digits MLP (tools/make_models.py)",
+    )
 
     picks = [int(np.flatnonzero(y_test == digit)[0]) for digit in range(10)]
     samples = {
@@ -107,8 +115,13 @@ def dtypes_model() -> bytes:
 
     i64 = g.tensor("i64", np.int64, [4])
     i64_out = g.tensor("i64_plus1", np.int64, [4])
-    g.op(B.ADD, [i64, g.const("i64_one", np.ones(4, np.int64))], [i64_out], Opt.AddOptions,
-         schema.AddOptionsT())
+    g.op(
+        B.ADD,
+        [i64, g.const("i64_one", np.ones(4, np.int64))],
+        [i64_out],
+        Opt.AddOptions,
+        schema.AddOptionsT(),
+    )
 
     flag = g.tensor("flag", np.bool_, [4])
     flag_out = g.tensor("flag_not", np.bool_, [4])
@@ -119,11 +132,26 @@ def dtypes_model() -> bytes:
     g.op(B.MUL, [dyn, two], [dyn_out], Opt.MulOptions, schema.MulOptionsT())
 
     return g.build(
-        {"f32": f32, "f16": f16, "i8": i8, "u8": u8, "i32": i32, "i64": i64, "flag": flag,
-         "dyn": dyn},
-        {"f32_doubled": f32_out, "f16_doubled": f16_out, "i8_relu": i8_out,
-         "u8_min100": u8_out, "i32_squared": i32_out, "i64_plus1": i64_out,
-         "flag_not": flag_out, "dyn_doubled": dyn_out},
+        {
+            "f32": f32,
+            "f16": f16,
+            "i8": i8,
+            "u8": u8,
+            "i32": i32,
+            "i64": i64,
+            "flag": flag,
+            "dyn": dyn,
+        },
+        {
+            "f32_doubled": f32_out,
+            "f16_doubled": f16_out,
+            "i8_relu": i8_out,
+            "u8_min100": u8_out,
+            "i32_squared": i32_out,
+            "i64_plus1": i64_out,
+            "flag_not": flag_out,
+            "dyn_doubled": dyn_out,
+        },
         description="one tensor of each type (tools/make_models.py)",
     )
 

@@ -33,31 +33,61 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     local = commands.add_parser(
-        "local", help="serve LoadedModel manifests from files on this machine",
+        "local",
+        help="serve LoadedModel manifests from files on this machine",
         description="Read LoadedModel manifests (files or folders), start a local Ray, load the "
         "models and serve them over the Open Inference Protocol. Edits to the files are applied "
         "while running; Ctrl-C stops everything.",
     )
-    local.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                       help="YAML files (multi-document) or folders of them")
+    local.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="YAML files (multi-document) or folders of them",
+    )
     local.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
     local.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s)")
-    local.add_argument("--metrics-port", type=int, default=9090,
-                       help="Prometheus /metrics port (default %(default)s)")
-    local.add_argument("--model-root", action="append", type=Path, default=None,
-                       help="a folder file:// models may be read from (repeatable; default: the "
-                       "folders of the manifests given)")
-    local.add_argument("--state-dir", type=Path, default=None,
-                       help="private folder for sockets (default $XDG_RUNTIME_DIR/modelloader/run "
-                       "or ~/.cache/modelloader/run)")
-    local.add_argument("--cache-dir", type=Path, default=None,
-                       help="content-addressed model cache (default ~/.cache/modelloader/models)")
-    local.add_argument("--num-cpus", type=int, default=None,
-                       help="CPUs the local Ray offers (default: all)")
-    local.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                       help="largest inference request body (default %(default)s)")
+    local.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus /metrics port (default %(default)s)",
+    )
+    local.add_argument(
+        "--model-root",
+        action="append",
+        type=Path,
+        default=None,
+        help="a folder file:// models may be read from (repeatable; default: the "
+        "folders of the manifests given)",
+    )
+    local.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="private folder for sockets (default $XDG_RUNTIME_DIR/modelloader/run "
+        "or ~/.cache/modelloader/run)",
+    )
+    local.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="content-addressed model cache (default ~/.cache/modelloader/models)",
+    )
+    local.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs the local Ray offers (default: all)"
+    )
+    local.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=64 << 20,
+        help="largest inference request body (default %(default)s)",
+    )
 
-    stat = commands.add_parser("status", help="show the LoadedModels of a running modelloader local")
+    stat = commands.add_parser(
+        "status", help="show the LoadedModels of a running modelloader local"
+    )
     stat.add_argument("-o", "--output", choices=("table", "json"), default="table")
     stat.add_argument("--state-dir", type=Path, default=None)
     return parser
@@ -113,16 +143,21 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(format_table(data["items"]))
-    for error in data.get("errors", []):
-        print(f"warning: {error}")
+    for problem in data.get("errors", []):
+        print(f"warning: {problem}")
     return 0
 
 
 def format_table(items: Sequence[dict[str, Any]]) -> str:
     rows = [("NAMESPACE", "NAME", "ORIGIN", "PHASE", "MESSAGE")]
     rows += [
-        (i["namespace"], i["name"], i["origin"], i["status"].get("phase", ""),
-         i["status"].get("message", ""))
+        (
+            i["namespace"],
+            i["name"],
+            i["origin"],
+            i["status"].get("phase", ""),
+            i["status"].get("message", ""),
+        )
         for i in items
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]

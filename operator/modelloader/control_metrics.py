@@ -16,14 +16,19 @@ class ControlMetrics:
         self.load_duration = Histogram(
             "modelloader_model_load_duration_seconds",
             "From starting a worker to its model being ready: process, fetch and load.",
-            ["origin", "model", "accelerator"], buckets=LOAD_BUCKETS, registry=registry,
+            ["origin", "model", "accelerator"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
         )
         self.worker_restarts = Counter(
-            "modelloader_worker_restarts", "Workers restarted after dying.",
-            ["origin", "model"], registry=registry,
+            "modelloader_worker_restarts",
+            "Workers restarted after dying.",
+            ["origin", "model"],
+            registry=registry,
         )
         self.reconcile_duration = Histogram(
-            "modelloader_reconcile_duration_seconds", "One pass of the reconcile loop.",
+            "modelloader_reconcile_duration_seconds",
+            "One pass of the reconcile loop.",
             registry=registry,
         )
         self.reconcile_errors = Counter(

@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from modelloader_workers.gateway.dataplane import DataPlane
+from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
+from modelloader_workers.gateway.http_v2 import build_app
+from modelloader_workers.gateway.metrics import GatewayMetrics
+from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader_workers.signature import Signature
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from modelloader import control_channel, status
@@ -31,12 +37,6 @@ from modelloader.reconcile import plan
 from modelloader.resource import LoadedModel
 from modelloader.sources import ModelSources, SourcePolicy
 from modelloader.worker_pool import WorkerPool
-from modelloader_workers.gateway.dataplane import DataPlane
-from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.http_v2 import build_app
-from modelloader_workers.gateway.metrics import GatewayMetrics
-from modelloader_workers.gateway.worker_client import WorkerClients
-from modelloader_workers.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,13 @@ class LocalRuntime:
             raise RuntimeError(
                 f"another modelloader local is running with state dir {config.state_dir}"
             )
-        sources = ModelSources(SourcePolicy(
-            roots=config.model_roots, cache_dir=config.cache_dir,
-            max_bytes=config.max_model_bytes,
-        ))
+        sources = ModelSources(
+            SourcePolicy(
+                roots=config.model_roots,
+                cache_dir=config.cache_dir,
+                max_bytes=config.max_model_bytes,
+            )
+        )
         started = time.perf_counter()
         # On this thread: Ray wants the main thread for its signal handling. Nothing else is
         # running yet, so blocking the loop for a few seconds costs nothing.
@@ -136,8 +139,10 @@ class LocalRuntime:
         self._workers = workers
 
         gateway = build_app(
-            DataPlane(self.directory, self.clients), GatewayMetrics(self.registry),
-            max_request_bytes=config.max_request_bytes, ready=lambda: self._synced,
+            DataPlane(self.directory, self.clients),
+            GatewayMetrics(self.registry),
+            max_request_bytes=config.max_request_bytes,
+            ready=lambda: self._synced,
         )
         await self._serve(gateway, web.TCPSite, config.host, config.port)
         await self._serve(self._metrics_app(), web.TCPSite, config.host, config.metrics_port)
@@ -147,8 +152,12 @@ class LocalRuntime:
         runner = await self._serve(self._control_app(), None, str(control_socket))
         del runner
         control_socket.chmod(0o600)
-        log.info("gateway on http://%s:%d, metrics on :%d/metrics",
-                 config.host, config.port, config.metrics_port)
+        log.info(
+            "gateway on http://%s:%d, metrics on :%d/metrics",
+            config.host,
+            config.port,
+            config.metrics_port,
+        )
 
     async def _serve(self, app: web.Application, site: Any, *where: Any) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -231,15 +240,18 @@ class LocalRuntime:
             statuses[model.key] = rendered
             listing.append(_item(model.namespace, model.name, model.spec.origin, rendered))
             serving = state.serving
-            entries.append(ModelEntry(
-                origin=model.spec.origin,
-                name=model.name,
-                ready=serving is not None and serving.address is not None,
-                message=state.message,
-                signature=Signature.from_dict(serving.signature)
-                if serving is not None and serving.signature else None,
-                address=serving.address if serving is not None else None,
-            ))
+            entries.append(
+                ModelEntry(
+                    origin=model.spec.origin,
+                    name=model.name,
+                    ready=serving is not None and serving.address is not None,
+                    message=state.message,
+                    signature=Signature.from_dict(serving.signature)
+                    if serving is not None and serving.signature
+                    else None,
+                    address=serving.address if serving is not None else None,
+                )
+            )
         for rejected in manifests.rejected:
             rendered = status.render_rejected(rejected, now)
             listing.append(_item(rejected.namespace, rejected.name, "", rendered))

@@ -92,8 +92,9 @@ def parse_documents(
                     f"metadata.name: LoadedModel {namespace}/{name} is already defined at "
                     f"{seen[(namespace, name)]}"
                 )
-            model = parse_loaded_model(doc, default_namespace=default_namespace,
-                                       base_dir=path.parent.resolve())
+            model = parse_loaded_model(
+                doc, default_namespace=default_namespace, base_dir=path.parent.resolve()
+            )
         except ManifestError as error:
             rejected.append(Rejected(namespace, name, where, str(error)))
             continue

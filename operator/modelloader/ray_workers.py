@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from modelloader_workers.litert_runner import ModelLoadError
+from modelloader_workers.worker import LoadedInfo, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from modelloader.resource import LoadedModel
-from modelloader_workers.litert_runner import ModelLoadError
-from modelloader_workers.worker import LoadedInfo, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ class RayWorkers:
         socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._socket_dir = socket_dir
         self._detached = detached
-        self._remote = ray.remote(ModelWorker)
+        self._remote: Any = ray.remote(ModelWorker)
 
     def capacity(self) -> dict[str, float]:
-        return {k: float(v) for k, v in ray.cluster_resources().items()}
+        resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        return {k: float(v) for k, v in resources.items()}
 
     async def start(
         self,
@@ -103,10 +104,12 @@ class RayWorkers:
             options["resources"] = dict(resources)
         if self._detached:
             options["lifetime"] = "detached"
-        actor = self._remote.options(**options).remote()
+        actor: Any = self._remote.options(**options).remote()
         handle = WorkerHandle(worker_id, actor, socket_path)
         try:
-            info: LoadedInfo = await actor.load.remote(str(model_path), spec.threads, str(socket_path))
+            info: LoadedInfo = await actor.load.remote(
+                str(model_path), spec.threads, str(socket_path)
+            )
         except RayTaskError as error:
             self.stop(handle)
             cause = getattr(error, "cause", None)

@@ -127,9 +127,12 @@ def _plan_one(
         state = ModelState(
             "Ready" if fallback else "Loading",
             f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
-            (True, "Restarting", ""), (None, "Restarting", ""),
+            (True, "Restarting", ""),
+            (None, "Restarting", ""),
             (fallback is not None, "Restarting", current.message),
-            (True, "WorkerDied", current.message), serving=fallback, current=None,
+            (True, "WorkerDied", current.message),
+            serving=fallback,
+            current=None,
         )
     elif current is None:
         started = _start(model, capacity, npu_resource)
@@ -139,8 +142,10 @@ def _plan_one(
             state = ModelState(
                 "Ready" if fallback else "Pending",
                 f"waiting for capacity: {reason}" + _still_serving(fallback),
-                (False, "Unschedulable", reason), (None, "Pending", ""),
-                _ready_tuple(fallback), (fallback is not None, "UpdatePending", reason),
+                (False, "Unschedulable", reason),
+                (None, "Pending", ""),
+                _ready_tuple(fallback),
+                (fallback is not None, "UpdatePending", reason),
                 serving=fallback,
             )
         else:
@@ -151,22 +156,29 @@ def _plan_one(
         state = ModelState(
             "Ready" if fallback else "Failed",
             current.message + _still_serving(fallback),
-            (True, "Scheduled", ""), (False, "LoadFailed", current.message),
-            _ready_tuple(fallback), (fallback is not None, "UpdateFailed", current.message),
-            serving=fallback, current=current,
+            (True, "Scheduled", ""),
+            (False, "LoadFailed", current.message),
+            _ready_tuple(fallback),
+            (fallback is not None, "UpdateFailed", current.message),
+            serving=fallback,
+            current=current,
         )
     else:  # ready: it serves, and every older worker goes
         effects += [StopWorker(w.id, "replaced by a newer generation") for w in older]
         return effects, ModelState(
-            "Ready", "", (True, "Scheduled", ""), (True, "Loaded", ""),
-            (True, "Serving", ""), (False, "Serving", ""), serving=current, current=current,
+            "Ready",
+            "",
+            (True, "Scheduled", ""),
+            (True, "Loaded", ""),
+            (True, "Serving", ""),
+            (False, "Serving", ""),
+            serving=current,
+            current=current,
         )
 
     # Older workers that neither serve nor load: failed or dead leftovers, or surplus.
     keep = {id(w) for w in (fallback, current) if w is not None}
-    effects += [
-        StopWorker(w.id, "superseded") for w in older if id(w) not in keep
-    ]
+    effects += [StopWorker(w.id, "superseded") for w in older if id(w) not in keep]
     return effects, state
 
 
@@ -183,12 +195,19 @@ def _unschedulable_reason(model: LoadedModel, capacity: Mapping[str, float], npu
     return decision.reason if isinstance(decision, Unschedulable) else ""
 
 
-def _loading(model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None) -> ModelState:
+def _loading(
+    model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None
+) -> ModelState:
     message = f"loading generation {model.generation}" + _still_serving(fallback)
     return ModelState(
-        "Ready" if fallback else "Loading", message,
-        (True, "Scheduled", ""), (None, "Loading", ""), _ready_tuple(fallback),
-        (fallback is not None, "Updating", message), serving=fallback, current=current,
+        "Ready" if fallback else "Loading",
+        message,
+        (True, "Scheduled", ""),
+        (None, "Loading", ""),
+        _ready_tuple(fallback),
+        (fallback is not None, "Updating", message),
+        serving=fallback,
+        current=current,
     )
 
 
@@ -204,6 +223,10 @@ def _still_serving(fallback: WorkerView | None) -> str:
 
 def _failed(message: str, reason: str) -> ModelState:
     return ModelState(
-        "Failed", message, (False, reason, message), (None, reason, ""),
-        (False, reason, message), (False, reason, ""),
+        "Failed",
+        message,
+        (False, reason, message),
+        (None, reason, ""),
+        (False, reason, message),
+        (False, reason, ""),
     )

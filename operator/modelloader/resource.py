@@ -109,8 +109,11 @@ def parse_loaded_model(
 
 
 def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
-    _no_unknown(spec, {"origin", "source", "accelerator", "delegation", "precision", "threads",
-                       "resources"}, "spec")
+    _no_unknown(
+        spec,
+        {"origin", "source", "accelerator", "delegation", "precision", "threads", "resources"},
+        "spec",
+    )
     origin = _string(spec.get("origin", namespace), "spec.origin")
     _label(origin, "spec.origin")
 
@@ -118,7 +121,9 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
     _no_unknown(raw_source, {"uri", "sha256"}, "spec.source")
     uri = _string(raw_source.get("uri"), "spec.source.uri")
     if not _URI.match(uri):
-        raise ManifestError(f"spec.source.uri: {uri!r} must start with file://, http:// or https://")
+        raise ManifestError(
+            f"spec.source.uri: {uri!r} must start with file://, http:// or https://"
+        )
     sha256 = raw_source.get("sha256")
     if sha256 is not None:
         sha256 = _string(sha256, "spec.source.sha256")

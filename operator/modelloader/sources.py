@@ -75,9 +75,9 @@ class ModelSources:
         """The file a file:// URI names, if it lies under an allowed root. `file:///abs/path`
         is absolute; `file://model.tflite` or `file://./sub/model.tflite` is relative to the
         manifest's folder (so an example folder can be moved as a whole)."""
-        rest = uri[len("file://"):]
+        rest = uri[len("file://") :]
         if rest.startswith("localhost/"):
-            rest = rest[len("localhost"):]
+            rest = rest[len("localhost") :]
         text = urllib.parse.unquote(rest)
         if "\x00" in text:
             raise SourceError(f"{uri}: the path contains a NUL byte")

@@ -27,8 +27,13 @@ def render(
     previous: Mapping[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
-    triples = dict(zip(CONDITION_TYPES,
-                       (state.scheduled, state.loaded, state.ready, state.degraded), strict=True))
+    triples = dict(
+        zip(
+            CONDITION_TYPES,
+            (state.scheduled, state.loaded, state.ready, state.degraded),
+            strict=True,
+        )
+    )
     conditions = [
         _condition(kind, value, reason, message, previous, now)
         for kind, (value, reason, message) in triples.items()
@@ -57,8 +62,13 @@ def render_rejected(rejected: Rejected, now: datetime) -> dict[str, Any]:
         "phase": "Failed",
         "message": message,
         "conditions": [
-            {"type": kind, "status": "False", "reason": "InvalidSpec", "message": message,
-             "lastTransitionTime": timestamp(now)}
+            {
+                "type": kind,
+                "status": "False",
+                "reason": "InvalidSpec",
+                "message": message,
+                "lastTransitionTime": timestamp(now),
+            }
             for kind in ("Scheduled", "Ready")
         ],
     }
@@ -81,5 +91,10 @@ def _condition(
         if before is not None and before.get("status") == text
         else timestamp(now)
     )
-    return {"type": kind, "status": text, "reason": reason, "message": message,
-            "lastTransitionTime": since}
+    return {
+        "type": kind,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }

@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from modelloader.control_metrics import ControlMetrics
 from modelloader.ray_workers import RayWorkers, WorkerHandle, WorkerStartError
@@ -61,7 +62,9 @@ class WorkerPool:
 
     def _start(self, effect: StartWorker) -> None:
         model = effect.model
-        worker_id = f"lm.{model.namespace}.{model.name}.{model.fingerprint[:8]}.{uuid.uuid4().hex[:6]}"
+        worker_id = (
+            f"lm.{model.namespace}.{model.name}.{model.fingerprint[:8]}.{uuid.uuid4().hex[:6]}"
+        )
         view = WorkerView(worker_id, model.key, model.fingerprint, model.generation, "starting")
         record = _Record(view)
         self._records[worker_id] = record
@@ -94,8 +97,12 @@ class WorkerPool:
             "pid": info.pid,
         }
         self._observe(
-            record, state="ready", signature=info.signature, load_seconds=seconds,
-            placement=placement, address=info.address,
+            record,
+            state="ready",
+            signature=info.signature,
+            load_seconds=seconds,
+            placement=placement,
+            address=info.address,
         )
 
     def _observe(self, record: _Record, **changes: object) -> None:
@@ -147,8 +154,8 @@ class WorkerPool:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def _spawn(self, coroutine: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task

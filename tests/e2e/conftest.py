@@ -34,8 +34,17 @@ def free_port() -> int:
 
 def manifest(name: str, uri: str, **spec: Any) -> str:
     body = {"source": {"uri": uri}, **spec}
-    return json.dumps({"apiVersion": "modelloader.dev/v1alpha1", "kind": "LoadedModel",
-                       "metadata": {"name": name}, "spec": body}) + "\n"
+    return (
+        json.dumps(
+            {
+                "apiVersion": "modelloader.dev/v1alpha1",
+                "kind": "LoadedModel",
+                "metadata": {"name": name},
+                "spec": body,
+            }
+        )
+        + "\n"
+    )
 
 
 @dataclass
@@ -52,8 +61,13 @@ class LocalServer:
         return f"127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any]:
-        out = subprocess.run([str(BIN), "status", "-o", "json", "--state-dir", str(self.state_dir)],
-                             capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            [str(BIN), "status", "-o", "json", "--state-dir", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         data: dict[str, Any] = json.loads(out.stdout)
         return data
 
@@ -99,22 +113,44 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     shutil.copy(EXAMPLE / "digits.tflite", folder)
     shutil.copy(MODELS / "dtypes.tflite", folder)
     write_broken_models(EXAMPLE / "digits.tflite", folder)
-    (folder / "digits.yaml").write_text(manifest("digits", "file://digits.tflite", accelerator="cpu"))
+    (folder / "digits.yaml").write_text(
+        manifest("digits", "file://digits.tflite", accelerator="cpu")
+    )
     (folder / "dtypes.yaml").write_text(manifest("dtypes", "file://dtypes.tflite", threads=2))
-    (folder / "broken.yaml").write_text("---\n".join(
-        manifest(n, f"file://{n}.tflite") for n in ("corrupt", "truncated", "not-a-model")))
+    (folder / "broken.yaml").write_text(
+        "---\n".join(
+            manifest(n, f"file://{n}.tflite") for n in ("corrupt", "truncated", "not-a-model")
+        )
+    )
     (folder / "gpu.yaml").write_text(manifest("on-gpu", "file://digits.tflite", accelerator="gpu"))
-    (folder / "invalid.yaml").write_text(manifest("invalid", "file://digits.tflite", accelerator="tpu"))
+    (folder / "invalid.yaml").write_text(
+        manifest("invalid", "file://digits.tflite", accelerator="tpu")
+    )
     state_dir = Path(tempfile.mkdtemp(prefix="mlst-", dir="/tmp"))
     port, metrics_port = free_port(), free_port()
     log_path = folder.parent / f"{folder.name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(BIN), "local", str(folder), "--port", str(port), "--metrics-port",
-             str(metrics_port), "--state-dir", str(state_dir), "--cache-dir",
-             str(folder.parent / "cache"), "--max-request-bytes", str(MAX_REQUEST_BYTES)],
-            stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                str(BIN),
+                "local",
+                str(folder),
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--state-dir",
+                str(state_dir),
+                "--cache-dir",
+                str(folder.parent / "cache"),
+                "--max-request-bytes",
+                str(MAX_REQUEST_BYTES),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
     local = LocalServer(process, folder, state_dir, port, metrics_port, log_path)
     try:

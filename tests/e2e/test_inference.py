@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from modelloader_workers.litert_runner import LiteRTRunner
 from tritonclient.utils import InferenceServerException
 
-from modelloader_workers.litert_runner import LiteRTRunner
 from tests.conftest import EXAMPLE, MODELS
 from tests.e2e.conftest import MAX_REQUEST_BYTES, LocalServer
 
@@ -30,12 +30,20 @@ DTYPES_INPUTS: dict[str, np.ndarray[Any, Any]] = {
     "flag": np.array([True, False, True, False]),
     "dyn": np.linspace(0, 1, 21, dtype=np.float32).reshape(3, 7),
 }
-TRITON_TYPES = {"FP32": "FP32", "FP16": "FP16", "INT8": "INT8", "UINT8": "UINT8",
-                "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL"}
+TRITON_TYPES = {
+    "FP32": "FP32",
+    "FP16": "FP16",
+    "INT8": "INT8",
+    "UINT8": "UINT8",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "BOOL": "BOOL",
+}
 
 
-def infer(server: LocalServer, model: str, inputs: dict[str, np.ndarray[Any, Any]],
-          binary: bool) -> dict[str, np.ndarray[Any, Any]]:
+def infer(
+    server: LocalServer, model: str, inputs: dict[str, np.ndarray[Any, Any]], binary: bool
+) -> dict[str, np.ndarray[Any, Any]]:
     client = triton.InferenceServerClient(server.url)
     try:
         tensors = []
@@ -57,7 +65,9 @@ def _datatype(array: np.ndarray[Any, Any]) -> str:
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_digits_through_tritonclient_equal_the_interpreter(server: LocalServer, binary: bool) -> None:
+def test_digits_through_tritonclient_equal_the_interpreter(
+    server: LocalServer, binary: bool
+) -> None:
     expected = LiteRTRunner(str(EXAMPLE / "digits.tflite")).run({"pixels": PIXELS})["probabilities"]
     got = infer(server, "digits", {"pixels": PIXELS}, binary)["probabilities"]
     assert got.shape == (10, 10)
@@ -102,8 +112,9 @@ def test_health_and_metadata_through_tritonclient(server: LocalServer) -> None:
         client.close()
 
 
-def post(server: LocalServer, path: str, body: bytes,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def post(
+    server: LocalServer, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         connection.request("POST", path, body=body, headers=headers or {})
@@ -114,24 +125,44 @@ def post(server: LocalServer, path: str, body: bytes,
 
 
 def pixels_input(**changes: Any) -> dict[str, Any]:
-    return {"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-            "data": PIXELS[0].tolist(), **changes}
+    return {
+        "name": "pixels",
+        "datatype": "FP32",
+        "shape": [1, 64],
+        "data": PIXELS[0].tolist(),
+        **changes,
+    }
 
 
 @pytest.mark.parametrize(
     ("path", "request_body", "status", "needle"),
     [
-        ("/v2/models/digits/infer", {"inputs": [pixels_input(datatype="INT32",
-                                                             data=[1] * 64)]}, 400, "datatype"),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [pixels_input(datatype="INT32", data=[1] * 64)]},
+            400,
+            "datatype",
+        ),
         ("/v2/models/digits/infer", {"inputs": [pixels_input(shape=[2, 32])]}, 400, "shape"),
         ("/v2/models/digits/infer", {"inputs": [pixels_input(shape=[1, 65])]}, 400, "needs 65"),
-        ("/v2/models/dtypes/infer", {"inputs": [{"name": "f32", "datatype": "FP32",
-                                                 "shape": [2, 3], "data": [0] * 6}]},
-         400, "missing input"),
-        ("/v2/models/digits/infer", {"inputs": [pixels_input(), pixels_input(name="extra")]},
-         400, "unexpected input 'extra'"),
-        ("/v2/models/digits/infer", {"inputs": [pixels_input()],
-                                     "outputs": [{"name": "logits"}]}, 400, "unknown output"),
+        (
+            "/v2/models/dtypes/infer",
+            {"inputs": [{"name": "f32", "datatype": "FP32", "shape": [2, 3], "data": [0] * 6}]},
+            400,
+            "missing input",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [pixels_input(), pixels_input(name="extra")]},
+            400,
+            "unexpected input 'extra'",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [pixels_input()], "outputs": [{"name": "logits"}]},
+            400,
+            "unknown output",
+        ),
         ("/v2/models/digits/infer", {"nothing": True}, 400, "'inputs'"),
         ("/v2/models/nope/infer", {"inputs": [pixels_input()]}, 404, "not found"),
         ("/v2/models/digits/versions/2/infer", {"inputs": [pixels_input()]}, 404, "no version"),
@@ -169,7 +200,10 @@ def test_broken_models_fail_alone_with_a_message(server: LocalServer) -> None:
     for name in ("corrupt", "truncated"):
         message = server.item(name)["status"]["message"]
         assert "LiteRT could not load the model" in message or "died while loading" in message
-    assert infer(server, "digits", {"pixels": PIXELS[:1]}, binary=True)["probabilities"].shape == (1, 10)
+    assert infer(server, "digits", {"pixels": PIXELS[:1]}, binary=True)["probabilities"].shape == (
+        1,
+        10,
+    )
 
 
 def test_status_tells_pending_invalid_and_ready_apart(server: LocalServer) -> None:
@@ -186,7 +220,11 @@ def test_status_tells_pending_invalid_and_ready_apart(server: LocalServer) -> No
     assert status["placement"]["accelerator"] == "cpu"
     assert status["inputs"][0]["name"] == "pixels" and status["loadSeconds"] > 0
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Scheduled": "True", "Loaded": "True", "Ready": "True", "Degraded": "False"}
+        "Scheduled": "True",
+        "Loaded": "True",
+        "Ready": "True",
+        "Degraded": "False",
+    }
 
 
 def test_metrics_count_requests(server: LocalServer) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from modelloader.ray_workers import start_local_ray, stop_ray
 
 

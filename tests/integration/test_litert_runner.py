@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from modelloader_workers.litert_runner import LiteRTRunner
 
 INPUTS = {
@@ -24,8 +23,16 @@ INPUTS = {
 def test_every_tensor_type(dtypes_model: Path) -> None:
     runner = LiteRTRunner(str(dtypes_model), threads=2)
     types = {t.name: t.datatype for t in runner.signature.inputs}
-    assert types == {"f32": "FP32", "f16": "FP16", "i8": "INT8", "u8": "UINT8", "i32": "INT32",
-                     "i64": "INT64", "flag": "BOOL", "dyn": "FP32"}
+    assert types == {
+        "f32": "FP32",
+        "f16": "FP16",
+        "i8": "INT8",
+        "u8": "UINT8",
+        "i32": "INT32",
+        "i64": "INT64",
+        "flag": "BOOL",
+        "dyn": "FP32",
+    }
     out = runner.run(INPUTS)
     np.testing.assert_array_equal(out["f32_doubled"], INPUTS["f32"] * 2)
     assert out["f16_doubled"].dtype == np.float16

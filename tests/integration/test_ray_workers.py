@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from modelloader.ray_workers import RayWorkers, WorkerStartError
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader_workers.gateway.worker_client import WorkerClients
 from modelloader_workers.litert_runner import LiteRTRunner
+
 from tests.broken_models import write_broken_models
 
 
@@ -35,10 +35,14 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
         assert info.address.startswith("unix:")
         assert {t["name"] for t in info.signature["inputs"]} >= {"f16", "flag", "dyn"}
         inputs = {
-            "f32": np.ones((2, 3), np.float32), "f16": np.ones((2, 3), np.float16),
-            "i8": np.array([-1, 0, 1, 2], np.int8), "u8": np.array([0, 99, 101, 255], np.uint8),
-            "i32": np.arange(4, dtype=np.int32), "i64": np.arange(4, dtype=np.int64),
-            "flag": np.array([True, True, False, False]), "dyn": np.ones((2, 9), np.float32),
+            "f32": np.ones((2, 3), np.float32),
+            "f16": np.ones((2, 3), np.float16),
+            "i8": np.array([-1, 0, 1, 2], np.int8),
+            "u8": np.array([0, 99, 101, 255], np.uint8),
+            "i32": np.arange(4, dtype=np.int32),
+            "i64": np.arange(4, dtype=np.int64),
+            "flag": np.array([True, True, False, False]),
+            "dyn": np.ones((2, 9), np.float32),
         }
         clients = WorkerClients()
         reply = await clients.infer(info.address, inputs, [])

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from modelloader_workers.gateway.codec import decode_request, encode_response
 from modelloader_workers.gateway.errors import BadRequest
 from modelloader_workers.signature import (
@@ -24,12 +23,20 @@ def body(doc: Any) -> bytes:
 
 
 def test_json_tensors_of_each_type() -> None:
-    request = decode_request(body({"id": "7", "inputs": [
-        {"name": "f", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
-        {"name": "h", "datatype": "FP16", "shape": [1], "data": [0.5]},
-        {"name": "b", "datatype": "BOOL", "shape": [2], "data": [True, False]},
-        {"name": "i", "datatype": "INT64", "shape": [1], "data": [2**40]},
-    ]}), None)
+    request = decode_request(
+        body(
+            {
+                "id": "7",
+                "inputs": [
+                    {"name": "f", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
+                    {"name": "h", "datatype": "FP16", "shape": [1], "data": [0.5]},
+                    {"name": "b", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+                    {"name": "i", "datatype": "INT64", "shape": [1], "data": [2**40]},
+                ],
+            }
+        ),
+        None,
+    )
     assert request.id == "7"
     assert request.inputs["f"].dtype == np.float32
     assert request.inputs["f"].tolist() == [[1, 2], [3, 4]]
@@ -42,15 +49,25 @@ def test_json_tensors_of_each_type() -> None:
 def test_binary_inputs_and_outputs() -> None:
     a = np.arange(6, dtype=np.uint8).reshape(2, 3)
     b = np.array([1.5, -2.0], dtype=np.float32)
-    header = body({
-        "inputs": [
-            {"name": "a", "datatype": "UINT8", "shape": [2, 3],
-             "parameters": {"binary_data_size": a.nbytes}},
-            {"name": "b", "datatype": "FP32", "shape": [2],
-             "parameters": {"binary_data_size": b.nbytes}},
-        ],
-        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
-    })
+    header = body(
+        {
+            "inputs": [
+                {
+                    "name": "a",
+                    "datatype": "UINT8",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": a.nbytes},
+                },
+                {
+                    "name": "b",
+                    "datatype": "FP32",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": b.nbytes},
+                },
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
+        }
+    )
     request = decode_request(header + a.tobytes() + b.tobytes(), str(len(header)))
     np.testing.assert_array_equal(request.inputs["a"], a)
     np.testing.assert_array_equal(request.inputs["b"], b)
@@ -68,11 +85,13 @@ def test_binary_inputs_and_outputs() -> None:
 
 def test_all_json_response_has_no_header_length() -> None:
     request = decode_request(
-        body({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]}), None)
+        body({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]}), None
+    )
     payload, header_length = encode_response("m", "1", request, {"y": np.array([3], np.int8)})
     assert header_length is None
     assert json.loads(payload)["outputs"] == [
-        {"name": "y", "datatype": "INT8", "shape": [1], "data": [3]}]
+        {"name": "y", "datatype": "INT8", "shape": [1], "data": [3]}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -81,35 +100,105 @@ def test_all_json_response_has_no_header_length() -> None:
         (b"{not json", None, "not valid JSON"),
         (body([1, 2]), None, "JSON object"),
         (body({"inputs": []}), None, "non-empty list"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}),
-         None, "has 1 values but shape [2] needs 2"),
-        (body({"inputs": [{"name": "x", "datatype": "FP33", "shape": [1], "data": [1]}]}),
-         None, "unsupported datatype"),
-        (body({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
-         None, "unsupported datatype"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}),
-         None, "non-negative integers"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]}),
-         None, "does not hold FP32"),
-        (body({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}),
-         None, "does not hold UINT8"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}),
-         None, "neither 'data' nor binary"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
-                          {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}),
-         None, "given twice"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
-                           "parameters": {"binary_data_size": 4}}]}), "_", "do not fit"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
-                           "parameters": {"binary_data_size": 4}}]}), "_", "body ends"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}),
-         "9999", "outside the body"),
-        (body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
-               "outputs": [{"name": "y", "parameters": {"classification": 2}}]}),
-         None, "classification"),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}),
+            None,
+            "has 1 values but shape [2] needs 2",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP33", "shape": [1], "data": [1]}]}),
+            None,
+            "unsupported datatype",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}),
+            None,
+            "unsupported datatype",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}),
+            None,
+            "non-negative integers",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]}),
+            None,
+            "does not hold FP32",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}),
+            None,
+            "does not hold UINT8",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}),
+            None,
+            "neither 'data' nor binary",
+        ),
+        (
+            body(
+                {
+                    "inputs": [
+                        {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
+                        {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
+                    ]
+                }
+            ),
+            None,
+            "given twice",
+        ),
+        (
+            body(
+                {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "datatype": "FP32",
+                            "shape": [2],
+                            "parameters": {"binary_data_size": 4},
+                        }
+                    ]
+                }
+            ),
+            "_",
+            "do not fit",
+        ),
+        (
+            body(
+                {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "datatype": "FP32",
+                            "shape": [1],
+                            "parameters": {"binary_data_size": 4},
+                        }
+                    ]
+                }
+            ),
+            "_",
+            "body ends",
+        ),
+        (
+            body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}),
+            "9999",
+            "outside the body",
+        ),
+        (
+            body(
+                {
+                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                    "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+                }
+            ),
+            None,
+            "classification",
+        ),
     ],
 )
-def test_malformed_bodies_are_400_with_a_reason(raw: bytes, length: str | None, needle: str) -> None:
+def test_malformed_bodies_are_400_with_a_reason(
+    raw: bytes, length: str | None, needle: str
+) -> None:
     with pytest.raises(BadRequest) as caught:
         decode_request(raw, str(len(raw)) if length == "_" else length)
     assert needle in caught.value.message
@@ -137,7 +226,10 @@ def test_signature_accepts_dynamic_dimensions() -> None:
     ("given", "needle"),
     [
         ({"x": ("FP32", (5, 3))}, "missing input 'k'"),
-        ({"x": ("FP32", (5, 3)), "k": ("INT32", (1,)), "z": ("FP32", (1,))}, "unexpected input 'z'"),
+        (
+            {"x": ("FP32", (5, 3)), "k": ("INT32", (1,)), "z": ("FP32", (1,))},
+            "unexpected input 'z'",
+        ),
         ({"x": ("FP16", (5, 3)), "k": ("INT32", (1,))}, "datatype FP16"),
         ({"x": ("FP32", (5, 4)), "k": ("INT32", (1,))}, "shape [5, 4]"),
         ({"x": ("FP32", (3,)), "k": ("INT32", (1,))}, "shape [3]"),

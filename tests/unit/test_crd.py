@@ -10,7 +10,6 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
 from modelloader import resource
 from modelloader.quantity import QUANTITY_PATTERN
 
@@ -36,7 +35,9 @@ def validator() -> jsonschema.Draft7Validator:
 def example_manifests() -> list[dict[str, Any]]:
     docs = []
     for path in sorted((REPO / "examples").rglob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "LoadedModel"]
+        docs += [
+            d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "LoadedModel"
+        ]
     return docs
 
 

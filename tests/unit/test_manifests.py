@@ -31,7 +31,8 @@ def test_multi_document_files_and_folders(tmp_path: Path) -> None:
 
 def test_invalid_and_duplicate_documents_are_rejected_with_the_field(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(
-        doc("ok") + "---\n" + doc("bad", ", accelerator: tpu") + "---\n" + doc("ok"))
+        doc("ok") + "---\n" + doc("bad", ", accelerator: tpu") + "---\n" + doc("ok")
+    )
     result = ManifestReader([tmp_path / "a.yaml"]).read()
     assert [m.name for m in result.models] == ["ok"]
     messages = {r.name: r.message for r in result.rejected}

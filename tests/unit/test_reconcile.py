@@ -8,7 +8,6 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from modelloader.reconcile import StartWorker, StopWorker, WorkerState, WorkerView, plan
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.status import render
@@ -17,17 +16,32 @@ CPU_ONLY = {"CPU": 2.0}
 STATES: tuple[WorkerState | None, ...] = (None, "starting", "ready", "failed", "dead")
 
 
-def model(name: str = "m", origin: str = "default", namespace: str = "default",
-          uri: str = "file:///m.tflite", accelerator: str = "cpu", generation: int = 1) -> LoadedModel:
+def model(
+    name: str = "m",
+    origin: str = "default",
+    namespace: str = "default",
+    uri: str = "file:///m.tflite",
+    accelerator: str = "cpu",
+    generation: int = 1,
+) -> LoadedModel:
     spec = LoadedModelSpec(origin=origin, source=Source(uri), accelerator=accelerator)  # type: ignore[arg-type]
     return LoadedModel(namespace, name, spec, generation)
 
 
-def view(m: LoadedModel, state: WorkerState, wid: str | None = None, *,
-         fingerprint: str | None = None, generation: int | None = None) -> WorkerView:
+def view(
+    m: LoadedModel,
+    state: WorkerState,
+    wid: str | None = None,
+    *,
+    fingerprint: str | None = None,
+    generation: int | None = None,
+) -> WorkerView:
     return WorkerView(
-        id=wid or f"w-{state}", key=m.key, fingerprint=fingerprint or m.fingerprint,
-        generation=generation or m.generation, state=state,
+        id=wid or f"w-{state}",
+        key=m.key,
+        fingerprint=fingerprint or m.fingerprint,
+        generation=generation or m.generation,
+        state=state,
         message="boom" if state in ("failed", "dead") else "",
         signature={"inputs": [], "outputs": []} if state == "ready" else None,
         address=f"unix:/{wid}" if state == "ready" else None,
@@ -71,7 +85,7 @@ def test_every_combination_of_current_and_older_worker(
     if older == "ready":
         assert ("old" in stops) == (current == "ready")
     elif older is not None:
-        assert "old" in stops or current is None and older == "starting"
+        assert "old" in stops or (current is None and older == "starting")
     # A worker for the current spec is started when there is none, or after it died.
     assert bool(starts) == (current in (None, "dead"))
     # A failed load is final until the spec changes: no retry, and Failed unless old serves.
@@ -104,7 +118,9 @@ def test_name_clash_within_an_origin_fails_the_later_model() -> None:
     assert result.states[second.key].phase == "Failed"
     assert "a/same" in result.states[second.key].message
     assert {e.model.key for e in result.effects if isinstance(e, StartWorker)} == {
-        first.key, other_origin.key}
+        first.key,
+        other_origin.key,
+    }
 
 
 def test_gpu_without_gpu_nodes_waits_pending_then_starts() -> None:
@@ -127,8 +143,12 @@ def test_condition_times_move_only_on_change() -> None:
     m = model()
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     loading = render(m, plan([m], [view(m, "starting", "w")], CPU_ONLY).states[m.key], None, t0)
-    ready = render(m, plan([m], [view(m, "ready", "w")], CPU_ONLY).states[m.key], loading,
-                   t0 + timedelta(seconds=5))
+    ready = render(
+        m,
+        plan([m], [view(m, "ready", "w")], CPU_ONLY).states[m.key],
+        loading,
+        t0 + timedelta(seconds=5),
+    )
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
     assert times["Scheduled"] == "2026-01-01T00:00:00Z"  # True all along
     assert times["Ready"] == "2026-01-01T00:00:05Z"  # False -> True
@@ -140,7 +160,9 @@ def test_status_shows_signature_and_placement_of_the_serving_worker() -> None:
     w = dataclasses.replace(
         view(m, "ready", "w"),
         signature={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}], "outputs": []},
-        placement={"node": "n", "accelerator": "cpu", "delegate": "xnnpack"}, load_seconds=0.25)
+        placement={"node": "n", "accelerator": "cpu", "delegate": "xnnpack"},
+        load_seconds=0.25,
+    )
     status = render(m, plan([m], [w], CPU_ONLY).states[m.key], None, datetime.now(UTC))
     assert status["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1]}]
     assert status["placement"]["accelerator"] == "cpu"

@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import pytest
-
 from modelloader.quantity import QuantityError, parse_quantity
 from modelloader.resource import LoadedModelSpec, ManifestError, parse_loaded_model
 
@@ -29,16 +28,25 @@ def test_defaults_and_origin_from_namespace() -> None:
     assert model.key == "team-a/digits"
     assert model.spec == LoadedModelSpec(origin="team-a", source=model.spec.source)
     assert (model.spec.accelerator, model.spec.delegation, model.spec.precision) == (
-        "auto", "partitioned", "fp32")
+        "auto",
+        "partitioned",
+        "fp32",
+    )
     assert model.spec.threads == 1
 
 
 def test_full_spec() -> None:
-    model = parse_loaded_model(with_spec(
-        origin="shop", accelerator="gpu", delegation="whole", precision="fp16", threads=4,
-        resources={"memory": "256Mi", "cpu": "500m"},
-        source={"uri": "https://example.test/m.tflite", "sha256": "a" * 64},
-    ))
+    model = parse_loaded_model(
+        with_spec(
+            origin="shop",
+            accelerator="gpu",
+            delegation="whole",
+            precision="fp16",
+            threads=4,
+            resources={"memory": "256Mi", "cpu": "500m"},
+            source={"uri": "https://example.test/m.tflite", "sha256": "a" * 64},
+        )
+    )
     assert model.spec.origin == "shop"
     assert model.spec.resources.memory_bytes == 256 << 20
     assert model.spec.resources.cpu == 0.5

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.sources import ModelSources, SourceError, SourcePolicy
 
@@ -19,8 +18,9 @@ DIGEST = hashlib.sha256(DATA).hexdigest()
 
 
 def model(uri: str, sha256: str | None = None, base_dir: Path | None = None) -> LoadedModel:
-    return LoadedModel("default", "m", LoadedModelSpec("default", Source(uri, sha256)),
-                       base_dir=base_dir)
+    return LoadedModel(
+        "default", "m", LoadedModelSpec("default", Source(uri, sha256)), base_dir=base_dir
+    )
 
 
 @pytest.fixture
@@ -37,7 +37,9 @@ def sources(tmp_path: Path, root: Path) -> ModelSources:
     return ModelSources(SourcePolicy(roots=(root,), cache_dir=tmp_path / "cache", max_bytes=4096))
 
 
-def test_relative_and_absolute_file_uris_land_in_the_cache(sources: ModelSources, root: Path) -> None:
+def test_relative_and_absolute_file_uris_land_in_the_cache(
+    sources: ModelSources, root: Path
+) -> None:
     relative = sources.fetch(model("file://sub/m.tflite", base_dir=root))
     absolute = sources.fetch(model(f"file://{root}/sub/m.tflite", sha256=DIGEST))
     assert relative.sha256 == DIGEST == absolute.sha256
@@ -126,8 +128,9 @@ def test_http_download_verified_and_cached(sources: ModelSources, server: str) -
         ("/m.tflite", "1" * 64, "sha256 is"),
     ],
 )
-def test_http_failures(sources: ModelSources, server: str, path: str, sha256: str | None,
-                       needle: str) -> None:
+def test_http_failures(
+    sources: ModelSources, server: str, path: str, sha256: str | None, needle: str
+) -> None:
     with pytest.raises(SourceError, match=needle):
         sources.fetch(model(f"{server}{path}", sha256=sha256))
 

@@ -43,9 +43,10 @@ def describe(tensors: Mapping[str, np.ndarray[Any, Any]]) -> tuple[list[TensorEn
     buffers: list[Any] = []
     for name, array in tensors.items():
         contiguous = np.ascontiguousarray(array)
-        entries.append([name, v2_datatype(contiguous.dtype), list(contiguous.shape),
-                        contiguous.nbytes])
-        buffers.append(memoryview(contiguous).cast("B"))
+        entries.append(
+            [name, v2_datatype(contiguous.dtype), list(contiguous.shape), contiguous.nbytes]
+        )
+        buffers.append(contiguous.data.cast("B"))
     return entries, buffers
 
 
@@ -88,6 +89,7 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
 
 # Blocking side: the worker process.
 
+
 def recv_exactly(sock: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
@@ -120,6 +122,7 @@ def write_frame(sock: socket.socket, header: Mapping[str, Any], buffers: Sequenc
 
 
 # Asynchronous side: the gateway.
+
 
 async def read_frame_async(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
     try:

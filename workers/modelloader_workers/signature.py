@@ -59,9 +59,7 @@ def shape_fits(shape: Sequence[int], spec_shape: Sequence[int]) -> bool:
     )
 
 
-def check_inputs(
-    signature: Signature, given: Mapping[str, tuple[str, Sequence[int]]]
-) -> None:
+def check_inputs(signature: Signature, given: Mapping[str, tuple[str, Sequence[int]]]) -> None:
     """Check names, datatypes and shapes of the request's inputs; `given` maps name ->
     (datatype, shape). Raises InvalidRequest naming the first problem found."""
     expected = {t.name for t in signature.inputs}

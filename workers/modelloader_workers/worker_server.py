@@ -56,7 +56,9 @@ class WorkerServer:
                 except OSError:
                     return
 
-    def _answer(self, header: dict[str, Any], payload: bytearray) -> tuple[dict[str, Any], list[Any]]:
+    def _answer(
+        self, header: dict[str, Any], payload: bytearray
+    ) -> tuple[dict[str, Any], list[Any]]:
         signature = self._runner.signature
         try:
             inputs = ipc.tensors_from(header.get("inputs", []), payload)

@@ -114,9 +114,8 @@ def _decode_input(
     except UnsupportedDatatype as error:
         raise BadRequest(f"input {name!r}: {error}") from None
     shape = raw.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -141,7 +140,9 @@ def _decode_input(
     try:
         flat = np.asarray(raw["data"], dtype=dtype).reshape(-1)
     except (ValueError, TypeError, OverflowError) as error:
-        raise BadRequest(f"input {name!r}: 'data' does not hold {datatype} values: {error}") from None
+        raise BadRequest(
+            f"input {name!r}: 'data' does not hold {datatype} values: {error}"
+        ) from None
     if flat.size != count:
         raise BadRequest(
             f"input {name!r}: 'data' has {flat.size} values but shape {shape} needs {count}"

@@ -40,14 +40,20 @@ class DataPlane:
         self.clients = clients
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+        return {
+            "name": SERVER_NAME,
+            "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data"],
+        }
 
     def _entry(self, origin: str, name: str, version: str | None) -> ModelEntry:
         entry = self.directory.lookup(origin, name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} not found")
         if version not in (None, "", MODEL_VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {MODEL_VERSION!r}")
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; it has {MODEL_VERSION!r}"
+            )
         return entry
 
     def model_ready(self, origin: str, name: str, version: str | None = None) -> bool:
@@ -77,7 +83,9 @@ class DataPlane:
         if not entry.ready or entry.address is None or entry.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {entry.message or 'loading'}")
         try:
-            check_inputs(entry.signature, {n: (v2_datatype(a.dtype), a.shape) for n, a in inputs.items()})
+            check_inputs(
+                entry.signature, {n: (v2_datatype(a.dtype), a.shape) for n, a in inputs.items()}
+            )
             check_outputs(entry.signature, outputs)
         except InvalidRequest as error:
             raise BadRequest(str(error)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -24,18 +25,25 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-@web.middleware
-async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DataPlaneError as error:
-        return error_response(error.status, error.message)
-    except web.HTTPRequestEntityTooLarge as error:
-        return error_response(413, f"request body is over the limit of {error.max_size} bytes")
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        return error_response(error.status, error.reason)
+def _errors_as_json(max_request_bytes: int) -> Any:
+    """Every error, ours or aiohttp's (unknown route, 405, 413), as `{"error": reason}`."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except DataPlaneError as error:
+            return error_response(error.status, error.message)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413, f"request body is over the limit of {max_request_bytes} bytes"
+            )
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return error_response(error.status, error.reason)
+
+    return middleware
 
 
 def build_app(
@@ -46,7 +54,9 @@ def build_app(
     ready: Callable[[], bool] = lambda: True,
     origin_of: OriginOf = lambda _request: ANONYMOUS_ORIGIN,
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors_as_json], client_max_size=max_request_bytes)
+    app = web.Application(
+        middlewares=[_errors_as_json(max_request_bytes)], client_max_size=max_request_bytes
+    )
 
     async def server_metadata(_: web.Request) -> web.Response:
         return web.json_response(dataplane.server_metadata())
@@ -126,4 +136,3 @@ def build_app(
 
 def _model(request: web.Request) -> tuple[str, str | None]:
     return request.match_info["name"], request.match_info.get("version")
-

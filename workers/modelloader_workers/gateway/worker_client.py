@@ -79,7 +79,7 @@ class WorkerClients:
         if not address.startswith("unix:"):
             raise WorkerUnavailable(f"unsupported worker address {address!r}")
         try:
-            connection = await asyncio.open_unix_connection(address[len("unix:"):])
+            connection = await asyncio.open_unix_connection(address[len("unix:") :])
         except OSError as error:
             raise WorkerUnavailable(f"cannot reach the model's worker: {error}") from None
         return False, connection

@@ -1,0 +1,42 @@
+# The two set-up commands of the README (`make demo`, `make test`) create .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint unit integration e2e bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/01-digits/demo.py
+
+test: lint unit integration e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check operator workers tests tools bench examples
+	$(BIN)/ruff format --check operator workers tests tools bench examples
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+bench: $(STAMP)
+	$(BIN)/python bench/first_numbers.py
+
+# Regenerate the committed example and test models (deterministic; a test checks them).
+models: $(STAMP)
+	$(BIN)/python tools/make_models.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
