@@ -76,12 +76,7 @@ def main() -> int:
         for sample, row in zip(samples, probabilities, strict=True):
             guess = int(row.argmax())
             correct += guess == sample["label"]
-            image = np.array(sample["pixels"]).reshape(8, 8)
-            art = ["".join(" .:*#"[min(int(v * 5), 4)] for v in line) for line in image]
-            print(
-                f"label {sample['label']}  predicted {guess}  (p={row[guess]:.3f})  "
-                f"{art[2]}|{art[4]}|{art[6]}"
-            )
+            print(f"label {sample['label']}  predicted {guess}  (p={row[guess]:.3f})")
         print(
             f"\n{correct}/{len(samples)} held-out digits classified correctly "
             f"over http://127.0.0.1:{port}/v2/models/digits/infer\n"
@@ -92,7 +87,7 @@ def main() -> int:
         client.close()
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
-        print(f"\nstopped (exit code {server.returncode}); no Ray processes left behind")
+        print(f"\nstopped (exit code {server.returncode})")
 
 
 if __name__ == "__main__":
