@@ -18,6 +18,8 @@ def test_demo_classifies_the_samples_and_stops_cleanly() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "10/10 held-out digits classified correctly" in done.stdout
-    assert any(line.split()[:4] == ["default", "digits", "default", "Ready"]
-               for line in done.stdout.splitlines())
+    assert any(
+        line.split()[:4] == ["default", "digits", "default", "Ready"]
+        for line in done.stdout.splitlines()
+    )
     assert "stopped (exit code 0)" in done.stdout
