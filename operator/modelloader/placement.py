@@ -1,4 +1,4 @@
-"""Which accelerator a LoadedModel runs on, decided from what the Ray cluster offers. Pure."""
+"""Which accelerator a LoadedModel runs on, and the Ray resources that pin it there. Pure."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelloader.resource import Accelerator
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How accelerator classes show up as Ray resources in this cluster."""
+
+    gpu_resource: str = "GPU"
+    # Ray probes for Huawei Ascend when a resource is literally named NPU; keep it configurable.
+    npu_resource: str = "NPU"
+    # When set, CPU nodes advertise this resource and every CPU worker takes one unit of it,
+    # so CPU models stay off the accelerator nodes. None: CPU workers may land anywhere.
+    cpu_resource: str | None = None
 
 
 @dataclass(frozen=True)
@@ -20,13 +32,20 @@ class Unschedulable:
 
 
 def choose_accelerator(
-    requested: Accelerator, capacity: Mapping[str, float], npu_resource: str = "NPU"
+    requested: Accelerator, capacity: Mapping[str, float], config: PlacementConfig
 ) -> Scheduled | Unschedulable:
-    """`auto` takes the CPU until accelerator workers exist (the operator's issue); an explicit
-    `gpu`/`npu` needs a node that offers one, or waits as Pending with the reason."""
-    if requested in ("auto", "cpu"):
+    """`auto` takes the best the cluster offers (GPU, then NPU, then CPU); an explicit class
+    needs a node that offers it, or waits as Pending with the reason."""
+    offers = {
+        "gpu": config.gpu_resource,
+        "npu": config.npu_resource,
+        "cpu": config.cpu_resource,
+    }
+    if requested == "auto":
+        requested = next((a for a in ("gpu", "npu") if capacity.get(offers[a] or "", 0) > 0), "cpu")
+    resource = offers[requested]
+    if resource is None:  # CPU without pinning
         return Scheduled("cpu", {})
-    resource = "GPU" if requested == "gpu" else npu_resource
     if capacity.get(resource, 0) <= 0:
         return Unschedulable(f"no node in the Ray cluster offers the {resource} resource")
     return Scheduled(requested, {resource: 1.0})

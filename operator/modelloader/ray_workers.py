@@ -1,8 +1,10 @@
-"""The one adapter to Ray: start a worker actor, load its model, check it is alive, stop it.
+"""The one adapter to Ray: start a worker actor, load its model, find running ones, check they
+are alive, stop them.
 
-Each LoadedModel's worker is a Ray actor in its own process, in a Ray namespace of its origin's
-(two origins never share a process or a namespace). Ray places and supervises the process;
-inference tensors do not pass through Ray (see `modelloader_workers.ipc`).
+Each LoadedModel's worker is a named Ray actor in a Ray namespace of its origin's (two origins
+never share a process or a namespace). Its name derives from the LoadedModel's identity and
+spec, so a restarted operator finds ("adopts") the workers that are already serving instead of
+starting duplicates. Inference tensors do not pass through Ray (see `modelloader_workers.ipc`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 
 import ray
 from modelloader_workers.litert_runner import ModelLoadError
-from modelloader_workers.worker import LoadedInfo, ModelWorker
+from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from modelloader.resource import LoadedModel
 
 log = logging.getLogger(__name__)
 
+NAMESPACE_PREFIX = "modelloader-origin-"
+ACTOR_PREFIX = "lm."
 # Unix socket paths are limited to 107 bytes; our names take 22.
 MAX_SOCKET_DIR = 80
 
@@ -37,12 +41,21 @@ class WorkerStartError(RuntimeError):
 @dataclass
 class WorkerHandle:
     worker_id: str
+    namespace: str
     actor: Any
     socket_path: Path
 
 
 def origin_namespace(origin: str) -> str:
-    return f"modelloader-origin-{origin}"
+    return f"{NAMESPACE_PREFIX}{origin}"
+
+
+def worker_name(model: LoadedModel, restarts: int = 0) -> str:
+    """Deterministic: the same LoadedModel and spec give the same actor name, so a second
+    start finds the first. A restart after a death takes a new name: Ray may not have released
+    the dead actor's yet."""
+    suffix = f".r{restarts}" if restarts else ""
+    return f"{ACTOR_PREFIX}{model.namespace}.{model.name}.{model.fingerprint}{suffix}"
 
 
 def start_local_ray(num_cpus: int | None) -> str:
@@ -73,6 +86,8 @@ class RayWorkers:
             )
         socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._socket_dir = socket_dir
+        # Detached workers outlive the process that started them: the operator's mode, so a
+        # restart does not interrupt serving. Local mode's workers die with it.
         self._detached = detached
         self._remote: Any = ray.remote(ModelWorker)
 
@@ -80,23 +95,27 @@ class RayWorkers:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
         return {k: float(v) for k, v in resources.items()}
 
+    def _socket_path(self, worker_id: str) -> Path:
+        return self._socket_dir / f"{hashlib.sha256(worker_id.encode()).hexdigest()[:16]}.sock"
+
     async def start(
         self,
         worker_id: str,
         model: LoadedModel,
         model_path: Path,
+        accelerator: str,
         resources: dict[str, float],
     ) -> tuple[WorkerHandle, LoadedInfo]:
-        name_hash = hashlib.sha256(worker_id.encode()).hexdigest()[:16]
-        socket_path = self._socket_dir / f"{name_hash}.sock"
         spec = model.spec
+        namespace = origin_namespace(spec.origin)
         options: dict[str, Any] = {
             "name": worker_id,
-            "namespace": origin_namespace(spec.origin),
+            "namespace": namespace,
             # No CPU reserved unless asked: LiteRT's threads are the real limit, and a laptop
             # with 2 cores must still hold more than 2 models.
             "num_cpus": spec.resources.cpu or 0,
             "max_restarts": 0,  # the reconcile core decides restarts, and sees each one
+            "get_if_exists": True,  # a worker left by a previous operator is taken over
         }
         if spec.resources.memory_bytes:
             options["memory"] = spec.resources.memory_bytes
@@ -105,11 +124,22 @@ class RayWorkers:
         if self._detached:
             options["lifetime"] = "detached"
         actor: Any = self._remote.options(**options).remote()
-        handle = WorkerHandle(worker_id, actor, socket_path)
+        handle = WorkerHandle(worker_id, namespace, actor, self._socket_path(worker_id))
+        request = LoadRequest(
+            model_path=str(model_path),
+            socket_path=str(handle.socket_path),
+            threads=spec.threads,
+            accelerator=accelerator,
+            delegation=spec.delegation,
+            identity=(
+                ("key", model.key),
+                ("origin", spec.origin),
+                ("fingerprint", model.fingerprint),
+                ("generation", model.generation),
+            ),
+        )
         try:
-            info: LoadedInfo = await actor.load.remote(
-                str(model_path), spec.threads, str(socket_path)
-            )
+            info: LoadedInfo = await actor.load.remote(request)
         except RayTaskError as error:
             self.stop(handle)
             cause = getattr(error, "cause", None)
@@ -126,6 +156,27 @@ class RayWorkers:
             self.stop(handle)
             raise
         return handle, info
+
+    async def running(self) -> list[tuple[WorkerHandle, LoadedInfo | None]]:
+        """Every Model Loader worker in the cluster, with what it serves (None: it has not
+        loaded a model, e.g. the previous operator died while it was loading)."""
+        names = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        found: list[tuple[WorkerHandle, LoadedInfo | None]] = []
+        for entry in names:
+            name, namespace = entry["name"], entry["namespace"]
+            if not (name.startswith(ACTOR_PREFIX) and namespace.startswith(NAMESPACE_PREFIX)):
+                continue
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name, namespace)
+            except ValueError:
+                continue  # gone since the listing
+            handle = WorkerHandle(name, namespace, actor, self._socket_path(name))
+            try:
+                info: LoadedInfo | None = await asyncio.wait_for(actor.info.remote(), 30)
+            except (RayError, TimeoutError):
+                info = None
+            found.append((handle, info))
+        return found
 
     async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
         """None when alive, else why not. A slow answer is not death: only Ray saying the

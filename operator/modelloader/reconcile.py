@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from modelloader.placement import Scheduled, Unschedulable, choose_accelerator
+from modelloader.placement import PlacementConfig, Scheduled, Unschedulable, choose_accelerator
 from modelloader.resource import LoadedModel
 
+DEFAULT_PLACEMENT = PlacementConfig()
 WorkerState = Literal["starting", "ready", "failed", "dead"]
 Phase = Literal["Pending", "Loading", "Ready", "Failed"]
 
@@ -36,6 +37,8 @@ class WorkerView:
     load_seconds: float | None = None
     placement: Mapping[str, Any] | None = None
     address: str | None = None
+    note: str = ""  # e.g. the accelerator fell back to the CPU
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def plan(
     models: Sequence[LoadedModel],
     workers: Sequence[WorkerView],
     capacity: Mapping[str, float],
-    npu_resource: str = "NPU",
+    config: PlacementConfig = DEFAULT_PLACEMENT,
 ) -> Plan:
     """`models` in creation order: on a name clash within an origin, the earlier one wins."""
     effects: list[Effect] = []
@@ -99,7 +102,7 @@ def plan(
             )
             states[model.key] = _failed(message, "NameConflict")
             continue
-        step_effects, states[model.key] = _plan_one(model, mine, capacity, npu_resource)
+        step_effects, states[model.key] = _plan_one(model, mine, capacity, config)
         effects += step_effects
 
     for leftover in by_key.values():  # workers whose LoadedModel is gone
@@ -111,7 +114,7 @@ def _plan_one(
     model: LoadedModel,
     workers: list[WorkerView],
     capacity: Mapping[str, float],
-    npu_resource: str,
+    config: PlacementConfig,
 ) -> tuple[list[Effect], ModelState]:
     effects: list[Effect] = []
     current = next((w for w in workers if w.fingerprint == model.fingerprint), None)
@@ -123,7 +126,7 @@ def _plan_one(
 
     if current is not None and current.state == "dead":
         # Died after loading: replace it. (Crash-loop limits come with the reliability work.)
-        effects += [StopWorker(current.id, "worker died"), *_start(model, capacity, npu_resource)]
+        effects += [StopWorker(current.id, "worker died"), *_start(model, capacity, config)]
         state = ModelState(
             "Ready" if fallback else "Loading",
             f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
@@ -135,10 +138,10 @@ def _plan_one(
             current=None,
         )
     elif current is None:
-        started = _start(model, capacity, npu_resource)
+        started = _start(model, capacity, config)
         effects += started
         if not started:
-            reason = _unschedulable_reason(model, capacity, npu_resource)
+            reason = _unschedulable_reason(model, capacity, config)
             state = ModelState(
                 "Ready" if fallback else "Pending",
                 f"waiting for capacity: {reason}" + _still_serving(fallback),
@@ -182,16 +185,20 @@ def _plan_one(
     return effects, state
 
 
-def _start(model: LoadedModel, capacity: Mapping[str, float], npu_resource: str) -> list[Effect]:
-    decision = choose_accelerator(model.spec.accelerator, capacity, npu_resource)
+def _start(
+    model: LoadedModel, capacity: Mapping[str, float], config: PlacementConfig
+) -> list[Effect]:
+    decision = choose_accelerator(model.spec.accelerator, capacity, config)
     if isinstance(decision, Unschedulable):
         return []
     assert isinstance(decision, Scheduled)
     return [StartWorker(model, decision.accelerator, decision.resources)]
 
 
-def _unschedulable_reason(model: LoadedModel, capacity: Mapping[str, float], npu: str) -> str:
-    decision = choose_accelerator(model.spec.accelerator, capacity, npu)
+def _unschedulable_reason(
+    model: LoadedModel, capacity: Mapping[str, float], config: PlacementConfig
+) -> str:
+    decision = choose_accelerator(model.spec.accelerator, capacity, config)
     return decision.reason if isinstance(decision, Unschedulable) else ""
 
 

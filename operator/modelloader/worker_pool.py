@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from modelloader_workers.worker import LoadedInfo
+
 from modelloader.control_metrics import ControlMetrics
-from modelloader.ray_workers import RayWorkers, WorkerHandle, WorkerStartError
+from modelloader.ray_workers import RayWorkers, WorkerHandle, WorkerStartError, worker_name
 from modelloader.reconcile import Effect, StartWorker, StopWorker, WorkerView
 from modelloader.sources import ModelSources, SourceError
 
@@ -49,6 +50,7 @@ class WorkerPool:
         self._on_change = on_change  # wake the reconcile loop: an observation changed
         self._records: dict[str, _Record] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._restarts: dict[tuple[str, str], int] = {}
 
     def views(self) -> list[WorkerView]:
         return [r.view for r in self._records.values()]
@@ -62,10 +64,16 @@ class WorkerPool:
 
     def _start(self, effect: StartWorker) -> None:
         model = effect.model
-        worker_id = (
-            f"lm.{model.namespace}.{model.name}.{model.fingerprint[:8]}.{uuid.uuid4().hex[:6]}"
+        restarts = self._restarts.get((model.key, model.fingerprint), 0)
+        worker_id = worker_name(model, restarts)
+        view = WorkerView(
+            worker_id,
+            model.key,
+            model.fingerprint,
+            model.generation,
+            "starting",
+            origin=model.spec.origin,
         )
-        view = WorkerView(worker_id, model.key, model.fingerprint, model.generation, "starting")
         record = _Record(view)
         self._records[worker_id] = record
         record.task = self._spawn(self._load(record, effect))
@@ -76,7 +84,7 @@ class WorkerPool:
         try:
             fetched = await asyncio.to_thread(self._sources.fetch, model)
             handle, info = await self._workers.start(
-                record.view.id, model, fetched.path, dict(effect.resources)
+                record.view.id, model, fetched.path, effect.accelerator, dict(effect.resources)
             )
         except (SourceError, WorkerStartError) as error:
             self._observe(record, state="failed", message=str(error))
@@ -90,20 +98,7 @@ class WorkerPool:
         self._metrics.load_duration.labels(
             model.spec.origin, model.name, effect.accelerator
         ).observe(seconds)
-        placement = {
-            "node": info.node,
-            "accelerator": effect.accelerator,
-            "delegate": "xnnpack" if effect.accelerator == "cpu" else effect.accelerator,
-            "pid": info.pid,
-        }
-        self._observe(
-            record,
-            state="ready",
-            signature=info.signature,
-            load_seconds=seconds,
-            placement=placement,
-            address=info.address,
-        )
+        self._observe(record, **(_ready(info) | {"load_seconds": seconds}))
 
     def _observe(self, record: _Record, **changes: object) -> None:
         if record.view.id not in self._records:
@@ -116,8 +111,10 @@ class WorkerPool:
         if record is None:
             return
         if record.view.state == "dead":
-            model = record.view.key.split("/", 1)
-            self._metrics.worker_restarts.labels(model[0], model[1]).inc()
+            view = record.view
+            identity = (view.key, view.fingerprint)
+            self._restarts[identity] = self._restarts.get(identity, 0) + 1
+            self._metrics.worker_restarts.labels(view.origin, view.key.split("/", 1)[1]).inc()
         if record.task is not None and not record.task.done():
             record.task.cancel()
         if record.handle is not None:
@@ -129,7 +126,33 @@ class WorkerPool:
         try:
             await asyncio.sleep(delay)
         finally:  # cancelled at shutdown: kill now
-            self._workers.stop(handle)
+            # Unless the same worker was asked for again meanwhile (a spec edited and reverted
+            # within the drain time): then it was taken over, not left behind.
+            if handle.worker_id not in self._records:
+                self._workers.stop(handle)
+
+    async def adopt(self) -> int:
+        """Take over the workers a previous control plane left running (detached actors).
+        Those that never finished loading are stopped; the planner decides about the rest."""
+        adopted = 0
+        for handle, info in await self._workers.running():
+            if handle.worker_id in self._records:
+                continue
+            identity = info.identity if info is not None else {}
+            if info is None or not {"key", "fingerprint", "generation"} <= identity.keys():
+                self._workers.stop(handle)
+                continue
+            view = WorkerView(
+                handle.worker_id,
+                str(identity["key"]),
+                str(identity["fingerprint"]),
+                int(identity["generation"]),
+                origin=str(identity.get("origin", "")),
+                **_ready(info),
+            )
+            self._records[handle.worker_id] = _Record(view, handle)
+            adopted += 1
+        return adopted
 
     async def check_liveness(self) -> None:
         """Observe deaths of ready workers (a crash, an OOM kill, a `kill -9`)."""
@@ -159,3 +182,24 @@ class WorkerPool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _ready(info: LoadedInfo) -> dict[str, Any]:
+    """The observation of a loaded worker."""
+    placement = {
+        "node": info.host,
+        "nodeId": info.node_id,
+        "accelerator": info.accelerator,
+        "delegate": info.delegate,
+        "pid": info.pid,
+    }
+    if info.delegated_ops_share is not None:
+        placement["delegatedOpsShare"] = info.delegated_ops_share
+    return {
+        "state": "ready",
+        "signature": info.signature,
+        "placement": placement,
+        "address": info.address,
+        "note": info.note,
+        "load_seconds": info.load_seconds,
+    }

@@ -30,7 +30,7 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
     workers: RayWorkers, dtypes_model: Path
 ) -> None:
     async def scenario() -> None:
-        handle, info = await workers.start("w-dtypes", model("dtypes"), dtypes_model, {})
+        handle, info = await workers.start("w-dtypes", model("dtypes"), dtypes_model, "cpu", {})
         assert info.pid != os.getpid()
         assert info.address.startswith("unix:")
         assert {t["name"] for t in info.signature["inputs"]} >= {"f16", "flag", "dyn"}
@@ -67,7 +67,7 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 
     async def scenario() -> str:
         with pytest.raises(WorkerStartError) as caught:
-            await workers.start(f"w-{kind}", model(kind), broken, {})
+            await workers.start(f"w-{kind}", model(kind), broken, "cpu", {})
         return str(caught.value)
 
     message = asyncio.run(scenario())
@@ -80,7 +80,7 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 
 def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Path) -> None:
     async def scenario() -> str | None:
-        handle, info = await workers.start("w-victim", model("victim"), digits_model, {})
+        handle, info = await workers.start("w-victim", model("victim"), digits_model, "cpu", {})
         os.kill(info.pid, signal.SIGKILL)
         for _ in range(50):
             verdict = await workers.alive(handle)

@@ -8,6 +8,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from modelloader.placement import PlacementConfig
 from modelloader.reconcile import StartWorker, StopWorker, WorkerState, WorkerView, plan
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.status import render
@@ -134,9 +135,24 @@ def test_gpu_without_gpu_nodes_waits_pending_then_starts() -> None:
     assert later.effects == (StartWorker(m, "gpu", {"GPU": 1.0}),)
 
 
-def test_auto_runs_on_cpu() -> None:
+def test_auto_takes_the_best_accelerator_offered() -> None:
     m = model(accelerator="auto")
-    assert plan([m], [], {"CPU": 1, "GPU": 1}).effects == (StartWorker(m, "cpu", {}),)
+    assert plan([m], [], {"CPU": 1, "GPU": 1}).effects == (StartWorker(m, "gpu", {"GPU": 1.0}),)
+    assert plan([m], [], {"CPU": 1, "NPU": 2}).effects == (StartWorker(m, "npu", {"NPU": 1.0}),)
+    assert plan([m], [], {"CPU": 1}).effects == (StartWorker(m, "cpu", {}),)
+
+
+def test_cpu_workers_can_be_pinned_to_cpu_nodes() -> None:
+    config = PlacementConfig(cpu_resource="modelloader-cpu", npu_resource="vendor.com/npu")
+    m, n = model("m", accelerator="cpu"), model("n", accelerator="npu")
+    result = plan([m, n], [], {"CPU": 4, "modelloader-cpu": 100, "vendor.com/npu": 1}, config)
+    assert result.effects == (
+        StartWorker(m, "cpu", {"modelloader-cpu": 1.0}),
+        StartWorker(n, "npu", {"vendor.com/npu": 1.0}),
+    )
+    waiting = plan([m], [], {"CPU": 4}, config)
+    assert waiting.states[m.key].phase == "Pending"
+    assert "modelloader-cpu" in waiting.states[m.key].message
 
 
 def test_condition_times_move_only_on_change() -> None:

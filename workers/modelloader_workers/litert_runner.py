@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +20,17 @@ from modelloader_workers.tensor_types import UnsupportedDatatype, v2_datatype
 
 class ModelLoadError(RuntimeError):
     """The file could not be made into a runnable model; the message says why."""
+
+
+class Runner(Protocol):
+    """What the worker needs of a loaded model, whichever LiteRT API runs it."""
+
+    signature: Signature
+    load_seconds: float
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]]
+    ) -> dict[str, np.ndarray[Any, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class LiteRTRunner:
 
     def __init__(self, model_path: str, threads: int = 1) -> None:
         started = time.perf_counter()
-        _check_identifier(model_path)
+        check_identifier(model_path)
         try:
             from ai_edge_litert.interpreter import Interpreter
 
@@ -99,7 +110,7 @@ def _binding(name: str, detail: Mapping[str, Any]) -> _Binding:
     return _Binding(TensorSpec(name, datatype, tuple(int(d) for d in shape)), int(detail["index"]))
 
 
-def _check_identifier(model_path: str) -> None:
+def check_identifier(model_path: str) -> None:
     """A TensorFlow Lite file carries "TFL3" at byte 4; say so plainly for anything else
     rather than leave it to the flatbuffer verifier's message."""
     try:

@@ -16,14 +16,14 @@ import time
 from typing import Any
 
 from modelloader_workers import ipc
-from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers.litert_runner import Runner
 from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
 
 log = logging.getLogger(__name__)
 
 
 class WorkerServer:
-    def __init__(self, runner: LiteRTRunner, socket_path: str) -> None:
+    def __init__(self, runner: Runner, socket_path: str) -> None:
         self._runner = runner
         self._lock = threading.Lock()
         self.socket_path = socket_path

@@ -1,0 +1,152 @@
+"""Running a model on an accelerator: LiteRT's `CompiledModel` with GPU or NPU flags.
+
+`delegation: whole` asks for the accelerator alone, so LiteRT fails when an op cannot run there;
+`partitioned` adds the CPU flag, which takes the ops the accelerator cannot. When the
+accelerator cannot be initialised at all on this node (no Vulkan adapter, no vendor runtime),
+`partitioned` falls back to the CPU interpreter and says so; `whole` fails with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modelloader_workers.litert_runner import (
+    LiteRTRunner,
+    ModelLoadError,
+    Runner,
+    check_identifier,
+)
+from modelloader_workers.tensor_types import numpy_dtype
+
+SIGNATURE_INDEX = 0
+# What `ai_edge_litert.tensor_buffer.TensorBuffer` can hold (2.3.0: no INT64, no INT16).
+BUFFER_DATATYPES = {"FP32", "FP16", "INT32", "INT8", "UINT8", "BOOL"}
+HINTS = {
+    "gpu": "LiteRT drives GPUs through WebGPU (Vulkan on Linux): the node needs the Vulkan "
+    "loader (libvulkan1) and the GPU driver's Vulkan ICD",
+    "npu": "the node needs the vendor's LiteRT dispatch library (e.g. ai-edge-litert-sdk-intel)",
+}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where the model's ops run, for the LoadedModel's status."""
+
+    accelerator: str  # what actually runs it: cpu, gpu or npu
+    delegate: str  # xnnpack, gpu, npu
+    delegated_ops_share: float | None  # 1.0 whole graph; None when LiteRT does not say
+    note: str = ""  # why it differs from what was asked, if it does
+
+
+class CompiledModelRunner:
+    """One `CompiledModel`. Not thread-safe: the worker serialises calls to `run`."""
+
+    def __init__(self, model_path: str, accelerator: str, delegation: str) -> None:
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator as HA
+
+        started = time.perf_counter()
+        check_identifier(model_path)
+        flags = {"cpu": HA.CPU, "gpu": HA.GPU, "npu": HA.NPU}[accelerator]
+        if delegation == "partitioned" and accelerator != "cpu":
+            flags |= HA.CPU
+        try:
+            self._model = CompiledModel.from_file(model_path, hardware_accel=flags)
+            signatures = self._model.get_signature_list()
+            self._key = next(iter(signatures))
+            self._input_names: list[str] = list(signatures[self._key]["inputs"])
+            self._output_names: list[str] = list(signatures[self._key]["outputs"])
+            # CompiledModel reports current shapes only; the interpreter knows which
+            # dimensions are dynamic (-1), which clients need to see.
+            self.signature = LiteRTRunner(model_path).signature
+            unsupported = sorted(
+                {t.datatype for t in (*self.signature.inputs, *self.signature.outputs)}
+                - BUFFER_DATATYPES
+            )
+            if unsupported:
+                raise ModelLoadError(
+                    f"LiteRT could not compile the model for the {accelerator.upper()}: its "
+                    f"tensor buffers do not take {', '.join(unsupported)} inputs or outputs"
+                )
+            self._shapes: dict[str, tuple[int, ...]] = {
+                name: tuple(int(d) for d in detail["shape"])
+                for name, detail in self._model.get_input_tensor_details(self._key).items()
+            }
+            self._allocate()
+            fully = self._model.is_fully_accelerated()
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            raise ModelLoadError(
+                f"LiteRT could not compile the model for the {accelerator.upper()} "
+                f"({_reason(error)}); {HINTS.get(accelerator, '')}"
+            ) from None
+        if delegation == "whole" and not fully:
+            raise ModelLoadError(
+                f"delegation 'whole': the {accelerator.upper()} cannot run every op of this "
+                "model; use delegation 'partitioned' to let the CPU take the rest"
+            )
+        self.execution = Execution(accelerator, accelerator, 1.0 if fully else None)
+        self.load_seconds = time.perf_counter() - started
+
+    def _allocate(self) -> None:
+        self._inputs = self._model.create_input_buffers(SIGNATURE_INDEX)
+        self._outputs = self._model.create_output_buffers(SIGNATURE_INDEX)
+        details = self._model.get_output_tensor_details(self._key)
+        self._out_shapes = [tuple(details[n]["shape"]) for n in self._output_names]
+
+    def run(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        resized = False
+        for index, name in enumerate(self._input_names):
+            shape = inputs[name].shape
+            if self._shapes.get(name) != shape:
+                self._model.resize_input_tensor(index, list(shape), SIGNATURE_INDEX)
+                self._shapes[name] = shape
+                resized = True
+        if resized:
+            self._allocate()
+        for buffer, name in zip(self._inputs, self._input_names, strict=True):
+            buffer.write(np.ascontiguousarray(inputs[name]))
+        self._model.run_by_index(SIGNATURE_INDEX, self._inputs, self._outputs)
+        result = {}
+        for name, buffer, shape in zip(
+            self._output_names, self._outputs, self._out_shapes, strict=True
+        ):
+            spec = self.signature.output(name)
+            assert spec is not None
+            dtype = numpy_dtype(spec.datatype)
+            count = int(np.prod(shape, dtype=np.int64))
+            result[name] = np.asarray(buffer.read(count, dtype)).reshape(shape)
+        return result
+
+
+def load_runner(
+    model_path: str, threads: int, accelerator: str, delegation: str
+) -> tuple[Runner, Execution]:
+    """The runner for this placement. CPU: the classic interpreter with XNNPACK (faster here
+    than CompiledModel's defaults); GPU/NPU: CompiledModel, with the CPU fallback above."""
+    if accelerator == "cpu":
+        return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0)
+    try:
+        runner = CompiledModelRunner(model_path, accelerator, delegation)
+        return runner, runner.execution
+    except ModelLoadError as error:
+        if delegation == "whole" or "could not compile" not in str(error):
+            raise
+        cpu = LiteRTRunner(model_path, threads)
+        note = f"running on the CPU instead: {error}"
+        return cpu, Execution("cpu", "xnnpack", 0.0, note)
+
+
+def _reason(error: Exception) -> str:
+    """LiteRT's Python errors often carry only source locations ("ERROR: [file.h:123]"); the
+    useful text went to stderr. Keep what is not a location."""
+    text = re.sub(r"ERROR: \[[^\]]*\]|[└]", " ", str(error))
+    text = " ".join(text.split())
+    return text[:300] or "the accelerator could not be initialised on this node"
