@@ -119,8 +119,11 @@ class RayWorkers:
         }
         if spec.resources.memory_bytes:
             options["memory"] = spec.resources.memory_bytes
-        if resources:
-            options["resources"] = dict(resources)
+        extra = dict(resources)
+        if "GPU" in extra:  # Ray takes GPUs only by keyword
+            options["num_gpus"] = extra.pop("GPU")
+        if extra:
+            options["resources"] = extra
         if self._detached:
             options["lifetime"] = "detached"
         actor: Any = self._remote.options(**options).remote()

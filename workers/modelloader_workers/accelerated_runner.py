@@ -1,7 +1,8 @@
 """Running a model on an accelerator: LiteRT's `CompiledModel` with GPU or NPU flags.
 
-`delegation: whole` asks for the accelerator alone, so LiteRT fails when an op cannot run there;
-`partitioned` adds the CPU flag, which takes the ops the accelerator cannot. When the
+`delegation: whole` asks for the accelerator alone, so LiteRT fails when an op cannot run there
+(with "whole", the error says to use "partitioned"); `partitioned` adds the CPU flag when the
+accelerator alone fails, and the CPU takes the ops the accelerator cannot. When the
 accelerator cannot be initialised at all on this node (no Vulkan adapter, no vendor runtime),
 `partitioned` falls back to the CPU interpreter and says so; `whole` fails with the reason.
 """
@@ -53,11 +54,19 @@ class CompiledModelRunner:
 
         started = time.perf_counter()
         check_identifier(model_path)
-        flags = {"cpu": HA.CPU, "gpu": HA.GPU, "npu": HA.NPU}[accelerator]
-        if delegation == "partitioned" and accelerator != "cpu":
-            flags |= HA.CPU
+        alone = {"cpu": HA.CPU, "gpu": HA.GPU, "npu": HA.NPU}[accelerator]
+        # The accelerator alone first: if that compiles, the whole graph is on it. LiteRT's
+        # is_fully_accelerated() counts the CPU as an accelerator, so with the CPU flag added
+        # it cannot tell us; a partitioned model that needed the CPU reports no share.
+        fully = True
         try:
-            self._model = CompiledModel.from_file(model_path, hardware_accel=flags)
+            try:
+                self._model = CompiledModel.from_file(model_path, hardware_accel=alone)
+            except Exception:
+                if delegation == "whole" or accelerator == "cpu":
+                    raise
+                fully = False
+                self._model = CompiledModel.from_file(model_path, hardware_accel=alone | HA.CPU)
             signatures = self._model.get_signature_list()
             self._key = next(iter(signatures))
             self._input_names: list[str] = list(signatures[self._key]["inputs"])
@@ -79,7 +88,6 @@ class CompiledModelRunner:
                 for name, detail in self._model.get_input_tensor_details(self._key).items()
             }
             self._allocate()
-            fully = self._model.is_fully_accelerated()
         except ModelLoadError:
             raise
         except Exception as error:
@@ -87,12 +95,15 @@ class CompiledModelRunner:
                 f"LiteRT could not compile the model for the {accelerator.upper()} "
                 f"({_reason(error)}); {HINTS.get(accelerator, '')}"
             ) from None
-        if delegation == "whole" and not fully:
-            raise ModelLoadError(
-                f"delegation 'whole': the {accelerator.upper()} cannot run every op of this "
-                "model; use delegation 'partitioned' to let the CPU take the rest"
+        note = (
+            ""
+            if fully
+            else (
+                f"the {accelerator.upper()} could not take the whole graph; LiteRT runs the rest "
+                "on the CPU"
             )
-        self.execution = Execution(accelerator, accelerator, 1.0 if fully else None)
+        )
+        self.execution = Execution(accelerator, accelerator, 1.0 if fully else None, note)
         self.load_seconds = time.perf_counter() - started
 
     def _allocate(self) -> None:
