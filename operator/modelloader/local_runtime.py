@@ -16,24 +16,23 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from modelloader_workers.gateway.dataplane import DataPlane
-from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
+from modelloader_workers.gateway.directory import ModelDirectory
 from modelloader_workers.gateway.http_v2 import build_app
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.worker_client import WorkerClients
-from modelloader_workers.signature import Signature
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from modelloader import control_channel, status
+from modelloader import control_channel
 from modelloader.control_metrics import ControlMetrics
 from modelloader.manifests import ManifestReader, ManifestSet
+from modelloader.placement import PlacementConfig
 from modelloader.ray_workers import RayWorkers, start_local_ray, stop_ray
-from modelloader.reconcile import plan
+from modelloader.reconciler import Reconciler
 from modelloader.resource import LoadedModel
 from modelloader.sources import ModelSources, SourcePolicy
 from modelloader.worker_pool import WorkerPool
@@ -85,7 +84,6 @@ class LocalRuntime:
         self.clients = WorkerClients()
         self.reader = ManifestReader(list(config.paths))
         self.generations = Generations()
-        self.statuses: dict[str, dict[str, Any]] = {}
         self.listing: list[dict[str, Any]] = []
         self.file_errors: tuple[str, ...] = ()
         self._wake = asyncio.Event()
@@ -95,6 +93,7 @@ class LocalRuntime:
         self._capacity: dict[str, float] = {}
         self._capacity_at = 0.0
         self._pool: WorkerPool | None = None
+        self._reconciler: Reconciler | None = None
         self._ray_temp: str | None = None
 
     # Lifecycle
@@ -136,6 +135,7 @@ class LocalRuntime:
         log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
         workers = RayWorkers(config.state_dir / "w")
         self._pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
+        self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
         self._workers = workers
 
         gateway = build_app(
@@ -225,42 +225,13 @@ class LocalRuntime:
         return self._capacity
 
     def _reconcile(self, manifests: ManifestSet, capacity: dict[str, float]) -> None:
-        assert self._pool is not None
+        assert self._reconciler is not None
         models = self.generations.stamp(manifests.models)
-        result = plan(models, self._pool.views(), capacity)
-        self._pool.apply(result.effects)
-
-        now = datetime.now(UTC)
-        statuses: dict[str, dict[str, Any]] = {}
-        listing: list[dict[str, Any]] = []
-        entries: list[ModelEntry] = []
-        for model in models:
-            state = result.states[model.key]
-            rendered = status.render(model, state, self.statuses.get(model.key), now)
-            statuses[model.key] = rendered
-            listing.append(_item(model.namespace, model.name, model.spec.origin, rendered))
-            serving = state.serving
-            entries.append(
-                ModelEntry(
-                    origin=model.spec.origin,
-                    name=model.name,
-                    ready=serving is not None and serving.address is not None,
-                    message=state.message,
-                    signature=Signature.from_dict(serving.signature)
-                    if serving is not None and serving.signature
-                    else None,
-                    address=serving.address if serving is not None else None,
-                )
-            )
-        for rejected in manifests.rejected:
-            rendered = status.render_rejected(rejected, now)
-            listing.append(_item(rejected.namespace, rejected.name, "", rendered))
-        self.directory.publish(entries)
+        outcome = self._reconciler.step(models, manifests.rejected, capacity)
+        self.directory.publish(outcome.entries)
         self.clients.forget_except(self.directory.addresses())
-        self.statuses = statuses
-        self.listing = listing
+        self.listing = outcome.listing
         self.file_errors = manifests.file_errors
-        self.metrics.count_phases([item["status"]["phase"] for item in listing])
         self._synced = True
 
     # HTTP apps besides the gateway
@@ -282,7 +253,3 @@ class LocalRuntime:
         app = web.Application()
         app.router.add_get("/status", status_handler)
         return app
-
-
-def _item(namespace: str, name: str, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:
-    return {"namespace": namespace, "name": name, "origin": origin, "status": rendered}
