@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -101,7 +102,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "local":
         return _local(args)
+    if args.command == "operator":
+        return _operator(args)
+    if args.command == "gateway":
+        return _gateway(args)
     return _status(args)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from modelloader.operator_main import OperatorConfig, run_operator
+    from modelloader.placement import PlacementConfig
+
+    config = OperatorConfig(
+        model_roots=tuple(r.resolve() for r in args.model_root),
+        cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
+        state_dir=args.state_dir.resolve(),
+        placement=PlacementConfig(
+            npu_resource=args.npu_resource, cpu_resource=args.cpu_node_resource
+        ),
+        ray_address=os.environ.get("RAY_ADDRESS"),
+        namespaces=tuple(args.namespace),
+    )
+    asyncio.run(run_operator(config))
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from modelloader.cluster_gateway import ClusterGateway
+
+    gateway = ClusterGateway(args.state_dir.resolve())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            gateway.run(args.host, args.port, os.environ.get("RAY_ADDRESS"), args.max_request_bytes)
+        )
+    return 0
 
 
 def _local(args: argparse.Namespace) -> int:

@@ -1,0 +1,63 @@
+"""The one place the control loop talks to the Kubernetes API itself: status patches.
+
+kopf owns watching, finalizers and events; the reconcile loop runs outside kopf's handlers (it
+plans over all LoadedModels at once), so it patches `status` through the status subresource
+with a merge patch, using the credentials kopf logged in with.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import aiohttp
+import kopf
+
+from modelloader import API_GROUP, API_VERSION
+
+PLURAL = "loadedmodels"
+
+
+class KubeClient:
+    def __init__(self, info: kopf.ConnectionInfo) -> None:
+        self._server = info.server.rstrip("/")
+        headers = {"Content-Type": "application/merge-patch+json"}
+        if info.token:
+            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
+        connector = aiohttp.TCPConnector(ssl=_ssl_context(info))
+        self._session = aiohttp.ClientSession(headers=headers, auth=auth, connector=connector)
+
+    def _path(self, namespace: str, name: str) -> str:
+        return (
+            f"{self._server}/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/"
+            f"{PLURAL}/{name}/status"
+        )
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """False when the object is gone (deleted meanwhile); raises on other failures."""
+        async with self._session.patch(
+            self._path(namespace, name), json={"status": status}
+        ) as response:
+            if response.status == 404:
+                return False
+            response.raise_for_status()
+            return True
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.server.startswith("http://"):
+        return False
+    if info.insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        ca_data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+        context = ssl.create_default_context(cafile=info.ca_path, cadata=ca_data)
+    if info.certificate_path and info.private_key_path:
+        context.load_cert_chain(info.certificate_path, info.private_key_path)
+    return context
