@@ -88,7 +88,7 @@ class LoadedModelOperator:
             await self._start()
 
         @on.login(registry=self.registry)
-        def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
             # In-cluster service account first, then KUBECONFIG / ~/.kube/config.
             info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
             if info is not None:

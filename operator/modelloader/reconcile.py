@@ -168,13 +168,14 @@ def _plan_one(
         )
     else:  # ready: it serves, and every older worker goes
         effects += [StopWorker(w.id, "replaced by a newer generation") for w in older]
+        fallback_note = (True, "AcceleratorFallback", current.note)
         return effects, ModelState(
             "Ready",
-            "",
+            current.note,
             (True, "Scheduled", ""),
             (True, "Loaded", ""),
             (True, "Serving", ""),
-            (False, "Serving", ""),
+            fallback_note if current.note else (False, "Serving", ""),
             serving=current,
             current=current,
         )

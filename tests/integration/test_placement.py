@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-
 from modelloader.placement import PlacementConfig, Scheduled, choose_accelerator
 from modelloader.ray_workers import RayWorkers, WorkerStartError, worker_name
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
+
 from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
 
 CONFIG = PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE)

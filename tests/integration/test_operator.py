@@ -1,0 +1,272 @@
+"""The real kopf operator (`modelloader operator`) against the Kubernetes API emulator
+(KMock's KubernetesEmulator + the extensions in tests/support/kube_emulator.py) and the
+multi-node Ray cluster: placement, deletion with the finalizer, restarts and adoption,
+zero-downtime updates, unschedulable models waiting for capacity, a killed worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+from modelloader.cluster_gateway import ClusterGateway
+from modelloader.operator_main import FINALIZER, OperatorConfig
+from modelloader.placement import PlacementConfig
+from modelloader.ray_workers import RayWorkers
+from modelloader_workers.gateway.errors import DataPlaneError
+
+from tests.conftest import EXAMPLE
+from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
+from tests.support.cluster import EmulatorThread, OperatorThread, wait_until
+
+PIXELS = np.zeros((1, 64), dtype=np.float32)
+
+
+def manifest(name: str, accelerator: str = "cpu", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "modelloader.dev/v1alpha1",
+        "kind": "LoadedModel",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "source": {"uri": f"file://{EXAMPLE / 'digits.tflite'}"},
+            "accelerator": accelerator,
+            **spec,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
+    emulator = EmulatorThread()
+    emulator.start()
+    assert emulator.ready.wait(10)
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(
+        emulator.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
+    )
+    yield emulator
+    emulator.stop()
+    if old is None:
+        os.environ.pop("KUBECONFIG", None)
+    else:
+        os.environ["KUBECONFIG"] = old
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> OperatorConfig:
+    return OperatorConfig(
+        model_roots=(EXAMPLE,),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        state_dir=Path(f"/tmp/mlop-{os.getpid()}"),
+        placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
+        interval_seconds=0.5,
+        liveness_seconds=0.5,
+    )
+
+
+def start_operator(config: OperatorConfig) -> OperatorThread:
+    operator = OperatorThread(config)
+    operator.start()
+    assert operator.ready_flag.wait(30), operator.error
+    return operator
+
+
+@pytest.fixture
+def operator(
+    kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
+) -> Iterator[OperatorThread]:
+    running = start_operator(config)
+    yield running
+    running.stop()
+
+
+def status(kube: EmulatorThread, name: str) -> dict[str, Any]:
+    body = kube.get(name) or {}
+    return dict(body.get("status") or {})
+
+
+def ready(kube: EmulatorThread, name: str) -> dict[str, Any] | None:
+    current = status(kube, name)
+    return current if current.get("phase") == "Ready" else None
+
+
+def worker_names() -> list[str]:
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("lm.")
+    )
+
+
+def test_create_places_each_accelerator_and_delete_releases_it(
+    kube: EmulatorThread, operator: OperatorThread, ray_cluster: Nodes
+) -> None:
+    for name, accelerator in (("on-cpu", "cpu"), ("on-gpu", "gpu"), ("on-npu", "npu")):
+        kube.apply(manifest(name, accelerator))
+    expected_nodes = {
+        "on-cpu": ray_cluster.head,
+        "on-gpu": ray_cluster.gpu,
+        "on-npu": ray_cluster.npu,
+    }
+    for name, node in expected_nodes.items():
+        current = wait_until(lambda n=name: ready(kube, n), what=f"{name} Ready")
+        assert current["placement"]["nodeId"] == node, name
+        assert current["observedGeneration"] == 1
+        assert {c["type"]: c["status"] for c in current["conditions"]}["Ready"] == "True"
+        assert FINALIZER in (kube.get(name) or {})["metadata"]["finalizers"]
+    # No GPU runtime here: the partitioned GPU model says it runs on the CPU, and why.
+    gpu = status(kube, "on-gpu")
+    assert gpu["placement"]["accelerator"] == "cpu" and "Vulkan" in gpu["message"]
+
+    for name in expected_nodes:
+        kube.delete(name)
+    for name in expected_nodes:
+        wait_until(lambda n=name: kube.get(n) is None, what=f"{name} deleted")
+    wait_until(lambda: not [w for w in worker_names() if ".on-" in w], what="workers gone")
+
+
+def test_restarted_operator_adopts_workers_and_removes_orphans(
+    kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
+) -> None:
+    first = start_operator(config)
+    kube.apply(manifest("keeper"))
+    kube.apply(manifest("goner"))
+    keeper = wait_until(lambda: ready(kube, "keeper"), what="keeper Ready")
+    wait_until(lambda: ready(kube, "goner"), what="goner Ready")
+    first.stop()
+
+    # While the operator is away: workers keep running; a LoadedModel disappears for good.
+    code, body = kube.request(
+        "PATCH",
+        "/apis/modelloader.dev/v1alpha1/namespaces/default/loadedmodels/goner",
+        {"metadata": {"finalizers": []}},
+        "application/merge-patch+json",
+    )
+    assert code == 200, body
+    kube.delete("goner")
+    assert any(".keeper." in w for w in worker_names())
+
+    second = start_operator(config)
+    try:
+        wait_until(lambda: not [w for w in worker_names() if ".goner." in w], what="orphan gone")
+        time.sleep(2)
+        keepers = [w for w in worker_names() if ".keeper." in w]
+        assert len(keepers) == 1, keepers  # adopted, not duplicated
+        assert status(kube, "keeper")["placement"]["pid"] == keeper["placement"]["pid"]
+    finally:
+        kube.delete("keeper")
+        wait_until(lambda: kube.get("keeper") is None, what="keeper deleted")
+        second.stop()
+
+
+def test_unschedulable_waits_pending_then_runs_when_a_node_appears(
+    kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
+) -> None:
+    late = OperatorConfig(
+        **{
+            **config.__dict__,
+            "placement": PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource="late-npu"),
+        }
+    )
+    operator = start_operator(late)
+    try:
+        kube.apply(manifest("waiting", "npu"))
+        pending = wait_until(
+            lambda: status(kube, "waiting").get("phase") == "Pending" and status(kube, "waiting"),
+            what="Pending",
+        )
+        scheduled = next(c for c in pending["conditions"] if c["type"] == "Scheduled")
+        assert scheduled["status"] == "False" and "late-npu" in scheduled["message"]
+        node = ray_cluster.cluster.add_node(num_cpus=1, resources={"late-npu": 1})
+        current = wait_until(lambda: ready(kube, "waiting"), timeout=60, what="Ready")
+        assert current["placement"]["nodeId"] == node.node_id
+        kube.delete("waiting")
+        wait_until(lambda: kube.get("waiting") is None, what="deleted")
+    finally:
+        operator.stop()
+
+
+class GatewayThread(threading.Thread):
+    """`modelloader gateway`'s core, finding workers through Ray, with a client looping."""
+
+    def __init__(self, socket_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.gateway = ClusterGateway(socket_dir, refresh_seconds=0.2)
+        self.ok = 0
+        self.errors: list[str] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        workers = RayWorkers(self.gateway._socket_dir)
+        plane = self.gateway
+        from modelloader_workers.gateway.dataplane import DataPlane
+
+        dataplane = DataPlane(plane.directory, plane.clients)
+        while not self.stop_flag.is_set():
+            await plane.refresh_once(workers)
+            if plane.directory.lookup("default", "rolling") is None:
+                await asyncio.sleep(0.1)
+                continue
+            for _ in range(20):
+                try:
+                    await dataplane.infer("default", "rolling", None, {"pixels": PIXELS}, [])
+                    self.ok += 1
+                except DataPlaneError as error:
+                    self.errors.append(error.message)
+        plane.clients.close()
+
+
+def test_spec_update_switches_without_failed_requests(
+    kube: EmulatorThread, operator: OperatorThread, config: OperatorConfig
+) -> None:
+    kube.apply(manifest("rolling", threads=1))
+    first = wait_until(lambda: ready(kube, "rolling"), what="Ready")
+    client = GatewayThread(config.state_dir)
+    client.start()
+    try:
+        wait_until(lambda: client.ok > 20, what="traffic flowing")
+        kube.apply(manifest("rolling", threads=2))
+        updated = wait_until(
+            lambda: (
+                (s := ready(kube, "rolling"))
+                and s["observedGeneration"] == 2
+                and s["placement"]["pid"] != first["placement"]["pid"]
+                and s
+            ),
+            what="generation 2 serving",
+        )
+        wait_until(
+            lambda: len([w for w in worker_names() if ".rolling." in w]) == 1,
+            what="old worker drained and removed",
+        )
+        served = client.ok
+        wait_until(lambda: client.ok > served + 20, what="traffic on the new worker")
+    finally:
+        client.stop_flag.set()
+        client.join(10)
+    assert client.errors == []
+    assert updated["observedGeneration"] == 2
+
+    # A worker killed: Degraded (or not Ready) meanwhile, then Ready again on a new process.
+    pid = updated["placement"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            status(kube, "rolling").get("placement", {}).get("pid") != pid
+            and ready(kube, "rolling")
+        ),
+        what="Ready again",
+    )
+    kube.delete("rolling")
+    wait_until(lambda: kube.get("rolling") is None, what="deleted")
