@@ -8,6 +8,8 @@ with a merge patch, using the credentials kopf logged in with.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -43,6 +45,38 @@ class KubeClient:
                 return False
             response.raise_for_status()
             return True
+
+    async def post_event(
+        self, involved: Mapping[str, Any], kind: str, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event about a LoadedModel, as `kubectl describe lm` shows them."""
+        meta = involved.get("metadata", {})
+        namespace = str(meta.get("namespace", "default"))
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'lm')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": "LoadedModel",
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "modelloader-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        url = f"{self._server}/api/v1/namespaces/{namespace}/events"
+        async with self._session.post(
+            url, json=event, headers={"Content-Type": "application/json"}
+        ) as response:
+            response.raise_for_status()
 
     async def close(self) -> None:
         await self._session.close()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import ray
@@ -199,9 +199,18 @@ class LoadedModelOperator:
             if await self._client.patch_status(namespace, name, rendered):
                 self.patched[key] = rendered
                 if previous != rendered.get("phase"):
-                    _event(body, rendered)
+                    await self._event(body, rendered)
         for gone in set(self.patched) - set(statuses):
             del self.patched[gone]
+
+    async def _event(self, body: Mapping[str, Any], rendered: Mapping[str, Any]) -> None:
+        assert self._client is not None
+        phase = str(rendered.get("phase"))
+        kind = "Warning" if phase == "Failed" else "Normal"
+        try:  # events are a courtesy; the status is the record
+            await self._client.post_event(body, kind, phase, str(rendered.get("message") or phase))
+        except Exception as error:
+            log.warning("posting an event failed: %s", error)
 
 
 def desired(bodies: Any) -> tuple[list[LoadedModel], list[Rejected]]:
@@ -224,16 +233,6 @@ def desired(bodies: Any) -> tuple[list[LoadedModel], list[Rejected]]:
         except ManifestError as error:
             rejected.append(Rejected(namespace, name, "kubernetes", str(error)))
     return models, rejected
-
-
-def _event(body: Mapping[str, Any], rendered: Mapping[str, Any]) -> None:
-    phase = str(rendered.get("phase"))
-    message = str(rendered.get("message") or phase)
-    with contextlib.suppress(Exception):  # events are a courtesy; status is the record
-        if phase == "Failed":
-            kopf.warn(kopf.Body(cast(Any, dict(body))), reason=phase, message=message)
-        else:
-            kopf.info(kopf.Body(cast(Any, dict(body))), reason=phase, message=message)
 
 
 async def run_operator(

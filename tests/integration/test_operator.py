@@ -122,6 +122,10 @@ def test_create_places_each_accelerator_and_delete_releases_it(
         assert current["observedGeneration"] == 1
         assert {c["type"]: c["status"] for c in current["conditions"]}["Ready"] == "True"
         assert FINALIZER in (kube.get(name) or {})["metadata"]["finalizers"]
+    code, events = kube.request("GET", "/api/v1/namespaces/default/events")
+    assert code == 200
+    reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events["items"]}
+    assert ("on-cpu", "Ready") in reasons, reasons
     # No GPU runtime here: the partitioned GPU model says it runs on the CPU, and why.
     gpu = status(kube, "on-gpu")
     assert gpu["placement"]["accelerator"] == "cpu" and "Vulkan" in gpu["message"]
