@@ -49,6 +49,7 @@ class OperatorConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local "auto" cluster
     interval_seconds: float = 1.0
     liveness_seconds: float = 1.0
+    scan_seconds: float = 10.0  # how often Ray is searched for workers nobody asked for
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
 
 
@@ -167,13 +168,22 @@ class LoadedModelOperator:
                 await asyncio.wait_for(self._wake.wait(), self.config.interval_seconds)
 
     async def _liveness(self) -> None:
+        last_scan = time.monotonic()
         while True:
             await asyncio.sleep(self.config.liveness_seconds)
-            if self.pool is not None:
-                try:
-                    await self.pool.check_liveness()
-                except Exception:
-                    log.exception("liveness check failed")
+            if self.pool is None:
+                continue
+            try:
+                await self.pool.check_liveness()
+                # Drift the other way: workers in Ray that this operator did not start (a
+                # second operator's, or one left from a crash). Taken in, then the planner
+                # keeps what is desired and stops the rest.
+                if time.monotonic() - last_scan > self.config.scan_seconds:
+                    last_scan = time.monotonic()
+                    if await self.pool.adopt():
+                        self._wake.set()
+            except Exception:
+                log.exception("liveness check failed")
 
     async def reconcile_once(self) -> None:
         assert self.reconciler is not None

@@ -69,6 +69,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> OperatorConfig:
         placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
         interval_seconds=0.5,
         liveness_seconds=0.5,
+        scan_seconds=1.0,
     )
 
 
@@ -169,6 +170,27 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
         kube.delete("keeper")
         wait_until(lambda: kube.get("keeper") is None, what="keeper deleted")
         second.stop()
+
+
+def test_a_worker_nobody_asked_for_is_removed(
+    kube: EmulatorThread, operator: OperatorThread, config: OperatorConfig
+) -> None:
+    from modelloader.ray_workers import worker_name
+    from modelloader.resource import LoadedModel, LoadedModelSpec, Source
+
+    stray = LoadedModel("default", "stray", LoadedModelSpec("default", Source("file://x")))
+    workers = RayWorkers(config.state_dir, detached=True)
+    asyncio.run(
+        workers.start(
+            worker_name(stray), stray, EXAMPLE / "digits.tflite", "cpu", {CPU_RESOURCE: 1.0}
+        )
+    )
+    assert any(".stray." in w for w in worker_names())
+    wait_until(
+        lambda: not [w for w in worker_names() if ".stray." in w],
+        timeout=30,
+        what="stray worker removed",
+    )
 
 
 def test_unschedulable_waits_pending_then_runs_when_a_node_appears(
