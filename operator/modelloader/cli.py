@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modelloader_workers.litert_runner import ExternalDelegate
+
 from modelloader import control_channel
 from modelloader.sources import default_roots
 
@@ -86,6 +88,59 @@ def _parser() -> argparse.ArgumentParser:
         help="largest inference request body (default %(default)s)",
     )
 
+    op = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator (kopf) against the cluster",
+        description="Reconcile LoadedModels into Ray workers. Kubernetes credentials: in-cluster "
+        "service account, else KUBECONFIG; Ray: RAY_ADDRESS.",
+    )
+    op.add_argument(
+        "--model-root",
+        action="append",
+        type=Path,
+        default=[],
+        help="a folder file:// models may be read from (repeatable)",
+    )
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only these namespaces (repeatable; default: all)",
+    )
+    op.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/run/modelloader"),
+        help="folder for the workers' sockets, shared with the gateway",
+    )
+    op.add_argument("--cache-dir", type=Path, default=None)
+    op.add_argument(
+        "--npu-resource",
+        default="NPU",
+        help="the Ray resource NPU nodes advertise (default %(default)s)",
+    )
+    op.add_argument(
+        "--cpu-node-resource",
+        default=None,
+        help="a Ray resource CPU nodes advertise, to keep CPU models off "
+        "accelerator nodes (default: none)",
+    )
+    op.add_argument(
+        "--delegate",
+        action="append",
+        default=[],
+        metavar="CLASS=PATH[:K=V,...]",
+        help="a TFLite delegate library for an accelerator class, e.g. "
+        "npu=/usr/lib/libedgetpu.so.1:device=usb (repeatable; default: LiteRT's own "
+        "GPU and NPU support)",
+    )
+
+    gw = commands.add_parser("gateway", help="serve the v2 API for workers found through Ray")
+    gw.add_argument("--host", default="0.0.0.0")
+    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--state-dir", type=Path, default=Path("/var/run/modelloader"))
+    gw.add_argument("--max-request-bytes", type=int, default=64 << 20)
+
     stat = commands.add_parser(
         "status", help="show the LoadedModels of a running modelloader local"
     )
@@ -122,9 +177,23 @@ def _operator(args: argparse.Namespace) -> int:
         ),
         ray_address=os.environ.get("RAY_ADDRESS"),
         namespaces=tuple(args.namespace),
+        delegates=dict(parse_delegate(d) for d in args.delegate),
     )
     asyncio.run(run_operator(config))
     return 0
+
+
+def parse_delegate(text: str) -> tuple[str, ExternalDelegate]:
+    """`npu=/path/lib.so:device=usb,x=y` -> ("npu", ExternalDelegate(path, options))."""
+    accelerator, _, rest = text.partition("=")
+    if accelerator not in ("gpu", "npu") or not rest:
+        raise SystemExit(f"--delegate {text!r}: expected gpu=PATH or npu=PATH[:key=value,...]")
+    path, _, raw_options = rest.partition(":")
+    options = tuple(
+        (key, value)
+        for key, _, value in (item.partition("=") for item in raw_options.split(",") if item)
+    )
+    return accelerator, ExternalDelegate(path, options)
 
 
 def _gateway(args: argparse.Namespace) -> int:

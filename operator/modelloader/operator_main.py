@@ -21,6 +21,7 @@ from typing import Any
 
 import kopf
 import ray
+from modelloader_workers.litert_runner import ExternalDelegate
 from prometheus_client import CollectorRegistry
 
 from modelloader import API_GROUP, API_VERSION
@@ -49,6 +50,7 @@ class OperatorConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local "auto" cluster
     interval_seconds: float = 1.0
     liveness_seconds: float = 1.0
+    delegates: Mapping[str, ExternalDelegate] = field(default_factory=dict)  # gpu/npu -> lib
     scan_seconds: float = 10.0  # how often Ray is searched for workers nobody asked for
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
 
@@ -129,7 +131,7 @@ class LoadedModelOperator:
                 log_to_driver=False,
                 namespace="modelloader-operator",
             )
-        workers = RayWorkers(config.state_dir, detached=True)
+        workers = RayWorkers(config.state_dir, detached=True, delegates=config.delegates)
         sources = ModelSources(SourcePolicy(roots=config.model_roots, cache_dir=config.cache_dir))
         self.pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
         self._workers = workers

@@ -15,12 +15,13 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from modelloader_workers.litert_runner import ModelLoadError
+from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -79,7 +80,13 @@ def stop_ray() -> None:
 
 
 class RayWorkers:
-    def __init__(self, socket_dir: Path, *, detached: bool = False) -> None:
+    def __init__(
+        self,
+        socket_dir: Path,
+        *,
+        detached: bool = False,
+        delegates: Mapping[str, ExternalDelegate] | None = None,
+    ) -> None:
         if len(str(socket_dir)) > MAX_SOCKET_DIR:
             raise ValueError(
                 f"{socket_dir} is too long for Unix sockets; choose a shorter --state-dir"
@@ -89,6 +96,9 @@ class RayWorkers:
         # Detached workers outlive the process that started them: the operator's mode, so a
         # restart does not interrupt serving. Local mode's workers die with it.
         self._detached = detached
+        # Accelerator class -> delegate library, from the operator's configuration; a class
+        # not named here uses LiteRT's own accelerator support (CompiledModel).
+        self._delegates = dict(delegates or {})
         self._remote: Any = ray.remote(ModelWorker)
 
     def capacity(self) -> dict[str, float]:
@@ -134,6 +144,7 @@ class RayWorkers:
             threads=spec.threads,
             accelerator=accelerator,
             delegation=spec.delegation,
+            delegate=self._delegates.get(accelerator),
             identity=(
                 ("key", model.key),
                 ("origin", spec.origin),

@@ -61,3 +61,25 @@ def test_digits_example_classifies_its_samples(digits_model: Path) -> None:
     probabilities = runner.run({"pixels": pixels})["probabilities"]
     assert probabilities.shape == (10, 10)
     assert probabilities.argmax(axis=1).tolist() == [s["label"] for s in samples]
+
+
+def test_a_missing_delegate_library_falls_back_only_when_partitioned(digits_model: Path) -> None:
+    import pytest
+    from modelloader_workers.accelerated_runner import load_runner
+    from modelloader_workers.litert_runner import AcceleratorUnavailable, ExternalDelegate
+
+    library = ExternalDelegate("/nonexistent/libedgetpu.so.1", (("device", "usb"),))
+    runner, execution = load_runner(str(digits_model), 1, "npu", "partitioned", library)
+    assert execution.accelerator == "cpu" and "libedgetpu.so.1" in execution.note
+    assert runner.run({"pixels": np.zeros((1, 64), np.float32)})["probabilities"].shape == (1, 10)
+    with pytest.raises(AcceleratorUnavailable, match="could not load the delegate library"):
+        load_runner(str(digits_model), 1, "npu", "whole", library)
+
+
+def test_the_delegated_graph_check_on_a_real_delegate(digits_model: Path) -> None:
+    """XNNPACK is a real delegate: on the digits MLP it takes the whole graph, which the check
+    used for external libraries must recognise."""
+    from modelloader_workers.litert_runner import delegated_whole_graph
+
+    runner = LiteRTRunner(str(digits_model))
+    assert delegated_whole_graph(runner.interpreter)

@@ -62,3 +62,17 @@ def test_gateway_routes_to_the_newest_generation_per_origin() -> None:
     )
     routes = {(e.origin, e.name): e.address for e in entries}
     assert routes == {("a", "m"): "unix:/new", ("b", "m"): "unix:/b"}
+
+
+def test_delegate_flags() -> None:
+    import pytest
+    from modelloader.cli import parse_delegate
+    from modelloader_workers.litert_runner import ExternalDelegate
+
+    assert parse_delegate("npu=/usr/lib/libedgetpu.so.1:device=usb,x=1") == (
+        "npu",
+        ExternalDelegate("/usr/lib/libedgetpu.so.1", (("device", "usb"), ("x", "1"))),
+    )
+    assert parse_delegate("gpu=/opt/libgpu.so") == ("gpu", ExternalDelegate("/opt/libgpu.so"))
+    with pytest.raises(SystemExit):
+        parse_delegate("tpu=/x.so")

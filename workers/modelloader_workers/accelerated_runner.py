@@ -13,15 +13,19 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelloader_workers.litert_runner import (
+    AcceleratorUnavailable,
+    ExternalDelegate,
     LiteRTRunner,
     ModelLoadError,
     Runner,
     check_identifier,
+    delegated_whole_graph,
 )
 from modelloader_workers.tensor_types import numpy_dtype
 
@@ -79,7 +83,7 @@ class CompiledModelRunner:
                 - BUFFER_DATATYPES
             )
             if unsupported:
-                raise ModelLoadError(
+                raise AcceleratorUnavailable(
                     f"LiteRT could not compile the model for the {accelerator.upper()}: its "
                     f"tensor buffers do not take {', '.join(unsupported)} inputs or outputs"
                 )
@@ -91,7 +95,7 @@ class CompiledModelRunner:
         except ModelLoadError:
             raise
         except Exception as error:
-            raise ModelLoadError(
+            raise AcceleratorUnavailable(
                 f"LiteRT could not compile the model for the {accelerator.upper()} "
                 f"({_reason(error)}); {HINTS.get(accelerator, '')}"
             ) from None
@@ -138,21 +142,43 @@ class CompiledModelRunner:
 
 
 def load_runner(
-    model_path: str, threads: int, accelerator: str, delegation: str
+    model_path: str,
+    threads: int,
+    accelerator: str,
+    delegation: str,
+    delegate: ExternalDelegate | None = None,
 ) -> tuple[Runner, Execution]:
     """The runner for this placement. CPU: the classic interpreter with XNNPACK (faster here
-    than CompiledModel's defaults); GPU/NPU: CompiledModel, with the CPU fallback above."""
+    than CompiledModel's defaults); GPU/NPU: an external delegate library when the operator's
+    configuration names one for that class, else CompiledModel; with the CPU fallback above."""
     if accelerator == "cpu":
         return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0)
     try:
+        if delegate is not None:
+            return _with_delegate(model_path, threads, accelerator, delegation, delegate)
         runner = CompiledModelRunner(model_path, accelerator, delegation)
         return runner, runner.execution
-    except ModelLoadError as error:
-        if delegation == "whole" or "could not compile" not in str(error):
+    except AcceleratorUnavailable as error:
+        if delegation == "whole":
             raise
         cpu = LiteRTRunner(model_path, threads)
         note = f"running on the CPU instead: {error}"
         return cpu, Execution("cpu", "xnnpack", 0.0, note)
+
+
+def _with_delegate(
+    model_path: str, threads: int, accelerator: str, delegation: str, delegate: ExternalDelegate
+) -> tuple[Runner, Execution]:
+    runner = LiteRTRunner(model_path, threads, delegate)
+    whole = delegated_whole_graph(runner.interpreter)
+    name = Path(delegate.path).name
+    if delegation == "whole" and not whole:
+        raise ModelLoadError(
+            f"delegation 'whole': the delegate {name} did not take the whole graph; use "
+            "delegation 'partitioned' to let the CPU run the rest"
+        )
+    note = "" if whole else f"the delegate {name} took part of the graph; the CPU runs the rest"
+    return runner, Execution(accelerator, name, 1.0 if whole else None, note)
 
 
 def _reason(error: Exception) -> str:

@@ -22,6 +22,19 @@ class ModelLoadError(RuntimeError):
     """The file could not be made into a runnable model; the message says why."""
 
 
+class AcceleratorUnavailable(ModelLoadError):
+    """The accelerator (or its delegate library) cannot be used on this node at all: with
+    `delegation: partitioned` the model may run on the CPU instead."""
+
+
+@dataclass(frozen=True)
+class ExternalDelegate:
+    """A TFLite delegate library loaded by path (Edge TPU, a vendor NPU), with its options."""
+
+    path: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
 class Runner(Protocol):
     """What the worker needs of a loaded model, whichever LiteRT API runs it."""
 
@@ -42,13 +55,22 @@ class _Binding:
 class LiteRTRunner:
     """One interpreter. Not thread-safe: the worker serialises calls to `run`."""
 
-    def __init__(self, model_path: str, threads: int = 1) -> None:
+    def __init__(
+        self, model_path: str, threads: int = 1, delegate: ExternalDelegate | None = None
+    ) -> None:
         started = time.perf_counter()
         check_identifier(model_path)
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-            self._interpreter = Interpreter(model_path=model_path, num_threads=threads)
+            extra: dict[str, Any] = {}
+            if delegate is not None:
+                extra["experimental_delegates"] = [_load_delegate(delegate)]
+                # XNNPACK would take what the library leaves, hiding how much it took.
+                extra["experimental_op_resolver_type"] = (
+                    OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+                )
+            self._interpreter = Interpreter(model_path=model_path, num_threads=threads, **extra)
             self._inputs, self._outputs = self._bindings()
             self._interpreter.allocate_tensors()
             # Input shapes as allocated now; `run` resizes only when a request differs.
@@ -64,6 +86,10 @@ class LiteRTRunner:
             tuple(b.spec for b in self._inputs), tuple(b.spec for b in self._outputs)
         )
         self.load_seconds = time.perf_counter() - started
+
+    @property
+    def interpreter(self) -> Any:
+        return self._interpreter
 
     def _bindings(self) -> tuple[list[_Binding], list[_Binding]]:
         """Name tensors by the model's signature when it has exactly one (the names its author
@@ -108,6 +134,27 @@ def _binding(name: str, detail: Mapping[str, Any]) -> _Binding:
     signature = detail.get("shape_signature")
     shape = signature if signature is not None and len(signature) else detail["shape"]
     return _Binding(TensorSpec(name, datatype, tuple(int(d) for d in shape)), int(detail["index"]))
+
+
+def _load_delegate(delegate: ExternalDelegate) -> Any:
+    from ai_edge_litert.interpreter import load_delegate
+
+    try:
+        return load_delegate(delegate.path, dict(delegate.options))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise AcceleratorUnavailable(
+            f"could not load the delegate library {delegate.path}: {' '.join(str(error).split())}"
+        ) from None
+
+
+def delegated_whole_graph(interpreter: Any) -> bool:
+    """After delegation, the interpreter lists the original ops plus one DELEGATE node per
+    delegated partition; the graph is whole on the delegate when one such node produces every
+    output of the graph and there is no other partition."""
+    ops = interpreter._get_ops_details()
+    partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
+    outputs = {int(d["index"]) for d in interpreter.get_output_details()}
+    return len(partitions) == 1 and outputs <= {int(i) for i in partitions[0]["outputs"]}
 
 
 def check_identifier(model_path: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelloader_workers.accelerated_runner import load_runner
-from modelloader_workers.litert_runner import ModelLoadError
+from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker_server import WorkerServer
 
 
@@ -27,6 +27,7 @@ class LoadRequest:
     accelerator: str = "cpu"  # where the control plane placed it: cpu, gpu or npu
     delegation: str = "partitioned"
     identity: tuple[tuple[str, Any], ...] = ()  # key, fingerprint, generation: for adoption
+    delegate: ExternalDelegate | None = None  # a delegate library for this accelerator class
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,11 @@ class ModelWorker:
         if self._info is not None:
             return self._info  # idempotent: a retried call finds the model loaded
         runner, execution = load_runner(
-            request.model_path, request.threads, request.accelerator, request.delegation
+            request.model_path,
+            request.threads,
+            request.accelerator,
+            request.delegation,
+            request.delegate,
         )
         self._server = WorkerServer(runner, request.socket_path)
         self._info = LoadedInfo(
