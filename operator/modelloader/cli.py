@@ -135,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
         "GPU and NPU support)",
     )
 
+    op.add_argument(
+        "--worker-transport",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="how the gateway reaches workers: tcp (any node; default) or unix "
+        "(the gateway shares the workers' node and --state-dir)",
+    )
+
     gw = commands.add_parser("gateway", help="serve the v2 API for workers found through Ray")
     gw.add_argument("--host", default="0.0.0.0")
     gw.add_argument("--port", type=int, default=8080)
@@ -178,6 +186,7 @@ def _operator(args: argparse.Namespace) -> int:
         ray_address=os.environ.get("RAY_ADDRESS"),
         namespaces=tuple(args.namespace),
         delegates=dict(parse_delegate(d) for d in args.delegate),
+        worker_transport=args.worker_transport,
     )
     asyncio.run(run_operator(config))
     return 0

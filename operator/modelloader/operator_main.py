@@ -51,6 +51,7 @@ class OperatorConfig:
     interval_seconds: float = 1.0
     liveness_seconds: float = 1.0
     delegates: Mapping[str, ExternalDelegate] = field(default_factory=dict)  # gpu/npu -> lib
+    worker_transport: str = "tcp"  # "unix" when the gateway shares the workers' node
     scan_seconds: float = 10.0  # how often Ray is searched for workers nobody asked for
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
 
@@ -131,7 +132,12 @@ class LoadedModelOperator:
                 log_to_driver=False,
                 namespace="modelloader-operator",
             )
-        workers = RayWorkers(config.state_dir, detached=True, delegates=config.delegates)
+        workers = RayWorkers(
+            config.state_dir,
+            detached=True,
+            delegates=config.delegates,
+            tcp=config.worker_transport == "tcp",
+        )
         sources = ModelSources(SourcePolicy(roots=config.model_roots, cache_dir=config.cache_dir))
         self.pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
         self._workers = workers

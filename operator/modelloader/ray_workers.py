@@ -86,6 +86,7 @@ class RayWorkers:
         *,
         detached: bool = False,
         delegates: Mapping[str, ExternalDelegate] | None = None,
+        tcp: bool = False,
     ) -> None:
         if len(str(socket_dir)) > MAX_SOCKET_DIR:
             raise ValueError(
@@ -99,6 +100,9 @@ class RayWorkers:
         # Accelerator class -> delegate library, from the operator's configuration; a class
         # not named here uses LiteRT's own accelerator support (CompiledModel).
         self._delegates = dict(delegates or {})
+        # On a cluster the gateway reaches workers on other nodes over TCP; on one machine
+        # a Unix socket in a private folder is enough and faster.
+        self._tcp = tcp
         self._remote: Any = ray.remote(ModelWorker)
 
     def capacity(self) -> dict[str, float]:
@@ -140,7 +144,7 @@ class RayWorkers:
         handle = WorkerHandle(worker_id, namespace, actor, self._socket_path(worker_id))
         request = LoadRequest(
             model_path=str(model_path),
-            socket_path=str(handle.socket_path),
+            listen="tcp:0.0.0.0" if self._tcp else f"unix:{handle.socket_path}",
             threads=spec.threads,
             accelerator=accelerator,
             delegation=spec.delegation,

@@ -59,6 +59,23 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
     asyncio.run(scenario())
 
 
+def test_a_worker_over_tcp_for_gateways_on_other_nodes(local_ray: str, digits_model: Path) -> None:
+    workers = RayWorkers(Path(f"/tmp/mlt-{os.getpid()}"), tcp=True)
+
+    async def scenario() -> None:
+        handle, info = await workers.start("w-tcp", model("tcp"), digits_model, "cpu", {})
+        assert info.address.startswith("tcp:") and not info.address.startswith("tcp:0.0.0.0")
+        clients = WorkerClients()
+        pixels = np.zeros((3, 64), np.float32)
+        reply = await clients.infer(info.address, {"pixels": pixels}, ["probabilities"])
+        expected = LiteRTRunner(str(digits_model)).run({"pixels": pixels})["probabilities"]
+        np.testing.assert_array_equal(reply.outputs["probabilities"], expected)
+        clients.close()
+        workers.stop(handle)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("kind", ["corrupt", "truncated", "not-a-model"])
 def test_a_broken_file_fails_its_worker_with_a_message(
     workers: RayWorkers, digits_model: Path, tmp_path: Path, kind: str

@@ -76,3 +76,14 @@ def test_delegate_flags() -> None:
     assert parse_delegate("gpu=/opt/libgpu.so") == ("gpu", ExternalDelegate("/opt/libgpu.so"))
     with pytest.raises(SystemExit):
         parse_delegate("tpu=/x.so")
+
+
+def test_every_subcommand_is_registered() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    binary = Path(sys.executable).parent / "modelloader"
+    for command in ("local", "status", "operator", "gateway"):
+        done = subprocess.run([str(binary), command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and f"modelloader {command}" in done.stdout, done.stderr

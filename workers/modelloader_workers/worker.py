@@ -22,7 +22,7 @@ from modelloader_workers.worker_server import WorkerServer
 @dataclass(frozen=True)
 class LoadRequest:
     model_path: str
-    socket_path: str
+    listen: str  # "unix:/path" or "tcp:HOST" (see WorkerServer)
     threads: int = 1
     accelerator: str = "cpu"  # where the control plane placed it: cpu, gpu or npu
     delegation: str = "partitioned"
@@ -34,7 +34,7 @@ class LoadRequest:
 class LoadedInfo:
     signature: dict[str, Any]
     load_seconds: float
-    address: str  # "unix:/path" of the data-path socket
+    address: str  # where the data path answers: "unix:/path" or "tcp:host:port"
     pid: int
     node_id: str  # the Ray node
     host: str
@@ -54,6 +54,20 @@ def _node_id() -> str:
         return ""
 
 
+def _reachable(address: str) -> str:
+    """A TCP listener on every interface is reached at this node's address."""
+    prefix = "tcp:0.0.0.0:"
+    if not address.startswith(prefix):
+        return address
+    try:
+        import ray
+
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    except Exception:
+        host = "127.0.0.1"
+    return f"tcp:{host}:{address[len(prefix) :]}"
+
+
 class ModelWorker:
     def __init__(self) -> None:
         self._server: WorkerServer | None = None
@@ -69,11 +83,11 @@ class ModelWorker:
             request.delegation,
             request.delegate,
         )
-        self._server = WorkerServer(runner, request.socket_path)
+        self._server = WorkerServer(runner, request.listen)
         self._info = LoadedInfo(
             signature=runner.signature.to_dict(),
             load_seconds=runner.load_seconds,
-            address=f"unix:{request.socket_path}",
+            address=_reachable(self._server.address),
             pid=os.getpid(),
             node_id=_node_id(),
             host=socket.gethostname(),

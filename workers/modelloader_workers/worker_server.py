@@ -23,15 +23,29 @@ log = logging.getLogger(__name__)
 
 
 class WorkerServer:
-    def __init__(self, runner: Runner, socket_path: str) -> None:
+    def __init__(self, runner: Runner, listen: str) -> None:
+        """`listen` is "unix:/path" (one machine: `modelloader local`, tests) or "tcp:HOST"
+        (a cluster: the gateway runs on another node; the port is chosen here, and network
+        policy lets only the gateway in)."""
         self._runner = runner
         self._lock = threading.Lock()
-        self.socket_path = socket_path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)  # a stale socket of a worker that died before us
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(socket_path)
-        os.chmod(socket_path, 0o600)  # only our user: the gateway runs as the same user
+        self.socket_path: str | None = None
+        kind, _, where = listen.partition(":")
+        if kind == "unix":
+            self.socket_path = where
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(where)  # a stale socket of a worker that died before us
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(where)
+            os.chmod(where, 0o600)  # only our user: the gateway runs as the same user
+            self.address = listen
+        elif kind == "tcp":
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind((where, 0))
+            host, port = self._listener.getsockname()[:2]
+            self.address = f"tcp:{host}:{port}"
+        else:
+            raise ValueError(f"cannot listen on {listen!r}: use unix:/path or tcp:HOST")
         self._listener.listen(128)
         threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True).start()
 
@@ -44,6 +58,8 @@ class WorkerServer:
             threading.Thread(target=self._serve, args=(conn,), name="ipc-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small replies, now
         with conn:
             while True:
                 try:
@@ -84,5 +100,6 @@ class WorkerServer:
 
     def close(self) -> None:
         self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)

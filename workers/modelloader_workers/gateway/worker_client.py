@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,10 +77,18 @@ class WorkerClients:
         idle = self._idle.get(address)
         if idle and not fresh:
             return True, idle.pop()
-        if not address.startswith("unix:"):
-            raise WorkerUnavailable(f"unsupported worker address {address!r}")
+        kind, _, where = address.partition(":")
         try:
-            connection = await asyncio.open_unix_connection(address[len("unix:") :])
+            if kind == "unix":
+                connection = await asyncio.open_unix_connection(where)
+            elif kind == "tcp":
+                host, _, port = where.rpartition(":")
+                connection = await asyncio.open_connection(host, int(port))
+                sock = connection[1].get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                raise WorkerUnavailable(f"unsupported worker address {address!r}")
         except OSError as error:
             raise WorkerUnavailable(f"cannot reach the model's worker: {error}") from None
         return False, connection
