@@ -39,6 +39,7 @@ class WorkerView:
     address: str | None = None
     note: str = ""  # e.g. the accelerator fell back to the CPU
     origin: str = ""
+    restarts: int = 0  # how many workers for this spec died before this one
 
 
 @dataclass(frozen=True)
@@ -207,13 +208,18 @@ def _loading(
     model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None
 ) -> ModelState:
     message = f"loading generation {model.generation}" + _still_serving(fallback)
+    degraded = (fallback is not None, "Updating", message)
+    if current is not None and current.restarts:
+        # A replacement for a worker that died: degraded until it serves again.
+        message = f"the worker died; a new one is loading (restart {current.restarts})"
+        degraded = (True, "WorkerRestarting", message)
     return ModelState(
         "Ready" if fallback else "Loading",
         message,
         (True, "Scheduled", ""),
         (None, "Loading", ""),
         _ready_tuple(fallback),
-        (fallback is not None, "Updating", message),
+        degraded,
         serving=fallback,
         current=current,
     )

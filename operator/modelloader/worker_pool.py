@@ -73,6 +73,7 @@ class WorkerPool:
             model.generation,
             "starting",
             origin=model.spec.origin,
+            restarts=restarts,
         )
         record = _Record(view)
         self._records[worker_id] = record

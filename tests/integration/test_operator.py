@@ -287,6 +287,12 @@ def test_spec_update_switches_without_failed_requests(
     # A worker killed: Degraded (or not Ready) meanwhile, then Ready again on a new process.
     pid = updated["placement"]["pid"]
     os.kill(pid, signal.SIGKILL)
+
+    def degraded() -> bool:
+        conditions = {c["type"]: c for c in status(kube, "rolling").get("conditions", [])}
+        return conditions.get("Degraded", {}).get("status") == "True"
+
+    wait_until(degraded, timeout=15, what="Degraded while the worker is replaced")
     wait_until(
         lambda: (
             status(kube, "rolling").get("placement", {}).get("pid") != pid

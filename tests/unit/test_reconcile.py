@@ -97,6 +97,15 @@ def test_every_combination_of_current_and_older_worker(
     assert state.serving is None or state.serving.id not in stops
 
 
+def test_a_replacement_after_a_death_is_degraded_until_it_serves() -> None:
+    m = model()
+    replacement = dataclasses.replace(view(m, "starting", "w.r1"), restarts=1)
+    state = plan([m], [replacement], CPU_ONLY).states[m.key]
+    assert state.phase == "Loading" and state.degraded[:2] == (True, "WorkerRestarting")
+    serving = dataclasses.replace(view(m, "ready", "w.r1"), restarts=1)
+    assert plan([m], [serving], CPU_ONLY).states[m.key].degraded[0] is False
+
+
 def test_removed_model_stops_its_workers() -> None:
     m = model()
     result = plan([], [view(m, "ready", "a"), view(m, "starting", "b")], CPU_ONLY)
