@@ -13,7 +13,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-import ray
 from aiohttp import web
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
@@ -24,7 +23,7 @@ from modelloader_workers.signature import Signature
 from modelloader_workers.worker import LoadedInfo
 from prometheus_client import CollectorRegistry
 
-from modelloader.ray_workers import RayWorkers
+from modelloader.ray_workers import RayWorkers, connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,7 @@ class ClusterGateway:
     async def run(
         self, host: str, port: int, ray_address: str | None, max_request_bytes: int
     ) -> None:
-        if not ray.is_initialized():
-            await asyncio.to_thread(
-                ray.init,
-                address=ray_address or "auto",
-                log_to_driver=False,
-                namespace="modelloader-gateway",
-            )
+        await connect_ray(ray_address, "gateway")
         workers = RayWorkers(self._socket_dir)
         synced = asyncio.Event()
         app = build_app(

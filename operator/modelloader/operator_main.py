@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-import ray
 from modelloader_workers.litert_runner import ExternalDelegate
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +28,7 @@ from modelloader.control_metrics import ControlMetrics
 from modelloader.kube_client import KubeClient
 from modelloader.manifests import Rejected
 from modelloader.placement import PlacementConfig
-from modelloader.ray_workers import RayWorkers
+from modelloader.ray_workers import RayWorkers, connect_ray
 from modelloader.reconciler import Reconciler
 from modelloader.resource import LoadedModel, ManifestError, parse_loaded_model
 from modelloader.sources import ModelSources, SourcePolicy
@@ -124,14 +123,7 @@ class LoadedModelOperator:
 
     async def _start(self) -> None:
         config = self.config
-        address = config.ray_address
-        if not ray.is_initialized():
-            await asyncio.to_thread(
-                ray.init,
-                address=address or "auto",
-                log_to_driver=False,
-                namespace="modelloader-operator",
-            )
+        await connect_ray(config.ray_address, "operator")
         workers = RayWorkers(
             config.state_dir,
             detached=True,

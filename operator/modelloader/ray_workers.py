@@ -74,6 +74,17 @@ def start_local_ray(num_cpus: int | None) -> str:
     return temp_dir
 
 
+async def connect_ray(address: str | None, role: str) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS's "auto") unless already connected."""
+    if not ray.is_initialized():
+        await asyncio.to_thread(
+            ray.init,
+            address=address or "auto",
+            log_to_driver=False,
+            namespace=f"modelloader-{role}",
+        )
+
+
 def stop_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
