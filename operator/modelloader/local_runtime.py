@@ -149,8 +149,7 @@ class LocalRuntime:
         control_socket = config.state_dir / control_channel.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             control_socket.unlink()
-        runner = await self._serve(self._control_app(), None, str(control_socket))
-        del runner
+        await self._serve(self._control_app(), None, str(control_socket))
         control_socket.chmod(0o600)
         log.info(
             "gateway on http://%s:%d, metrics on :%d/metrics",

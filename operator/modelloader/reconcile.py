@@ -127,7 +127,10 @@ def _plan_one(
 
     if current is not None and current.state == "dead":
         # Died after loading: replace it. (Crash-loop limits come with the reliability work.)
-        effects += [StopWorker(current.id, "worker died"), *_start(model, capacity, config)]
+        restart = _start(model, capacity, config)
+        effects.append(StopWorker(current.id, "worker died"))
+        if isinstance(restart, StartWorker):
+            effects.append(restart)
         state = ModelState(
             "Ready" if fallback else "Loading",
             f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
@@ -140,9 +143,8 @@ def _plan_one(
         )
     elif current is None:
         started = _start(model, capacity, config)
-        effects += started
-        if not started:
-            reason = _unschedulable_reason(model, capacity, config)
+        if isinstance(started, Unschedulable):
+            reason = started.reason
             state = ModelState(
                 "Ready" if fallback else "Pending",
                 f"waiting for capacity: {reason}" + _still_serving(fallback),
@@ -153,6 +155,7 @@ def _plan_one(
                 serving=fallback,
             )
         else:
+            effects.append(started)
             state = _loading(model, fallback, None)
     elif current.state == "starting":
         state = _loading(model, fallback, current)
@@ -189,19 +192,12 @@ def _plan_one(
 
 def _start(
     model: LoadedModel, capacity: Mapping[str, float], config: PlacementConfig
-) -> list[Effect]:
+) -> StartWorker | Unschedulable:
     decision = choose_accelerator(model.spec.accelerator, capacity, config)
     if isinstance(decision, Unschedulable):
-        return []
+        return decision
     assert isinstance(decision, Scheduled)
-    return [StartWorker(model, decision.accelerator, decision.resources)]
-
-
-def _unschedulable_reason(
-    model: LoadedModel, capacity: Mapping[str, float], config: PlacementConfig
-) -> str:
-    decision = choose_accelerator(model.spec.accelerator, capacity, config)
-    return decision.reason if isinstance(decision, Unschedulable) else ""
+    return StartWorker(model, decision.accelerator, decision.resources)
 
 
 def _loading(
