@@ -52,10 +52,21 @@ class ClusterGateway:
         self.clients = WorkerClients()
         self._socket_dir = socket_dir
         self._refresh = refresh_seconds
+        # What a worker serves never changes once it has loaded: ask each worker once, and
+        # only list names on every refresh.
+        self._known: dict[str, LoadedInfo] = {}
 
     async def refresh_once(self, workers: RayWorkers) -> None:
-        found = [info for _, info in await workers.running() if info is not None]
-        self.directory.publish(directory_entries(found))
+        names = await workers.names()
+        current = {name for name, _ in names}
+        self._known = {n: i for n, i in self._known.items() if n in current}
+        new = [(n, ns) for n, ns in names if n not in self._known]
+        for (name, _), info in zip(
+            new, await asyncio.gather(*(workers.describe(n, ns) for n, ns in new)), strict=True
+        ):
+            if info is not None:  # not loaded yet: asked again next time
+                self._known[name] = info
+        self.directory.publish(directory_entries(list(self._known.values())))
         self.clients.forget_except(self.directory.addresses())
 
     async def run(

@@ -189,23 +189,35 @@ class RayWorkers:
     async def running(self) -> list[tuple[WorkerHandle, LoadedInfo | None]]:
         """Every Model Loader worker in the cluster, with what it serves (None: it has not
         loaded a model, e.g. the previous operator died while it was loading)."""
-        names = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
-        found: list[tuple[WorkerHandle, LoadedInfo | None]] = []
-        for entry in names:
-            name, namespace = entry["name"], entry["namespace"]
-            if not (name.startswith(ACTOR_PREFIX) and namespace.startswith(NAMESPACE_PREFIX)):
-                continue
-            try:
-                actor = await asyncio.to_thread(ray.get_actor, name, namespace)
-            except ValueError:
-                continue  # gone since the listing
-            handle = WorkerHandle(name, namespace, actor, self._socket_path(name))
-            try:
-                info: LoadedInfo | None = await asyncio.wait_for(actor.info.remote(), 30)
-            except (RayError, TimeoutError):
-                info = None
-            found.append((handle, info))
-        return found
+        found = await asyncio.gather(*(self._describe(n, ns) for n, ns in await self.names()))
+        return [f for f in found if f is not None]
+
+    async def names(self) -> list[tuple[str, str]]:
+        """(name, Ray namespace) of every Model Loader worker: one call to the GCS."""
+        listed = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        return [
+            (e["name"], e["namespace"])
+            for e in listed
+            if e["name"].startswith(ACTOR_PREFIX) and e["namespace"].startswith(NAMESPACE_PREFIX)
+        ]
+
+    async def describe(self, name: str, namespace: str) -> LoadedInfo | None:
+        found = await self._describe(name, namespace)
+        return found[1] if found is not None else None
+
+    async def _describe(
+        self, name: str, namespace: str
+    ) -> tuple[WorkerHandle, LoadedInfo | None] | None:
+        try:
+            actor = await asyncio.to_thread(ray.get_actor, name, namespace)
+        except ValueError:
+            return None  # gone since the listing
+        handle = WorkerHandle(name, namespace, actor, self._socket_path(name))
+        try:
+            info: LoadedInfo | None = await asyncio.wait_for(actor.info.remote(), 30)
+        except (RayError, TimeoutError):
+            info = None
+        return handle, info
 
     async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
         """None when alive, else why not. A slow answer is not death: only Ray saying the
