@@ -230,6 +230,9 @@ class RealisticEmulator(kmock.KubernetesEmulator):
     _event_log: dict[Any, collections.deque] = attrs.field(factory=dict, init=False)
     _log_floor: dict[Any, int] = attrs.field(factory=dict, init=False)
     _results: dict[int, Any] = attrs.field(factory=dict, init=False)
+    # Every request as (method, path, query, user agent), in arrival order: what a client asked
+    # of the API, for tests that check RBAC rules against real traffic (tests/integration/test_rbac.py).
+    requests: list[tuple[str, str, dict[str, str], str]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -273,6 +276,14 @@ class RealisticEmulator(kmock.KubernetesEmulator):
 
     # ----- the mutating entry point (replaces the base class's simplistic one) -----------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        self.requests.append(
+            (
+                str(getattr(request.method, "value", request.method)),
+                request.url.path,
+                dict(request.params),
+                str(request.headers.get("User-Agent", "")),
+            )
+        )
         if request.resource is None:
             return await super()._handle(request)
 
