@@ -8,6 +8,8 @@
 - tests/models/dtypes.tflite: one input and one output of each tensor type that matters
   (float32, float16, int8, uint8, int32, int64, bool) and a float32 input with two dynamic
   dimensions; each output is a simple function of its input, so tests can check the arithmetic.
+- tests/models/memory_hog.tflite: a few hundred bytes that need 512 MiB to run (a scalar
+  tiled to 128M floats, then summed): what a model over its memory limit looks like.
 
 Deterministic: the same versions of scikit-learn and NumPy write the same bytes, and a test
 checks that the committed files are what this script writes.
@@ -156,12 +158,34 @@ def dtypes_model() -> bytes:
     )
 
 
+HOG_ELEMENTS = 128 << 20  # float32: 512 MiB of intermediate tensor
+
+
+def memory_hog_model() -> bytes:
+    g = Graph()
+    x = g.tensor("x", np.float32, [1])
+    wide = g.tensor("wide", np.float32, [HOG_ELEMENTS])
+    g.op(B.TILE, [x, g.const("multiples", np.array([HOG_ELEMENTS], np.int32))], [wide])
+    total = g.tensor("total", np.float32, [])
+    options = schema.ReducerOptionsT()
+    options.keepDims = False
+    g.op(
+        B.SUM,
+        [wide, g.const("axis", np.array([0], np.int32))],
+        [total],
+        Opt.ReducerOptions,
+        options,
+    )
+    return g.build({"x": x}, {"total": total}, description="needs 512 MiB (tools/make_models.py)")
+
+
 def main() -> None:
     model, samples, accuracy = digits_model()
     example = ROOT / "examples" / "01-digits"
     (example / "digits.tflite").write_bytes(model)
     (example / "samples.json").write_text(json.dumps(samples, indent=1) + "\n")
     (ROOT / "tests" / "models" / "dtypes.tflite").write_bytes(dtypes_model())
+    (ROOT / "tests" / "models" / "memory_hog.tflite").write_bytes(memory_hog_model())
     print(f"digits: held-out accuracy {accuracy:.3f}, {len(model)} bytes")
 
 

@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     op.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus /metrics port, 0 for none (default %(default)s)",
+    )
+    op.add_argument(
         "--worker-transport",
         choices=("tcp", "unix"),
         default="tcp",
@@ -148,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8080)
     gw.add_argument("--state-dir", type=Path, default=Path("/var/run/modelloader"))
     gw.add_argument("--max-request-bytes", type=int, default=64 << 20)
+    gw.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus /metrics port, 0 for none (default %(default)s)",
+    )
 
     stat = commands.add_parser(
         "status", help="show the LoadedModels of a running modelloader local"
@@ -187,6 +199,7 @@ def _operator(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace),
         delegates=dict(parse_delegate(d) for d in args.delegate),
         worker_transport=args.worker_transport,
+        metrics_port=args.metrics_port,
     )
     asyncio.run(run_operator(config))
     return 0
@@ -211,7 +224,13 @@ def _gateway(args: argparse.Namespace) -> int:
     gateway = ClusterGateway(args.state_dir.resolve())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
-            gateway.run(args.host, args.port, os.environ.get("RAY_ADDRESS"), args.max_request_bytes)
+            gateway.run(
+                args.host,
+                args.port,
+                os.environ.get("RAY_ADDRESS"),
+                args.max_request_bytes,
+                args.metrics_port,
+            )
         )
     return 0
 

@@ -18,12 +18,15 @@ from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
 from modelloader_workers.gateway.http_v2 import build_app
 from modelloader_workers.gateway.metrics import GatewayMetrics
+from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
 from modelloader_workers.signature import Signature
 from modelloader_workers.worker import LoadedInfo
 from prometheus_client import CollectorRegistry
 
+from modelloader.metrics_endpoint import serve_metrics
 from modelloader.ray_workers import RayWorkers, connect_ray
+from modelloader.reconcile import SHARED_PROCESS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,9 @@ def directory_entries(found: list[LoadedInfo]) -> list[ModelEntry]:
         if best is None or int(identity["generation"]) > int(best.identity["generation"]):
             newest[slot] = info
     return [
-        ModelEntry(origin, name, True, "", Signature.from_dict(i.signature), i.address)
+        ModelEntry(
+            origin, name, True, "", Signature.from_dict(i.signature), i.address, i.accelerator
+        )
         for (origin, name), i in newest.items()
     ]
 
@@ -52,32 +57,47 @@ class ClusterGateway:
         self.clients = WorkerClients()
         self._socket_dir = socket_dir
         self._refresh = refresh_seconds
-        # What a worker serves never changes once it has loaded: ask each worker once, and
-        # only list names on every refresh.
-        self._known: dict[str, LoadedInfo] = {}
+        # What a perModel worker serves never changes once it has loaded: ask each worker
+        # once, and only list names on every refresh. Shared (perOrigin) processes gain and
+        # lose models, so they are asked on every refresh.
+        self._known: dict[str, list[LoadedInfo]] = {}
 
     async def refresh_once(self, workers: RayWorkers) -> None:
         names = await workers.names()
         current = {name for name, _ in names}
         self._known = {n: i for n, i in self._known.items() if n in current}
-        new = [(n, ns) for n, ns in names if n not in self._known]
-        for (name, _), info in zip(
+        new = [
+            (n, ns)
+            for n, ns in names
+            if n not in self._known or n.startswith(SHARED_PROCESS_PREFIX)
+        ]
+        for (name, _), infos in zip(
             new, await asyncio.gather(*(workers.describe(n, ns) for n, ns in new)), strict=True
         ):
-            if info is not None:  # not loaded yet: asked again next time
-                self._known[name] = info
-        self.directory.publish(directory_entries(list(self._known.values())))
+            if infos is not None:  # not loaded yet: asked again next time
+                self._known[name] = infos
+            else:
+                self._known.pop(name, None)
+        found = [info for infos in self._known.values() for info in infos]
+        self.directory.publish(directory_entries(found))
         self.clients.forget_except(self.directory.addresses())
 
     async def run(
-        self, host: str, port: int, ray_address: str | None, max_request_bytes: int
+        self,
+        host: str,
+        port: int,
+        ray_address: str | None,
+        max_request_bytes: int,
+        metrics_port: int = 0,  # 0: none (the CLI's default is 9090)
     ) -> None:
         await connect_ray(ray_address, "gateway")
         workers = RayWorkers(self._socket_dir)
         synced = asyncio.Event()
+        registry = CollectorRegistry()
+        registry.register(NvmlCollector())  # this node's GPUs, if NVML finds any
         app = build_app(
             DataPlane(self.directory, self.clients),
-            GatewayMetrics(CollectorRegistry()),
+            GatewayMetrics(registry),
             max_request_bytes=max_request_bytes,
             ready=synced.is_set,
         )
@@ -85,6 +105,10 @@ class ClusterGateway:
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         log.info("gateway on http://%s:%d", host, port)
+        runners = [runner]
+        if metrics_port:  # 0: no metrics endpoint
+            runners.append(await serve_metrics(registry, host, metrics_port))
+            log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         try:
             while True:
                 try:
@@ -94,6 +118,7 @@ class ClusterGateway:
                     log.exception("refreshing the worker directory failed")
                 await asyncio.sleep(self._refresh)
         finally:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
+            for each in runners:
+                with contextlib.suppress(Exception):
+                    await each.cleanup()
             self.clients.close()

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from modelloader_workers.gateway.access import open_table
 from modelloader_workers.gateway.dataplane import DataPlane
-from modelloader_workers.gateway.directory import ModelDirectory
+from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
 from modelloader_workers.gateway.http_v2 import build_app
 from modelloader_workers.gateway.metrics import GatewayMetrics
+from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -31,10 +33,13 @@ from modelloader import control_channel
 from modelloader.control_metrics import ControlMetrics
 from modelloader.manifests import ManifestReader, ManifestSet
 from modelloader.placement import PlacementConfig
+from modelloader.policy import OriginPolicy, Policies, policies
 from modelloader.ray_workers import RayWorkers, start_local_ray, stop_ray
+from modelloader.reconcile import WorkerView
 from modelloader.reconciler import Reconciler
 from modelloader.resource import LoadedModel
 from modelloader.sources import ModelSources, SourcePolicy
+from modelloader.tenancy import access_table
 from modelloader.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,18 @@ class LocalConfig:
     max_model_bytes: int = 1 << 30
     interval_seconds: float = 0.5
     liveness_seconds: float = 1.0
+    # Origins without an OriginPolicy manifest; the `default` origin (namespace `default`)
+    # also takes anonymous calls unless a manifest says otherwise: the embedded default
+    # works without tokens out of the box.
+    default_policy: OriginPolicy = dataclasses.field(default_factory=lambda: OriginPolicy(""))
+
+
+def local_policies(default: OriginPolicy, found: tuple[OriginPolicy, ...]) -> Policies:
+    """The manifests' policies; the `default` origin takes anonymous calls unless one of
+    them is about it."""
+    if not any(p.origin == "default" for p in found):
+        found = (*found, dataclasses.replace(default, origin="default", allow_anonymous=True))
+    return policies(default, found)
 
 
 class Generations:
@@ -80,11 +97,14 @@ class LocalRuntime:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = ControlMetrics(self.registry)
+        self.registry.register(NvmlCollector())  # GPU series only where NVML finds a GPU
         self.directory = ModelDirectory()
         self.clients = WorkerClients()
         self.reader = ManifestReader(list(config.paths))
         self.generations = Generations()
         self.listing: list[dict[str, Any]] = []
+        self.origins: dict[str, dict[str, Any]] = {}
+        self.access = open_table()
         self.file_errors: tuple[str, ...] = ()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -143,9 +163,11 @@ class LocalRuntime:
             GatewayMetrics(self.registry),
             max_request_bytes=config.max_request_bytes,
             ready=lambda: self._synced,
+            access=lambda: self.access,
         )
         await self._serve(gateway, web.TCPSite, config.host, config.port)
-        await self._serve(self._metrics_app(), web.TCPSite, config.host, config.metrics_port)
+        if config.metrics_port:  # 0: no metrics endpoint
+            await self._serve(self._metrics_app(), web.TCPSite, config.host, config.metrics_port)
         control_socket = config.state_dir / control_channel.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             control_socket.unlink()
@@ -226,11 +248,17 @@ class LocalRuntime:
     def _reconcile(self, manifests: ManifestSet, capacity: dict[str, float]) -> None:
         assert self._reconciler is not None
         models = self.generations.stamp(manifests.models)
-        outcome = self._reconciler.step(models, manifests.rejected, capacity)
-        self.directory.publish(outcome.entries)
+        known = local_policies(self.config.default_policy, manifests.policies)
+        outcome = self._reconciler.step(models, manifests.rejected, capacity, known)
+        self.access, problems = access_table(known, manifests.secrets, "default")
+        self.origins = outcome.origins
+        assert self._pool is not None
+        self.directory.publish(with_accelerators(outcome.entries, self._pool.views()))
         self.clients.forget_except(self.directory.addresses())
         self.listing = outcome.listing
-        self.file_errors = manifests.file_errors
+        self.file_errors = manifests.file_errors + tuple(
+            f"Secret {p.namespace}/{p.name}: {p.message}" for p in problems
+        )
         self._synced = True
 
     # HTTP apps besides the gateway
@@ -247,8 +275,22 @@ class LocalRuntime:
 
     def _control_app(self) -> web.Application:
         async def status_handler(_: web.Request) -> web.Response:
-            return web.json_response({"items": self.listing, "errors": list(self.file_errors)})
+            return web.json_response(
+                {"items": self.listing, "errors": list(self.file_errors), "origins": self.origins}
+            )
 
         app = web.Application()
         app.router.add_get("/status", status_handler)
         return app
+
+
+def with_accelerators(entries: list[ModelEntry], views: list[WorkerView]) -> list[ModelEntry]:
+    """Each served entry with the accelerator its worker runs on (cpu after a fallback), which
+    labels the model's busy time in the gateway's metrics."""
+    running_on = {
+        v.address: str((v.placement or {}).get("accelerator", "cpu")) for v in views if v.address
+    }
+    return [
+        dataclasses.replace(e, accelerator=running_on[e.address]) if e.address in running_on else e
+        for e in entries
+    ]

@@ -14,7 +14,10 @@ from typing import Any
 
 import yaml
 
+from modelloader import policy as policy_kind
+from modelloader.policy import OriginPolicy, parse_origin_policy
 from modelloader.resource import KIND, LoadedModel, ManifestError, parse_loaded_model
+from modelloader.tenancy import TokenSecret, is_token_secret, parse_token_secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -33,7 +36,9 @@ class Rejected:
 class ManifestSet:
     models: tuple[LoadedModel, ...] = ()
     rejected: tuple[Rejected, ...] = ()
-    file_errors: tuple[str, ...] = ()
+    file_errors: tuple[str, ...] = ()  # and OriginPolicies or token Secrets that are wrong
+    policies: tuple[OriginPolicy, ...] = ()
+    secrets: tuple[TokenSecret, ...] = ()
 
 
 def manifest_files(paths: Sequence[Path]) -> list[Path]:
@@ -71,7 +76,43 @@ class ManifestReader:
         for gone in set(self._last_good) - set(files):
             del self._last_good[gone]
         models, rejected = parse_documents(documents, self.default_namespace)
-        return ManifestSet(tuple(models), tuple(rejected), tuple(file_errors))
+        policies, secrets, problems = parse_tenancy(documents, self.default_namespace)
+        return ManifestSet(
+            tuple(models),
+            tuple(rejected),
+            tuple(file_errors + problems),
+            tuple(policies),
+            tuple(secrets),
+        )
+
+
+def parse_tenancy(
+    documents: Iterable[tuple[Path, int, Any]], default_namespace: str = "default"
+) -> tuple[list[OriginPolicy], list[TokenSecret], list[str]]:
+    """OriginPolicies and token Secrets among the documents, and what is wrong with others.
+    Of two policies for one origin, the first counts."""
+    policies: dict[str, OriginPolicy] = {}
+    secrets: list[TokenSecret] = []
+    problems: list[str] = []
+    for path, index, doc in documents:
+        where = f"{path}#{index + 1}"
+        if isinstance(doc, Mapping) and doc.get("kind") == policy_kind.KIND:
+            try:
+                found = parse_origin_policy(doc)
+            except ManifestError as error:
+                problems.append(f"{where}: OriginPolicy: {error}")
+                continue
+            if found.origin in policies:
+                problems.append(f"{where}: OriginPolicy {found.origin} is defined twice")
+                continue
+            policies[found.origin] = found
+        elif is_token_secret(doc):
+            secret = parse_token_secret(doc, default_namespace)
+            if isinstance(secret, TokenSecret):
+                secrets.append(secret)
+            else:
+                problems.append(f"{where}: Secret {secret.name}: {secret.message}")
+    return list(policies.values()), secrets, problems
 
 
 def parse_documents(

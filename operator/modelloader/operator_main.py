@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from aiohttp import web
 from modelloader_workers.litert_runner import ExternalDelegate
 from prometheus_client import CollectorRegistry
 
@@ -27,6 +28,7 @@ from modelloader import API_GROUP, API_VERSION
 from modelloader.control_metrics import ControlMetrics
 from modelloader.kube_client import KubeClient
 from modelloader.manifests import Rejected
+from modelloader.metrics_endpoint import serve_metrics
 from modelloader.placement import PlacementConfig
 from modelloader.ray_workers import RayWorkers, connect_ray
 from modelloader.reconciler import Reconciler
@@ -53,6 +55,7 @@ class OperatorConfig:
     worker_transport: str = "tcp"  # "unix" when the gateway shares the workers' node
     scan_seconds: float = 10.0  # how often Ray is searched for workers nobody asked for
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
+    metrics_port: int = 0  # Prometheus /metrics on every interface (the CLI: 9090); 0: none
 
 
 class LoadedModelOperator:
@@ -67,6 +70,7 @@ class LoadedModelOperator:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._client: KubeClient | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._capacity: dict[str, float] = {}
         self._capacity_at = 0.0
         self._register()
@@ -124,6 +128,10 @@ class LoadedModelOperator:
     async def _start(self) -> None:
         config = self.config
         await connect_ray(config.ray_address, "operator")
+        if config.metrics_port:
+            self._metrics_runner = await serve_metrics(
+                self.metrics.registry, "0.0.0.0", config.metrics_port
+            )
         workers = RayWorkers(
             config.state_dir,
             detached=True,
@@ -146,6 +154,9 @@ class LoadedModelOperator:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         # Workers are detached: they keep serving while the operator is away.
         if self._client is not None:
             await self._client.close()

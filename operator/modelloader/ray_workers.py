@@ -2,9 +2,11 @@
 are alive, stop them.
 
 Each LoadedModel's worker is a named Ray actor in a Ray namespace of its origin's (two origins
-never share a process or a namespace). Its name derives from the LoadedModel's identity and
-spec, so a restarted operator finds ("adopts") the workers that are already serving instead of
-starting duplicates. Inference tensors do not pass through Ray (see `modelloader_workers.ipc`).
+never share a process or a namespace); under perOrigin isolation, several of an origin's models
+share one such actor, each with its own data-path listener. A worker's name derives from
+the LoadedModel's identity and spec, so a restarted operator finds ("adopts") the workers
+that are already serving instead of starting duplicates. Inference tensors do not pass
+through Ray (see `modelloader_workers.ipc`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from modelloader.reconcile import SHARED_PROCESS_PREFIX
 from modelloader.resource import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,15 @@ class WorkerStartError(RuntimeError):
 
 @dataclass
 class WorkerHandle:
-    worker_id: str
+    worker_id: str  # the hosted model's worker id
     namespace: str
     actor: Any
     socket_path: Path
+    process: str = ""  # the actor's name when shared by several models (perOrigin)
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.process)
 
 
 def origin_namespace(origin: str) -> str:
@@ -130,11 +138,16 @@ class RayWorkers:
         model_path: Path,
         accelerator: str,
         resources: dict[str, float],
+        *,
+        memory_limit: int = 0,
+        process: str = "",
     ) -> tuple[WorkerHandle, LoadedInfo]:
+        """Start the model's worker, or with `process`, load it into that shared process
+        (started by whichever of the origin's models comes first)."""
         spec = model.spec
         namespace = origin_namespace(spec.origin)
         options: dict[str, Any] = {
-            "name": worker_id,
+            "name": process or worker_id,
             "namespace": namespace,
             # No CPU reserved unless asked: LiteRT's threads are the real limit, and a laptop
             # with 2 cores must still hold more than 2 models.
@@ -142,8 +155,10 @@ class RayWorkers:
             "max_restarts": 0,  # the reconcile core decides restarts, and sees each one
             "get_if_exists": True,  # a worker left by a previous operator is taken over
         }
-        if spec.resources.memory_bytes:
+        if spec.resources.memory_bytes and not process:
             options["memory"] = spec.resources.memory_bytes
+        if process:
+            options["num_cpus"] = 0  # shared: threads are bounded by each model's spec
         extra = dict(resources)
         if "GPU" in extra:  # Ray takes GPUs only by keyword
             options["num_gpus"] = extra.pop("GPU")
@@ -152,7 +167,7 @@ class RayWorkers:
         if self._detached:
             options["lifetime"] = "detached"
         actor: Any = self._remote.options(**options).remote()
-        handle = WorkerHandle(worker_id, namespace, actor, self._socket_path(worker_id))
+        handle = WorkerHandle(worker_id, namespace, actor, self._socket_path(worker_id), process)
         request = LoadRequest(
             model_path=str(model_path),
             listen="tcp:0.0.0.0" if self._tcp else f"unix:{handle.socket_path}",
@@ -165,12 +180,16 @@ class RayWorkers:
                 ("origin", spec.origin),
                 ("fingerprint", model.fingerprint),
                 ("generation", model.generation),
+                ("worker_id", worker_id),
             ),
+            memory_limit=memory_limit,
+            model_id=worker_id,
         )
         try:
             info: LoadedInfo = await actor.load.remote(request)
         except RayTaskError as error:
-            self.stop(handle)
+            if not process:  # a shared process keeps serving the origin's other models
+                self.stop(handle)
             cause = getattr(error, "cause", None)
             if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
                 raise WorkerStartError(str(cause or error).strip()) from None
@@ -187,10 +206,29 @@ class RayWorkers:
         return handle, info
 
     async def running(self) -> list[tuple[WorkerHandle, LoadedInfo | None]]:
-        """Every Model Loader worker in the cluster, with what it serves (None: it has not
+        """Every model served in the cluster, with its worker (None: the worker has not
         loaded a model, e.g. the previous operator died while it was loading)."""
         found = await asyncio.gather(*(self._describe(n, ns) for n, ns in await self.names()))
-        return [f for f in found if f is not None]
+        out: list[tuple[WorkerHandle, LoadedInfo | None]] = []
+        for handle, infos in (f for f in found if f is not None):
+            if not infos:
+                out.append((handle, None))
+            for info in infos:
+                worker_id = str(info.identity.get("worker_id", handle.worker_id))
+                process = handle.worker_id if _is_shared(handle.worker_id) else ""
+                out.append(
+                    (
+                        WorkerHandle(
+                            worker_id,
+                            handle.namespace,
+                            handle.actor,
+                            self._socket_path(worker_id),
+                            process,
+                        ),
+                        info,
+                    )
+                )
+        return out
 
     async def names(self) -> list[tuple[str, str]]:
         """(name, Ray namespace) of every Model Loader worker: one call to the GCS."""
@@ -198,26 +236,28 @@ class RayWorkers:
         return [
             (e["name"], e["namespace"])
             for e in listed
-            if e["name"].startswith(ACTOR_PREFIX) and e["namespace"].startswith(NAMESPACE_PREFIX)
+            if e["name"].startswith((ACTOR_PREFIX, SHARED_PROCESS_PREFIX))
+            and e["namespace"].startswith(NAMESPACE_PREFIX)
         ]
 
-    async def describe(self, name: str, namespace: str) -> LoadedInfo | None:
+    async def describe(self, name: str, namespace: str) -> list[LoadedInfo] | None:
+        """What the named worker process serves; None when it can't say (yet)."""
         found = await self._describe(name, namespace)
-        return found[1] if found is not None else None
+        return found[1] if found is not None and found[1] else None
 
     async def _describe(
         self, name: str, namespace: str
-    ) -> tuple[WorkerHandle, LoadedInfo | None] | None:
+    ) -> tuple[WorkerHandle, list[LoadedInfo]] | None:
         try:
             actor = await asyncio.to_thread(ray.get_actor, name, namespace)
         except ValueError:
             return None  # gone since the listing
         handle = WorkerHandle(name, namespace, actor, self._socket_path(name))
         try:
-            info: LoadedInfo | None = await asyncio.wait_for(actor.info.remote(), 30)
+            infos: list[LoadedInfo] = await asyncio.wait_for(actor.info.remote(), 30)
         except (RayError, TimeoutError):
-            info = None
-        return handle, info
+            infos = []
+        return handle, infos
 
     async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
         """None when alive, else why not. A slow answer is not death: only Ray saying the
@@ -233,10 +273,29 @@ class RayWorkers:
         return None
 
     def stop(self, handle: WorkerHandle) -> None:
+        """Kill the worker's process (for a shared one: all the models it hosts)."""
         with contextlib.suppress(Exception):
             ray.kill(handle.actor, no_restart=True)
         with contextlib.suppress(FileNotFoundError):
             handle.socket_path.unlink()
+
+    async def unload(self, handle: WorkerHandle) -> int:
+        """Stop serving one model of a shared process; returns how many it still hosts
+        (-1: the process is gone)."""
+        try:
+            remaining: int = await asyncio.wait_for(
+                handle.actor.unload.remote(handle.worker_id), 30
+            )
+        except (RayError, TimeoutError):
+            return -1
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                handle.socket_path.unlink()
+        return remaining
+
+
+def _is_shared(name: str) -> bool:
+    return name.startswith(SHARED_PROCESS_PREFIX)
 
 
 def _short(error: BaseException) -> str:

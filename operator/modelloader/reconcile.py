@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from modelloader.placement import PlacementConfig, Scheduled, Unschedulable, choose_accelerator
-from modelloader.resource import LoadedModel
+from modelloader.policy import Policies
+from modelloader.quota import Admission, Admitted, Waiting, admit, model_memory
+from modelloader.resource import Accelerator, LoadedModel
 
 DEFAULT_PLACEMENT = PlacementConfig()
+DEFAULT_POLICIES = Policies()
+# A perOrigin origin's shared worker processes: one Ray actor per slot, hosting many models.
+SHARED_PROCESS_PREFIX = "lmp."
 WorkerState = Literal["starting", "ready", "failed", "dead"]
 Phase = Literal["Pending", "Loading", "Ready", "Failed"]
 
@@ -40,6 +45,7 @@ class WorkerView:
     note: str = ""  # e.g. the accelerator fell back to the CPU
     origin: str = ""
     restarts: int = 0  # how many workers for this spec died before this one
+    process: str = ""  # the shared process hosting it (perOrigin isolation); "" its own
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class StartWorker:
     model: LoadedModel
     accelerator: str
     resources: Mapping[str, float]
+    memory_limit: int = 0  # bytes the worker may grow by for this model; 0: no limit
+    max_model_bytes: int | None = None  # the origin's limit on the model file's size
+    process: str = ""  # a shared process to load into (perOrigin); "" a process of its own
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class ModelState:
     loaded: tuple[bool | None, str, str]
     ready: tuple[bool, str, str]
     degraded: tuple[bool, str, str]
+    quota: tuple[bool, str, str] = (False, "WithinQuota", "")
     serving: WorkerView | None = None  # where requests go
     current: WorkerView | None = None  # the worker for the current spec, if any
 
@@ -76,6 +86,7 @@ class ModelState:
 class Plan:
     effects: tuple[Effect, ...]
     states: Mapping[str, ModelState] = field(default_factory=dict)
+    admission: Admission = field(default_factory=Admission)
 
 
 def plan(
@@ -83,8 +94,10 @@ def plan(
     workers: Sequence[WorkerView],
     capacity: Mapping[str, float],
     config: PlacementConfig = DEFAULT_PLACEMENT,
+    policies: Policies = DEFAULT_POLICIES,
 ) -> Plan:
-    """`models` in creation order: on a name clash within an origin, the earlier one wins."""
+    """`models` in creation order: on a name clash within an origin, the earlier one wins,
+    and within an origin's quota, the earlier one runs."""
     effects: list[Effect] = []
     states: dict[str, ModelState] = {}
     by_key: dict[str, list[WorkerView]] = {}
@@ -92,30 +105,120 @@ def plan(
         by_key.setdefault(worker.key, []).append(worker)
     served_names: dict[tuple[str, str], str] = {}
 
+    bound: list[LoadedModel] = []
     for model in models:
-        mine = by_key.pop(model.key, [])
-        owner = served_names.setdefault((model.spec.origin, model.name), model.key)
+        origin, namespace = model.spec.origin, model.namespace
+        if not policies.binds(origin, namespace):
+            effects += [StopWorker(w.id, "origin not bound") for w in by_key.pop(model.key, [])]
+            states[model.key] = _failed(_unbound_message(origin, namespace), "OriginNotBound")
+            continue
+        owner = served_names.setdefault((origin, model.name), model.key)
         if owner != model.key:
-            effects += [StopWorker(w.id, "name clash") for w in mine]
+            effects += [StopWorker(w.id, "name clash") for w in by_key.pop(model.key, [])]
             message = (
-                f"origin {model.spec.origin!r} already serves a model named {model.name!r} "
+                f"origin {origin!r} already serves a model named {model.name!r} "
                 f"(LoadedModel {owner}); names must be unique within an origin"
             )
             states[model.key] = _failed(message, "NameConflict")
             continue
-        step_effects, states[model.key] = _plan_one(model, mine, capacity, config)
+        bound.append(model)
+
+    def schedulable(accelerator: str) -> bool:
+        decision = choose_accelerator(cast(Accelerator, accelerator), capacity, config)
+        return isinstance(decision, Scheduled)
+
+    admission = admit(
+        bound,
+        by_key.keys(),
+        policies,
+        {k: _placed(v) for k, v in by_key.items() if _placed(v)},
+        schedulable,
+    )
+    slots = _SlotCounter(workers)
+    for model in bound:
+        mine = by_key.pop(model.key, [])
+        decision = admission.decisions[model.key]
+        if isinstance(decision, Waiting):
+            states[model.key] = _waiting(decision)
+            continue
+        policy = policies.of(model.spec.origin)
+        starts = _Starts(
+            model,
+            decision,
+            capacity,
+            config,
+            max_model_bytes=policy.quota.max_model_bytes,
+            slots=slots if policy.isolation == "perOrigin" else None,
+            slot_count=policy.process_slots(),
+        )
+        step_effects, states[model.key] = _plan_one(model, mine, starts)
         effects += step_effects
 
     for leftover in by_key.values():  # workers whose LoadedModel is gone
         effects += [StopWorker(w.id, "LoadedModel removed") for w in leftover]
-    return Plan(tuple(effects), states)
+    return Plan(tuple(effects), states, admission)
+
+
+def _placed(workers: Sequence[WorkerView]) -> str:
+    for worker in workers:
+        if worker.placement and worker.placement.get("accelerator"):
+            return str(worker.placement["accelerator"])
+    return ""
+
+
+class _SlotCounter:
+    """Spreads a perOrigin origin's models over its process slots: the least used slot."""
+
+    def __init__(self, workers: Sequence[WorkerView]) -> None:
+        self._count: dict[str, int] = {}
+        for worker in workers:
+            if worker.process and worker.state in ("starting", "ready"):
+                self._count[worker.process] = self._count.get(worker.process, 0) + 1
+
+    def take(self, origin: str, slots: int) -> str:
+        names = [shared_process_name(origin, i) for i in range(slots)]
+        chosen = min(names, key=lambda n: (self._count.get(n, 0), names.index(n)))
+        self._count[chosen] = self._count.get(chosen, 0) + 1
+        return chosen
+
+
+def shared_process_name(origin: str, slot: int) -> str:
+    return f"{SHARED_PROCESS_PREFIX}{origin}.{slot}"
+
+
+@dataclass
+class _Starts:
+    """How to start a worker for one admitted model, when the plan needs one."""
+
+    model: LoadedModel
+    admitted: Admitted
+    capacity: Mapping[str, float]
+    config: PlacementConfig
+    max_model_bytes: int | None
+    slots: _SlotCounter | None  # perOrigin: the origin's shared processes
+    slot_count: int
+
+    def __call__(self) -> StartWorker | Unschedulable:
+        decision = choose_accelerator(self.admitted.accelerator, self.capacity, self.config)
+        if isinstance(decision, Unschedulable):
+            return decision
+        process = ""
+        if self.slots is not None:
+            process = self.slots.take(self.model.spec.origin, self.slot_count)
+        return StartWorker(
+            self.model,
+            decision.accelerator,
+            decision.resources,
+            memory_limit=model_memory(self.model),
+            max_model_bytes=self.max_model_bytes,
+            process=process,
+        )
 
 
 def _plan_one(
     model: LoadedModel,
     workers: list[WorkerView],
-    capacity: Mapping[str, float],
-    config: PlacementConfig,
+    start: _Starts,
 ) -> tuple[list[Effect], ModelState]:
     effects: list[Effect] = []
     current = next((w for w in workers if w.fingerprint == model.fingerprint), None)
@@ -127,7 +230,7 @@ def _plan_one(
 
     if current is not None and current.state == "dead":
         # Died after loading: replace it. (Crash-loop limits come with the reliability work.)
-        restart = _start(model, capacity, config)
+        restart = start()
         effects.append(StopWorker(current.id, "worker died"))
         if isinstance(restart, StartWorker):
             effects.append(restart)
@@ -142,7 +245,7 @@ def _plan_one(
             current=None,
         )
     elif current is None:
-        started = _start(model, capacity, config)
+        started = start()
         if isinstance(started, Unschedulable):
             reason = started.reason
             state = ModelState(
@@ -190,16 +293,6 @@ def _plan_one(
     return effects, state
 
 
-def _start(
-    model: LoadedModel, capacity: Mapping[str, float], config: PlacementConfig
-) -> StartWorker | Unschedulable:
-    decision = choose_accelerator(model.spec.accelerator, capacity, config)
-    if isinstance(decision, Unschedulable):
-        return decision
-    assert isinstance(decision, Scheduled)
-    return StartWorker(model, decision.accelerator, decision.resources)
-
-
 def _loading(
     model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None
 ) -> ModelState:
@@ -229,6 +322,26 @@ def _ready_tuple(fallback: WorkerView | None) -> tuple[bool, str, str]:
 
 def _still_serving(fallback: WorkerView | None) -> str:
     return f"; generation {fallback.generation} keeps serving" if fallback else ""
+
+
+def _unbound_message(origin: str, namespace: str) -> str:
+    return (
+        f"spec.origin: namespace {namespace!r} may not act for origin {origin!r}; an origin is "
+        f"claimed from the namespace of its name or from those its OriginPolicy lists in "
+        f"spec.namespaces"
+    )
+
+
+def _waiting(decision: Waiting) -> ModelState:
+    return ModelState(
+        "Pending",
+        decision.message,
+        (False, "QuotaExceeded", decision.message),
+        (None, "Pending", ""),
+        (False, "QuotaExceeded", ""),
+        (False, "QuotaExceeded", ""),
+        quota=(True, decision.limit, decision.message),
+    )
 
 
 def _failed(message: str, reason: str) -> ModelState:

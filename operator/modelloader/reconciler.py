@@ -13,10 +13,11 @@ from modelloader_workers.gateway.directory import ModelEntry
 from modelloader_workers.signature import Signature
 
 from modelloader import status
-from modelloader.control_metrics import ControlMetrics
+from modelloader.control_metrics import ControlMetrics, quota_limits
 from modelloader.manifests import Rejected
 from modelloader.placement import PlacementConfig
-from modelloader.reconcile import plan
+from modelloader.policy import Policies
+from modelloader.reconcile import DEFAULT_POLICIES, plan
 from modelloader.resource import LoadedModel
 from modelloader.worker_pool import WorkerPool
 
@@ -26,6 +27,7 @@ class Outcome:
     statuses: dict[str, dict[str, Any]]  # key -> status, for LoadedModels and rejected ones
     listing: list[dict[str, Any]]  # namespace, name, origin, status: what `status` shows
     entries: list[ModelEntry] = field(default_factory=list)  # for the gateway's directory
+    origins: dict[str, dict[str, Any]] = field(default_factory=dict)  # OriginPolicy statuses
 
 
 class Reconciler:
@@ -42,8 +44,9 @@ class Reconciler:
         models: Sequence[LoadedModel],
         rejected: Sequence[Rejected],
         capacity: Mapping[str, float],
+        policies: Policies = DEFAULT_POLICIES,
     ) -> Outcome:
-        result = plan(models, self.pool.views(), capacity, self.placement)
+        result = plan(models, self.pool.views(), capacity, self.placement, policies)
         self.pool.apply(result.effects)
 
         now = datetime.now(UTC)
@@ -66,6 +69,7 @@ class Reconciler:
                     if serving is not None and serving.signature
                     else None,
                     address=serving.address if serving is not None else None,
+                    placement=serving.placement if serving is not None else None,
                 )
             )
         for reject in rejected:
@@ -74,7 +78,16 @@ class Reconciler:
             listing.append(_item(reject.namespace, reject.name, "", rendered))
         self.statuses = statuses
         self.metrics.count_phases([item["status"]["phase"] for item in listing])
-        return Outcome(statuses, listing, entries)
+        self.metrics.observe_pass([(m.spec.origin, m.name) for m in models], result.effects)
+        usage = result.admission.usage  # per origin; a limit of None is unlimited: no series
+        self.metrics.publish_quotas(
+            {o: (u.used, quota_limits(u.limits, policies.of(o).quota)) for o, u in usage.items()}
+        )
+        origins = {
+            origin: status.render_origin(u, policies.of(origin).explicit)
+            for origin, u in usage.items()
+        }
+        return Outcome(statuses, listing, entries, origins)
 
 
 def _item(namespace: str, name: str, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:

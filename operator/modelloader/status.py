@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelloader.manifests import Rejected
+from modelloader.quota import OriginUsage
 from modelloader.reconcile import ModelState
 from modelloader.resource import LoadedModel
 
-CONDITION_TYPES = ("Scheduled", "Loaded", "Ready", "Degraded")
+CONDITION_TYPES = ("Scheduled", "Loaded", "Ready", "Degraded", "QuotaExceeded")
 
 
 def timestamp(now: datetime) -> str:
@@ -30,7 +31,7 @@ def render(
     triples = dict(
         zip(
             CONDITION_TYPES,
-            (state.scheduled, state.loaded, state.ready, state.degraded),
+            (state.scheduled, state.loaded, state.ready, state.degraded, state.quota),
             strict=True,
         )
     )
@@ -98,3 +99,19 @@ def _condition(
         "message": message,
         "lastTransitionTime": since,
     }
+
+
+def render_origin(usage: OriginUsage, explicit: bool) -> dict[str, Any]:
+    """An OriginPolicy's status: usage against each limit (memory in bytes), and how many
+    LoadedModels wait for room. `explicit`: the origin has a policy of its own."""
+    used = {k: _amount(k, v) for k, v in usage.used.items()}
+    limits = {k: _amount(k, v) for k, v in usage.limits.items() if v is not None}
+    at_limit = sorted(k for k, v in limits.items() if used.get(k, 0) >= v)
+    rendered: dict[str, Any] = {"usage": used, "limits": limits, "waiting": usage.waiting}
+    rendered["atLimit"] = at_limit
+    rendered["policy"] = "own" if explicit else "default"
+    return rendered
+
+
+def _amount(resource: str, value: float) -> int | float:
+    return value if resource == "cpu" else int(value)

@@ -51,6 +51,9 @@ class WorkerPool:
         self._records: dict[str, _Record] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._restarts: dict[tuple[str, str], int] = {}
+        # A shared process that died is started again under a new name (as for `.rN` workers:
+        # Ray may not have released the dead one's yet).
+        self._process_epochs: dict[str, int] = {}
 
     def views(self) -> list[WorkerView]:
         return [r.view for r in self._records.values()]
@@ -74,6 +77,7 @@ class WorkerPool:
             "starting",
             origin=model.spec.origin,
             restarts=restarts,
+            process=effect.process,
         )
         record = _Record(view)
         self._records[worker_id] = record
@@ -84,8 +88,19 @@ class WorkerPool:
         started = time.perf_counter()
         try:
             fetched = await asyncio.to_thread(self._sources.fetch, model)
+            if effect.max_model_bytes is not None and fetched.size > effect.max_model_bytes:
+                raise SourceError(
+                    f"the model file is {fetched.size} bytes, over origin "
+                    f"{model.spec.origin!r}'s maxModelBytes of {effect.max_model_bytes}"
+                )
             handle, info = await self._workers.start(
-                record.view.id, model, fetched.path, effect.accelerator, dict(effect.resources)
+                record.view.id,
+                model,
+                fetched.path,
+                effect.accelerator,
+                dict(effect.resources),
+                memory_limit=effect.memory_limit,
+                process=self._actor_name(effect.process),
             )
         except (SourceError, WorkerStartError) as error:
             self._observe(record, state="failed", message=str(error))
@@ -130,7 +145,25 @@ class WorkerPool:
             # Unless the same worker was asked for again meanwhile (a spec edited and reverted
             # within the drain time): then it was taken over, not left behind.
             if handle.worker_id not in self._records:
-                self._workers.stop(handle)
+                if handle.shared:
+                    await self._release_shared(handle)
+                else:
+                    self._workers.stop(handle)
+
+    async def _release_shared(self, handle: WorkerHandle) -> None:
+        """Unload one model from a shared process; the process goes when nobody uses it."""
+        remaining = await self._workers.unload(handle)
+        in_use = any(
+            self._actor_name(r.view.process) == handle.process
+            for r in self._records.values()
+            if r.view.process
+        )
+        if remaining <= 0 and not in_use:
+            self._workers.stop(handle)
+
+    def _actor_name(self, process: str) -> str:
+        epoch = self._process_epochs.get(process, 0)
+        return f"{process}.r{epoch}" if process and epoch else process
 
     async def adopt(self) -> int:
         """Take over the workers a previous control plane left running (detached actors).
@@ -149,8 +182,13 @@ class WorkerPool:
                 str(identity["fingerprint"]),
                 int(identity["generation"]),
                 origin=str(identity.get("origin", "")),
+                process=_base_process(handle.process),
                 **_ready(info),
             )
+            if handle.process:  # new models join the process adopted, not an older name
+                base = _base_process(handle.process)
+                epoch = handle.process[len(base) + 2 :] if handle.process != base else "0"
+                self._process_epochs[base] = max(self._process_epochs.get(base, 0), int(epoch))
             self._records[handle.worker_id] = _Record(view, handle)
             adopted += 1
         return adopted
@@ -164,6 +202,9 @@ class WorkerPool:
         for record, verdict in zip(ready, verdicts, strict=True):
             if verdict is not None:
                 log.warning("worker %s died: %s", record.view.id, verdict)
+                process = record.view.process
+                if process and record.handle and record.handle.process == self._actor_name(process):
+                    self._process_epochs[process] = self._process_epochs.get(process, 0) + 1
                 self._observe(record, state="dead", message=verdict, address=None)
 
     async def close(self) -> None:
@@ -183,6 +224,12 @@ class WorkerPool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _base_process(actor_name: str) -> str:
+    """The planner's name of a shared process, without the restart epoch."""
+    base, dot, epoch = actor_name.rpartition(".")
+    return base if dot and epoch.startswith("r") and epoch[1:].isdigit() else actor_name
 
 
 def _ready(info: LoadedInfo) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -126,6 +127,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     (folder / "invalid.yaml").write_text(
         manifest("invalid", "file://digits.tflite", accelerator="tpu")
     )
+    with running_local(folder) as local:
+        local.wait_for({"digits": "Ready", "dtypes": "Ready"})
+        yield local
+
+
+@contextlib.contextmanager
+def running_local(folder: Path, *extra: str) -> Iterator[LocalServer]:
+    """`modelloader local FOLDER` on free ports, stopped (Ctrl-C) at the end."""
     state_dir = Path(tempfile.mkdtemp(prefix="mlst-", dir="/tmp"))
     port, metrics_port = free_port(), free_port()
     log_path = folder.parent / f"{folder.name}.log"
@@ -146,6 +155,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
                 str(folder.parent / "cache"),
                 "--max-request-bytes",
                 str(MAX_REQUEST_BYTES),
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -159,7 +169,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
             assert process.poll() is None, local.log()
             assert time.monotonic() < deadline, local.log()
             time.sleep(0.2)
-        local.wait_for({"digits": "Ready", "dtypes": "Ready"})
         yield local
     finally:
         local.stop()

@@ -224,6 +224,7 @@ def test_status_tells_pending_invalid_and_ready_apart(server: LocalServer) -> No
         "Loaded": "True",
         "Ready": "True",
         "Degraded": "False",
+        "QuotaExceeded": "False",
     }
 
 

@@ -28,3 +28,10 @@ def test_digits_model_matches_its_script_and_classifies_well() -> None:
     assert model == (example / "digits.tflite").read_bytes()
     assert samples == json.loads((example / "samples.json").read_text())
     assert accuracy > 0.95
+
+
+def test_memory_hog_model_matches_its_script() -> None:
+    module = _make_models()
+    hog = (REPO / "tests" / "models" / "memory_hog.tflite").read_bytes()
+    assert module.memory_hog_model() == hog  # type: ignore[attr-defined]
+    assert len(hog) < 4096

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from modelloader.placement import PlacementConfig
+from modelloader.policy import OriginPolicy, policies
+from modelloader.quota import DEFAULT_MODEL_MEMORY
 from modelloader.reconcile import StartWorker, StopWorker, WorkerState, WorkerView, plan
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.status import render
@@ -52,7 +54,7 @@ def view(
 def test_new_model_starts_a_worker() -> None:
     m = model()
     result = plan([m], [], CPU_ONLY)
-    assert result.effects == (StartWorker(m, "cpu", {}),)
+    assert result.effects == (StartWorker(m, "cpu", {}, memory_limit=DEFAULT_MODEL_MEMORY),)
     assert result.states[m.key].phase == "Loading"
 
 
@@ -124,7 +126,11 @@ def test_name_clash_within_an_origin_fails_the_later_model() -> None:
     first = model("same", namespace="a", origin="shop")
     second = model("same", namespace="b", origin="shop")
     other_origin = model("same", namespace="c", origin="elsewhere")
-    result = plan([first, second, other_origin], [], CPU_ONLY)
+    bound = policies(
+        OriginPolicy(""),
+        [OriginPolicy("shop", namespaces=("a", "b")), OriginPolicy("elsewhere", ("c",))],
+    )
+    result = plan([first, second, other_origin], [], CPU_ONLY, policies=bound)
     assert result.states[second.key].phase == "Failed"
     assert "a/same" in result.states[second.key].message
     assert {e.model.key for e in result.effects if isinstance(e, StartWorker)} == {
@@ -141,14 +147,22 @@ def test_gpu_without_gpu_nodes_waits_pending_then_starts() -> None:
     assert state.phase == "Pending"
     assert state.scheduled[0] is False and "GPU" in state.scheduled[2]
     later = plan([m], [], {**CPU_ONLY, "GPU": 1.0})
-    assert later.effects == (StartWorker(m, "gpu", {"GPU": 1.0}),)
+    assert later.effects == (
+        StartWorker(m, "gpu", {"GPU": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
+    )
 
 
 def test_auto_takes_the_best_accelerator_offered() -> None:
     m = model(accelerator="auto")
-    assert plan([m], [], {"CPU": 1, "GPU": 1}).effects == (StartWorker(m, "gpu", {"GPU": 1.0}),)
-    assert plan([m], [], {"CPU": 1, "NPU": 2}).effects == (StartWorker(m, "npu", {"NPU": 1.0}),)
-    assert plan([m], [], {"CPU": 1}).effects == (StartWorker(m, "cpu", {}),)
+    assert plan([m], [], {"CPU": 1, "GPU": 1}).effects == (
+        StartWorker(m, "gpu", {"GPU": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
+    )
+    assert plan([m], [], {"CPU": 1, "NPU": 2}).effects == (
+        StartWorker(m, "npu", {"NPU": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
+    )
+    assert plan([m], [], {"CPU": 1}).effects == (
+        StartWorker(m, "cpu", {}, memory_limit=DEFAULT_MODEL_MEMORY),
+    )
 
 
 def test_cpu_workers_can_be_pinned_to_cpu_nodes() -> None:
@@ -156,8 +170,8 @@ def test_cpu_workers_can_be_pinned_to_cpu_nodes() -> None:
     m, n = model("m", accelerator="cpu"), model("n", accelerator="npu")
     result = plan([m, n], [], {"CPU": 4, "modelloader-cpu": 100, "vendor.com/npu": 1}, config)
     assert result.effects == (
-        StartWorker(m, "cpu", {"modelloader-cpu": 1.0}),
-        StartWorker(n, "npu", {"vendor.com/npu": 1.0}),
+        StartWorker(m, "cpu", {"modelloader-cpu": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
+        StartWorker(n, "npu", {"vendor.com/npu": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
     )
     waiting = plan([m], [], {"CPU": 4}, config)
     assert waiting.states[m.key].phase == "Pending"

@@ -1,10 +1,12 @@
-"""The worker: one process per LoadedModel, hosting one LiteRT model.
+"""The worker: a process hosting one LiteRT model (perModel isolation) or several models of
+one origin (perOrigin), each behind its own data-path listener.
 
 The control plane runs this class as a Ray actor (Ray gives us the process, its placement and
 its lifecycle); the tensors of inference requests bypass Ray and arrive on the worker's own Unix
 socket (`worker_server`). Loading happens in `load`, not in the constructor, so a model that
 LiteRT rejects comes back as a readable error while the process is still alive to say so. The
-worker remembers whom it serves (`info`), so a restarted control plane can adopt it.
+worker remembers whom it serves (`info`), so a restarted control plane can adopt it. Before
+the first model is parsed, the process limits itself (`process_limits`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from modelloader_workers import process_limits
 from modelloader_workers.accelerated_runner import load_runner
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker_server import WorkerServer
+
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class LoadRequest:
     delegation: str = "partitioned"
     identity: tuple[tuple[str, Any], ...] = ()  # key, fingerprint, generation: for adoption
     delegate: ExternalDelegate | None = None  # a delegate library for this accelerator class
+    memory_limit: int = 0  # bytes this model may add to the process; 0: unlimited
+    model_id: str = ""  # which of the process's models this is (its worker id)
 
 
 @dataclass(frozen=True)
@@ -68,26 +75,50 @@ def _reachable(address: str) -> str:
     return f"tcp:{host}:{address[len(prefix) :]}"
 
 
+@dataclass
+class _Hosted:
+    server: WorkerServer
+    info: LoadedInfo
+    budget: int  # bytes of address space this model may take
+
+
 class ModelWorker:
     def __init__(self) -> None:
-        self._server: WorkerServer | None = None
-        self._info: LoadedInfo | None = None
+        self._hosted: dict[str, _Hosted] = {}
+        self._baseline = 0  # the address space before the first model; 0 until then
+        self.hardening: list[str] = []
 
     def load(self, request: LoadRequest) -> LoadedInfo:
-        if self._info is not None:
-            return self._info  # idempotent: a retried call finds the model loaded
-        runner, execution = load_runner(
-            request.model_path,
-            request.threads,
-            request.accelerator,
-            request.delegation,
-            request.delegate,
-        )
-        self._server = WorkerServer(runner, request.listen)
-        self._info = LoadedInfo(
+        hosted = self._hosted.get(request.model_id)
+        if hosted is not None:
+            return hosted.info  # idempotent: a retried call finds the model loaded
+        if not self.hardening:
+            self.hardening = process_limits.harden()
+            self._baseline = process_limits.address_space()
+        budget = process_limits.model_budget(request.memory_limit, request.threads)
+        limited = self._limit_memory(budget) if budget else False
+        try:
+            runner, execution = load_runner(
+                request.model_path,
+                request.threads,
+                request.accelerator,
+                request.delegation,
+                request.delegate,
+            )
+            server = WorkerServer(runner, request.listen)
+        except (ModelLoadError, MemoryError, OSError) as error:
+            self._limit_memory(0)
+            text = str(error).strip() or type(error).__name__
+            if limited:
+                text += (
+                    f" (the model may use up to {request.memory_limit // MiB} MiB of memory: "
+                    "raise spec.resources.memory if it needs more)"
+                )
+            raise ModelLoadError(text) from None
+        info = LoadedInfo(
             signature=runner.signature.to_dict(),
             load_seconds=runner.load_seconds,
-            address=_reachable(self._server.address),
+            address=_reachable(server.address),
             pid=os.getpid(),
             node_id=_node_id(),
             host=socket.gethostname(),
@@ -97,17 +128,33 @@ class ModelWorker:
             note=execution.note,
             identity=dict(request.identity),
         )
-        return self._info
+        self._hosted[request.model_id] = _Hosted(server, info, budget)
+        return info
 
-    def info(self) -> LoadedInfo:
-        if self._info is None:
-            raise ModelLoadError("the worker has not loaded a model")
-        return self._info
+    def _limit_memory(self, extra: int) -> bool:
+        """Room for the hosted models plus `extra`; unlimited while any model asks no limit."""
+        budgets = [h.budget for h in self._hosted.values()]
+        if 0 in budgets:
+            return False
+        total = sum(budgets) + extra
+        return process_limits.limit_memory(process_limits.MemoryBudget(self._baseline, total))
+
+    def info(self) -> list[LoadedInfo]:
+        """What this process serves, one entry per hosted model."""
+        return [h.info for h in self._hosted.values()]
+
+    def unload(self, model_id: str) -> int:
+        """Stop serving one model; returns how many the process still hosts."""
+        hosted = self._hosted.pop(model_id, None)
+        if hosted is not None:
+            hosted.server.close()
+            self._limit_memory(0)
+        return len(self._hosted)
 
     def ping(self) -> int:
         return os.getpid()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for hosted in self._hosted.values():
+            hosted.server.close()
+        self._hosted.clear()

@@ -21,6 +21,10 @@ from modelloader_workers.signature import InvalidRequest, check_inputs, check_ou
 
 log = logging.getLogger(__name__)
 
+# Connections served at once; more wait in the listen backlog. The interpreter runs one call
+# at a time anyway, and each connection's thread reserves a stack in the memory budget.
+MAX_CONNECTIONS = 32
+
 
 class WorkerServer:
     def __init__(self, runner: Runner, listen: str) -> None:
@@ -47,10 +51,12 @@ class WorkerServer:
         else:
             raise ValueError(f"cannot listen on {listen!r}: use unix:/path or tcp:HOST")
         self._listener.listen(128)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True).start()
 
     def _accept_loop(self) -> None:
         while True:
+            self._slots.acquire()
             try:
                 conn, _ = self._listener.accept()
             except OSError:
@@ -58,6 +64,12 @@ class WorkerServer:
             threading.Thread(target=self._serve, args=(conn,), name="ipc-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._serve_connection(conn)
+        finally:
+            self._slots.release()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
         if conn.family == socket.AF_INET:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small replies, now
         with conn:

@@ -59,16 +59,23 @@ class DataPlane:
     def model_ready(self, origin: str, name: str, version: str | None = None) -> bool:
         return self._entry(origin, name, version).ready
 
-    def model_metadata(self, origin: str, name: str, version: str | None = None) -> dict[str, Any]:
+    def model_metadata(
+        self, origin: str, name: str, version: str | None = None, details: bool = False
+    ) -> dict[str, Any]:
+        """`details`: include where the model runs (node, accelerator, delegate). Off unless
+        the origin's policy exposes them: hardware details help fingerprint a device."""
         entry = self._entry(origin, name, version)
         if entry.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {entry.message or 'loading'}")
-        return {
+        metadata = {
             "name": name,
             "versions": [MODEL_VERSION],
             "platform": PLATFORM,
             **entry.signature.to_dict(),
         }
+        if details and entry.placement:
+            metadata["parameters"] = {"placement": dict(entry.placement)}
+        return metadata
 
     async def infer(
         self,

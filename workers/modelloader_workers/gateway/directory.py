@@ -2,13 +2,14 @@
 
 The control plane publishes entries here (in-process for `modelloader local`); the data plane
 only reads. Every lookup names the caller's origin, so a caller can never reach another origin's
-model: for now every caller acts for one origin, later a bearer token decides which.
+model: the caller's bearer token decides which origin it acts for (`access`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from modelloader_workers.signature import Signature
 
@@ -21,6 +22,9 @@ class ModelEntry:
     message: str = ""
     signature: Signature | None = None
     address: str | None = None  # the worker's data-path socket while ready
+    accelerator: str = "cpu"  # what runs it (cpu, gpu, npu): labels its busy time in metrics
+    # Where it runs (node, accelerator, delegate): shown only to origins whose policy says so.
+    placement: Mapping[str, Any] | None = None
 
 
 class ModelDirectory:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -9,20 +10,35 @@ from typing import Any
 from aiohttp import web
 
 from modelloader_workers.gateway import codec
+from modelloader_workers.gateway.access import (
+    AccessTable,
+    OriginLimiter,
+    TooManyRequests,
+    Unauthorized,
+    authenticate,
+    open_table,
+)
 from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane
 from modelloader_workers.gateway.errors import DataPlaneError, PayloadTooLarge
 from modelloader_workers.gateway.metrics import GatewayMetrics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Every caller acts for this origin until per-origin tokens arrive: the one place to change.
-ANONYMOUS_ORIGIN = "default"
 
-OriginOf = Callable[[web.Request], str]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _error_headers(error: DataPlaneError) -> dict[str, str] | None:
+    if isinstance(error, TooManyRequests):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": 'Bearer realm="modelloader"'}
+    return None
 
 
 def _errors_as_json(max_request_bytes: int) -> Any:
@@ -33,7 +49,7 @@ def _errors_as_json(max_request_bytes: int) -> Any:
         try:
             return await handler(request)
         except DataPlaneError as error:
-            return error_response(error.status, error.message)
+            return error_response(error.status, error.message, _error_headers(error))
         except web.HTTPRequestEntityTooLarge:
             return error_response(
                 413, f"request body is over the limit of {max_request_bytes} bytes"
@@ -52,8 +68,17 @@ def build_app(
     *,
     max_request_bytes: int = 64 << 20,
     ready: Callable[[], bool] = lambda: True,
-    origin_of: OriginOf = lambda _request: ANONYMOUS_ORIGIN,
+    access: Callable[[], AccessTable] = open_table,
+    limiter: OriginLimiter | None = None,
 ) -> web.Application:
+    """`access` returns the current table of tokens and origin limits (the control plane
+    replaces it as Secrets and OriginPolicies change); without one, every caller acts for the
+    `default` origin."""
+    limiter = limiter or OriginLimiter()
+
+    def origin_of(request: web.Request) -> str:
+        return authenticate(access(), request.headers.get("Authorization"))
+
     app = web.Application(
         middlewares=[_errors_as_json(max_request_bytes)], client_max_size=max_request_bytes
     )
@@ -70,7 +95,9 @@ def build_app(
 
     async def model_metadata(request: web.Request) -> web.Response:
         name, version = _model(request)
-        return web.json_response(dataplane.model_metadata(origin_of(request), name, version))
+        origin = origin_of(request)
+        details = access().of(origin).expose_accelerator_details
+        return web.json_response(dataplane.model_metadata(origin, name, version, details))
 
     async def model_ready(request: web.Request) -> web.Response:
         name, version = _model(request)
@@ -80,11 +107,15 @@ def build_app(
     async def infer(request: web.Request) -> web.Response:
         started = time.perf_counter()
         name, version = _model(request)
-        origin = origin_of(request)
-        known = dataplane.directory.lookup(origin, name) is not None
-        labels = (origin, name if known else "")  # unknown names must not grow the series
+        labels = ("", "")  # who is unknown until authenticated
         status = 500
+        entered = ""
         try:
+            origin = origin_of(request)
+            known = dataplane.directory.lookup(origin, name) is not None
+            labels = (origin, name if known else "")  # unknown names must not grow the series
+            limiter.enter(origin, access().of(origin))
+            entered = origin
             if request.content_length is not None and request.content_length > max_request_bytes:
                 raise PayloadTooLarge(
                     f"request body is over the limit of {max_request_bytes} bytes"
@@ -101,6 +132,9 @@ def build_app(
                 metrics.response_bytes.labels(*labels).observe(len(payload))
                 metrics.queue_duration.labels(*labels).observe(result.queue_seconds)
                 metrics.inference_duration.labels(*labels).observe(result.invoke_seconds)
+                entry = dataplane.directory.lookup(origin, name)
+                accelerator = entry.accelerator if entry is not None else "cpu"
+                metrics.accelerator_busy.labels(*labels, accelerator).inc(result.invoke_seconds)
         except DataPlaneError as error:
             status = error.status
             raise
@@ -108,6 +142,8 @@ def build_app(
             status = error.status
             raise
         finally:
+            if entered:
+                limiter.leave(entered)
             if metrics is not None:
                 metrics.requests.labels(*labels, str(status)).inc()
                 metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)

@@ -1,5 +1,9 @@
 """The gateway's Prometheus series. Workers report their queue and invoke times in each reply,
-so one scrape of the gateway sees the data plane's numbers, workers included."""
+so one scrape of the gateway sees the data plane's numbers, workers included.
+
+Labels stay bounded: `origin` and `model` come from the directory (a name that is not served is
+counted under `model=""`), `accelerator` is cpu, gpu or npu, `code` an HTTP status.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +67,14 @@ class GatewayMetrics:
             "Inference request body size.",
             labels,
             buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        # Utilisation is rate() of this: seconds the model's accelerator spent invoking it per
+        # second. CPU, GPU and NPU alike; summed per origin it is the origin's share.
+        self.accelerator_busy = Counter(
+            "modelloader_accelerator_busy_seconds",
+            "Interpreter invoke time, as reported by the workers, by the accelerator that ran it.",
+            [*labels, "accelerator"],
             registry=registry,
         )
         self.response_bytes = Histogram(
