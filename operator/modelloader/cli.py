@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from modelloader_workers.litert_runner import ExternalDelegate
 
 from modelloader import control_channel
+from modelloader.policy import OriginPolicy, parse_policy_spec
+from modelloader.resource import ManifestError
 from modelloader.sources import default_roots
 
 
@@ -149,6 +152,24 @@ def _parser() -> argparse.ArgumentParser:
         "(the gateway shares the workers' node and --state-dir)",
     )
 
+    op.add_argument(
+        "--default-policy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML: the OriginPolicy spec of origins without an OriginPolicy "
+        "(default: no limits, perModel isolation, no anonymous calls)",
+    )
+    op.add_argument(
+        "--webhook-port",
+        type=int,
+        default=0,
+        help="serve the validating admission webhook for LoadedModels on this port "
+        "(path /validate-loadedmodel; default 0: off)",
+    )
+    op.add_argument("--webhook-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    op.add_argument("--webhook-key", type=Path, default=None, help="TLS private key (PEM)")
+
     gw = commands.add_parser("gateway", help="serve the v2 API for workers found through Ray")
     gw.add_argument("--host", default="0.0.0.0")
     gw.add_argument("--port", type=int, default=8080)
@@ -200,9 +221,23 @@ def _operator(args: argparse.Namespace) -> int:
         delegates=dict(parse_delegate(d) for d in args.delegate),
         worker_transport=args.worker_transport,
         metrics_port=args.metrics_port,
+        default_policy=_default_policy(args.default_policy),
+        webhook_port=args.webhook_port,
+        webhook_cert=args.webhook_cert,
+        webhook_key=args.webhook_key,
     )
     asyncio.run(run_operator(config))
     return 0
+
+
+def _default_policy(path: Path | None) -> OriginPolicy:
+    if path is None:
+        return OriginPolicy("")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+        return parse_policy_spec(spec)
+    except (OSError, yaml.YAMLError, ManifestError, AttributeError) as error:
+        raise SystemExit(f"--default-policy {path}: {error}") from None
 
 
 def parse_delegate(text: str) -> tuple[str, ExternalDelegate]:

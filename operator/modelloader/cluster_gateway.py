@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from aiohttp import web
+from modelloader_workers.gateway.access import AccessTable
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
 from modelloader_workers.gateway.http_v2 import build_app
@@ -25,7 +26,7 @@ from modelloader_workers.worker import LoadedInfo
 from prometheus_client import CollectorRegistry
 
 from modelloader.metrics_endpoint import serve_metrics
-from modelloader.ray_workers import RayWorkers, connect_ray
+from modelloader.ray_workers import RayWorkers, connect_ray, read_access
 from modelloader.reconcile import SHARED_PROCESS_PREFIX
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,13 @@ class ClusterGateway:
         # once, and only list names on every refresh. Shared (perOrigin) processes gain and
         # lose models, so they are asked on every refresh.
         self._known: dict[str, list[LoadedInfo]] = {}
+        # Until the operator has published tokens, nobody gets in (not everybody).
+        self.access = AccessTable()
 
     async def refresh_once(self, workers: RayWorkers) -> None:
+        table = await read_access()
+        if table is not None:
+            self.access = table
         names = await workers.names()
         current = {name for name, _ in names}
         self._known = {n: i for n, i in self._known.items() if n in current}
@@ -100,6 +106,7 @@ class ClusterGateway:
             GatewayMetrics(registry),
             max_request_bytes=max_request_bytes,
             ready=synced.is_set,
+            access=lambda: self.access,
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -1,4 +1,5 @@
-"""The one place the control loop talks to the Kubernetes API itself: status patches.
+"""The one place the control loop talks to the Kubernetes API itself: status patches (of
+LoadedModels and OriginPolicies) and Events.
 
 kopf owns watching, finalizers and events; the reconcile loop runs outside kopf's handlers (it
 plans over all LoadedModels at once), so it patches `status` through the status subresource
@@ -41,6 +42,15 @@ class KubeClient:
         async with self._session.patch(
             self._path(namespace, name), json={"status": status}
         ) as response:
+            if response.status == 404:
+                return False
+            response.raise_for_status()
+            return True
+
+    async def patch_origin_status(self, origin: str, status: dict[str, Any]) -> bool:
+        """An OriginPolicy's status (cluster-scoped); False when it is gone."""
+        url = f"{self._server}/apis/{API_GROUP}/{API_VERSION}/originpolicies/{origin}/status"
+        async with self._session.patch(url, json={"status": status}) as response:
             if response.status == 404:
                 return False
             response.raise_for_status()

@@ -21,6 +21,7 @@ from typing import Any
 
 import kopf
 from aiohttp import web
+from modelloader_workers.gateway.access import AccessTable
 from modelloader_workers.litert_runner import ExternalDelegate
 from prometheus_client import CollectorRegistry
 
@@ -30,15 +31,28 @@ from modelloader.kube_client import KubeClient
 from modelloader.manifests import Rejected
 from modelloader.metrics_endpoint import serve_metrics
 from modelloader.placement import PlacementConfig
-from modelloader.ray_workers import RayWorkers, connect_ray
+from modelloader.policy import OriginPolicy, Policies, parse_origin_policy, policies
+from modelloader.quota import OriginUsage
+from modelloader.ray_workers import RayWorkers, connect_ray, publish_access
+from modelloader.reconcile import unbound_message
 from modelloader.reconciler import Reconciler
 from modelloader.resource import LoadedModel, ManifestError, parse_loaded_model
 from modelloader.sources import ModelSources, SourcePolicy
+from modelloader.status import render_origin
+from modelloader.tenancy import (
+    ORIGIN_LABEL,
+    SecretProblem,
+    TokenSecret,
+    access_table,
+    parse_token_secret,
+)
 from modelloader.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
 PLURAL = "loadedmodels"
+POLICY_PLURAL = "originpolicies"
+WEBHOOK_ID = "validate-loadedmodel"  # the webhook's URL path (the chart's webhook.path)
 FINALIZER = f"{API_GROUP}/finalizer"
 
 
@@ -56,6 +70,13 @@ class OperatorConfig:
     scan_seconds: float = 10.0  # how often Ray is searched for workers nobody asked for
     namespaces: tuple[str, ...] = ()  # empty: the whole cluster
     metrics_port: int = 0  # Prometheus /metrics on every interface (the CLI: 9090); 0: none
+    # Origins without an OriginPolicy get this one (`--default-policy FILE`).
+    default_policy: OriginPolicy = field(default_factory=lambda: OriginPolicy(""))
+    # The validating admission webhook (`--webhook-port`); without a certificate it speaks
+    # plain HTTP (tests); the chart mounts one made by Helm.
+    webhook_port: int = 0
+    webhook_cert: Path | None = None
+    webhook_key: Path | None = None
 
 
 class LoadedModelOperator:
@@ -65,6 +86,10 @@ class LoadedModelOperator:
         self.metrics = ControlMetrics(CollectorRegistry())
         self.bodies: dict[str, dict[str, Any]] = {}  # key -> the LoadedModel as last seen
         self.patched: dict[str, dict[str, Any]] = {}  # key -> the status we last wrote
+        self.policy_bodies: dict[str, dict[str, Any]] = {}  # origin -> OriginPolicy as seen
+        self.token_secrets: dict[str, TokenSecret | SecretProblem] = {}  # ns/name -> digest
+        self.origins_patched: dict[str, dict[str, Any]] = {}
+        self._access_published: AccessTable | None = None
         self.pool: WorkerPool | None = None
         self.reconciler: Reconciler | None = None
         self._wake = asyncio.Event()
@@ -92,6 +117,15 @@ class LoadedModelOperator:
             )
             settings.posting.level = logging.INFO
             settings.watching.server_timeout = 60
+            if self.config.webhook_port:
+                cert, key = self.config.webhook_cert, self.config.webhook_key
+                settings.admission.server = kopf.WebhookServer(
+                    addr="0.0.0.0",
+                    port=self.config.webhook_port,
+                    certfile=str(cert) if cert else None,
+                    pkeyfile=str(key) if key else None,
+                    insecure=cert is None,
+                )
             await self._start()
 
         @on.login(registry=self.registry)
@@ -114,6 +148,42 @@ class LoadedModelOperator:
             else:
                 self.bodies[key] = dict(body)
             self._wake.set()
+
+        @on.event(API_GROUP, API_VERSION, POLICY_PLURAL, registry=self.registry)
+        def policy_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+            if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+                self.policy_bodies.pop(str(body.metadata.name), None)
+            else:
+                self.policy_bodies[str(body.metadata.name)] = dict(body)
+            self._wake.set()
+
+        @on.event("", "v1", "secrets", labels={ORIGIN_LABEL: kopf.PRESENT}, registry=self.registry)
+        def secret_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+            # Only the token's digest is kept: the operator never holds tokens.
+            key = f"{body.metadata.namespace}/{body.metadata.name}"
+            if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+                self.token_secrets.pop(key, None)
+            else:
+                self.token_secrets[key] = parse_token_secret(body)
+            self._wake.set()
+
+        # kopf refuses to start with admission handlers and no server: register only if served.
+        if self.config.webhook_port:
+
+            @on.validate(*resource, id=WEBHOOK_ID, registry=self.registry)
+            def admit_loaded_model(body: kopf.Body, **_: Any) -> None:
+                """Fail `kubectl apply` fast on what reconciling would fail; the reconcile loop
+                stays the authority (quotas are not checked here: over-quota models wait)."""
+                meta = body.get("metadata", {})
+                namespace = str(meta.get("namespace") or "default")
+                doc = {**body, "metadata": {**meta, "name": meta.get("name") or "pending-name"}}
+                try:
+                    model = parse_loaded_model(doc, default_namespace=namespace)
+                except ManifestError as error:
+                    raise kopf.AdmissionError(str(error), code=422) from None
+                origin = model.spec.origin
+                if not self.current_policies().binds(origin, namespace):
+                    raise kopf.AdmissionError(unbound_message(origin, namespace), code=403)
 
         @on.delete(*resource, registry=self.registry)
         def deleted(body: kopf.Body, **_: Any) -> None:
@@ -202,8 +272,47 @@ class LoadedModelOperator:
         if time.monotonic() - self._capacity_at > 5.0:
             self._capacity = await asyncio.to_thread(self._workers.capacity)
             self._capacity_at = time.monotonic()
-        outcome = self.reconciler.step(models, rejected, self._capacity)
+        known = self.current_policies()
+        outcome = self.reconciler.step(models, rejected, self._capacity, known)
         await self._publish(outcome.statuses)
+        await self._publish_origins(outcome.origins, known)
+        secrets = [s for s in self.token_secrets.values() if isinstance(s, TokenSecret)]
+        table, problems = access_table(known, secrets)
+        for problem in problems:
+            log.warning("Secret %s/%s: %s", problem.namespace, problem.name, problem.message)
+        if table != self._access_published:
+            await publish_access(table)
+            self._access_published = table
+
+    def current_policies(self) -> Policies:
+        found = []
+        for name, body in self.policy_bodies.items():
+            try:
+                found.append(parse_origin_policy(body))
+            except ManifestError as error:
+                # The CRD's schema rejects most of this at the API server; the rest is logged
+                # and the origin falls back to the default policy.
+                log.warning("OriginPolicy %s is invalid, using the default: %s", name, error)
+        return policies(self.config.default_policy, found)
+
+    async def _publish_origins(
+        self, origins: Mapping[str, dict[str, Any]], known: Policies
+    ) -> None:
+        """Usage against each limit in the status of each OriginPolicy that exists."""
+        if self._client is None:
+            return
+        for origin in known.by_origin:
+            rendered = origins.get(origin) or render_origin(OriginUsage(origin, {}, {}), True)
+            rendered = {**rendered, "observedGeneration": _generation(self.policy_bodies[origin])}
+            if self.origins_patched.get(origin) == rendered:
+                continue
+            try:
+                if await self._client.patch_origin_status(origin, rendered):
+                    self.origins_patched[origin] = rendered
+            except Exception as error:  # status is a report: the next pass tries again
+                log.warning("patching OriginPolicy %s status failed: %s", origin, error)
+        for gone in set(self.origins_patched) - set(known.by_origin):
+            del self.origins_patched[gone]
 
     async def _publish(self, statuses: Mapping[str, dict[str, Any]]) -> None:
         if self._client is None:
@@ -232,6 +341,10 @@ class LoadedModelOperator:
             await self._client.post_event(body, kind, phase, str(rendered.get("message") or phase))
         except Exception as error:
             log.warning("posting an event failed: %s", error)
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(body.get("metadata", {}).get("generation") or 1)
 
 
 def desired(bodies: Any) -> tuple[list[LoadedModel], list[Rejected]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from modelloader_workers.gateway.access import AccessBoard, AccessTable
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
@@ -91,6 +92,36 @@ async def connect_ray(address: str | None, role: str) -> None:
             log_to_driver=False,
             namespace=f"modelloader-{role}",
         )
+
+
+ACCESS_BOARD_NAME = "access-table"
+SYSTEM_NAMESPACE = "modelloader-system"
+
+
+async def publish_access(table: AccessTable) -> None:
+    """Hand the gateways a new table of token digests and origin limits."""
+    board: Any = (
+        ray.remote(AccessBoard)
+        .options(
+            name=ACCESS_BOARD_NAME,
+            namespace=SYSTEM_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        )
+        .remote()
+    )
+    await asyncio.wait_for(board.put.remote(table), 30)
+
+
+async def read_access() -> AccessTable | None:
+    """The table the operator published; None before it has published one."""
+    try:
+        board: Any = await asyncio.to_thread(ray.get_actor, ACCESS_BOARD_NAME, SYSTEM_NAMESPACE)
+        table: AccessTable | None = await asyncio.wait_for(board.get.remote(), 10)
+    except (ValueError, RayError, TimeoutError):
+        return None
+    return table
 
 
 def stop_ray() -> None:

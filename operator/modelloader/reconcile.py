@@ -110,7 +110,7 @@ def plan(
         origin, namespace = model.spec.origin, model.namespace
         if not policies.binds(origin, namespace):
             effects += [StopWorker(w.id, "origin not bound") for w in by_key.pop(model.key, [])]
-            states[model.key] = _failed(_unbound_message(origin, namespace), "OriginNotBound")
+            states[model.key] = _failed(unbound_message(origin, namespace), "OriginNotBound")
             continue
         owner = served_names.setdefault((origin, model.name), model.key)
         if owner != model.key:
@@ -324,7 +324,7 @@ def _still_serving(fallback: WorkerView | None) -> str:
     return f"; generation {fallback.generation} keeps serving" if fallback else ""
 
 
-def _unbound_message(origin: str, namespace: str) -> str:
+def unbound_message(origin: str, namespace: str) -> str:
     return (
         f"spec.origin: namespace {namespace!r} may not act for origin {origin!r}; an origin is "
         f"claimed from the namespace of its name or from those its OriginPolicy lists in "

@@ -302,3 +302,126 @@ def test_spec_update_switches_without_failed_requests(
     )
     kube.delete("rolling")
     wait_until(lambda: kube.get("rolling") is None, what="deleted")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def admission_review(obj: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0f0e0d0c",
+            "kind": {"group": "modelloader.dev", "version": "v1alpha1", "kind": "LoadedModel"},
+            "resource": {
+                "group": "modelloader.dev",
+                "version": "v1alpha1",
+                "resource": "loadedmodels",
+            },
+            "operation": "CREATE",
+            "namespace": obj["metadata"]["namespace"],
+            "name": obj["metadata"]["name"],
+            "object": obj,
+            "userInfo": {"username": "tenant"},
+            "dryRun": False,
+        },
+    }
+
+
+def test_origin_policy_quota_tokens_and_the_admission_webhook(
+    kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
+) -> None:
+    import dataclasses
+    import json
+    import urllib.request
+
+    from modelloader.ray_workers import read_access
+    from modelloader_workers.gateway.access import token_digest
+
+    policies_path = "/apis/modelloader.dev/v1alpha1/originpolicies"
+    policy = {
+        "apiVersion": "modelloader.dev/v1alpha1",
+        "kind": "OriginPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"quota": {"maxModels": 1}},
+    }
+    code, body = kube.request("POST", policies_path, policy)
+    assert code in (200, 201), body
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "default-token",
+            "namespace": "default",
+            "labels": {"modelloader.dev/origin": "default"},
+        },
+        "stringData": {"token": "a-token-for-default-0123456789"},
+    }
+    code, body = kube.request("POST", "/api/v1/namespaces/default/secrets", secret)
+    assert code in (200, 201), body
+    port = free_port()
+    running = start_operator(dataclasses.replace(config, webhook_port=port))
+    try:
+        kube.apply(manifest("quota-1"))
+        wait_until(lambda: ready(kube, "quota-1"), 90, "the first model within quota")
+        kube.apply(manifest("quota-2"))
+        waiting = wait_until(
+            lambda: next(
+                (
+                    c
+                    for c in status(kube, "quota-2").get("conditions", [])
+                    if c["type"] == "QuotaExceeded" and c["status"] == "True"
+                ),
+                None,
+            ),
+            30,
+            "the second model waiting for quota",
+        )
+        assert waiting["reason"] == "maxModels" and status(kube, "quota-2")["phase"] == "Pending"
+        usage = wait_until(
+            lambda: (kube.request("GET", f"{policies_path}/default")[1].get("status") or {}).get(
+                "usage"
+            ),
+            30,
+            "usage in the OriginPolicy's status",
+        )
+        assert usage["models"] == 1
+        # Tokens reach the gateways through Ray, as digests.
+        table = wait_until(lambda: asyncio.run(read_access()), 30, "the access table")
+        assert table.token_digests == {token_digest("a-token-for-default-0123456789"): "default"}
+        assert table.anonymous_origin is None
+
+        def review(obj: dict[str, Any]) -> dict[str, Any]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/validate-loadedmodel",
+                data=json.dumps(admission_review(obj)).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer: dict[str, Any] = json.loads(response.read())["response"]
+                return answer
+
+        assert review(manifest("fine"))["allowed"] is True
+        claim = manifest("intruder", origin="shop")
+        rejected = review(claim)
+        assert rejected["allowed"] is False
+        assert "may not act for origin 'shop'" in rejected["status"]["message"]
+        wrong = manifest("wrong", accelerator="tpu")
+        assert "spec.accelerator" in review(wrong)["status"]["message"]
+        # Room frees up: the waiting model proceeds.
+        kube.delete("quota-1")
+        wait_until(lambda: ready(kube, "quota-2"), 90, "the waiting model once room frees up")
+    finally:
+        for name in ("quota-1", "quota-2"):
+            kube.delete(name)
+        wait_until(lambda: kube.get("quota-2") is None, 60, "cleanup")
+        kube.request("DELETE", f"{policies_path}/default")
+        kube.request("DELETE", "/api/v1/namespaces/default/secrets/default-token")
+        running.stop()

@@ -89,6 +89,7 @@ def test_a_new_control_plane_finds_running_workers(workers: RayWorkers, digits_m
             "origin": "placement",
             "fingerprint": m.fingerprint,
             "generation": 1,
+            "worker_id": worker_name(m),
         }
         # Starting the same worker again takes over the running one: no duplicate process.
         _, same = await successor.start(worker_name(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})

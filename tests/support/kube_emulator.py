@@ -36,6 +36,8 @@ LOADEDMODELS = "modelloader.dev/v1alpha1/loadedmodels"
 CRDS = "apiextensions.k8s.io/v1/customresourcedefinitions"
 NAMESPACES = "v1/namespaces"
 EVENTS = "v1/events"
+ORIGINPOLICIES = "modelloader.dev/v1alpha1/originpolicies"
+SECRETS = "v1/secrets"
 
 # kopf silently skips resources that lack the list+watch+patch verbs in discovery.
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
@@ -69,6 +71,17 @@ def register_modelloader_resources(
         verbs=ALL_VERBS - {"deletecollection"},
         subresources={"status", "finalize"},
     )
+    emu.resources[ORIGINPOLICIES] = kmock.ResourceInfo(
+        kind="OriginPolicy",
+        singular="originpolicy",
+        namespaced=False,
+        shortnames={"op"},
+        verbs=ALL_VERBS,
+        subresources={"status"},
+    )
+    emu.resources[SECRETS] = kmock.ResourceInfo(
+        kind="Secret", singular="secret", namespaced=True, verbs=ALL_VERBS
+    )
     emu.resources[EVENTS] = kmock.ResourceInfo(
         kind="Event",
         singular="event",
@@ -91,6 +104,36 @@ def register_modelloader_resources(
                 "singular": "loadedmodel",
                 "shortNames": ["lm"],
                 "listKind": "LoadedModelList",
+            },
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    emu.objects[CRDS, None, "originpolicies.modelloader.dev"] = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "originpolicies.modelloader.dev"},
+        "spec": {
+            "group": "modelloader.dev",
+            "scope": "Cluster",
+            "names": {
+                "kind": "OriginPolicy",
+                "plural": "originpolicies",
+                "singular": "originpolicy",
+                "shortNames": ["op"],
+                "listKind": "OriginPolicyList",
             },
             "versions": [
                 {

@@ -139,3 +139,18 @@ class OriginLimiter:
             self._in_flight[origin] = left
         else:
             self._in_flight.pop(origin, None)
+
+
+class AccessBoard:
+    """Holds the current AccessTable in the Ray cluster (a detached actor): the operator
+    writes it as Secrets and OriginPolicies change, every gateway reads it. Gateways need no
+    Kubernetes API access at all."""
+
+    def __init__(self) -> None:
+        self._table: AccessTable | None = None
+
+    def put(self, table: AccessTable) -> None:
+        self._table = table
+
+    def get(self) -> AccessTable | None:
+        return self._table
