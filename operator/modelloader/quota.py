@@ -59,7 +59,7 @@ def model_cpu(model: LoadedModel) -> float:
 def limits_of(policy: OriginPolicy) -> dict[str, float | None]:
     q = policy.quota
     workers = q.max_workers
-    if policy.isolation == "perOrigin":
+    if policy.isolation == "perOrigin" and q.max_workers != 0:
         workers = policy.process_slots()
     return {
         "models": q.max_models,
@@ -162,7 +162,9 @@ def _demand(
         "models": 1.0,
         # perOrigin models share the origin's process slots: a new process only while slots
         # are free, and never more than the slots (placement spreads models over them).
-        "workers": (1.0 if used["workers"] < policy.process_slots() else 0.0) if shared else 1.0,
+        "workers": (1.0 if used["workers"] < policy.process_slots() else 0.0)
+        if shared and policy.quota.max_workers != 0
+        else 1.0,
         "memory": float(model_memory(model)),
         "cpu": model_cpu(model),
         "gpus": 1.0 if accelerator == "gpu" else 0.0,

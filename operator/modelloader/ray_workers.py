@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_PREFIX = "modelloader-origin-"
 ACTOR_PREFIX = "lm."
+# Pre-started worker processes, each handed to one model and never reused (see start()).
+WARM_NAMESPACE = "modelloader-warm"
+WARM_PREFIX = "lmw."
 # Unix socket paths are limited to 107 bytes; our names take 22.
 MAX_SOCKET_DIR = 80
 
@@ -50,6 +55,7 @@ class WorkerHandle:
     actor: Any
     socket_path: Path
     process: str = ""  # the actor's name when shared by several models (perOrigin)
+    warm_name: str = ""  # the actor's name when it came from the warm pool
 
     @property
     def shared(self) -> bool:
@@ -137,6 +143,8 @@ class RayWorkers:
         detached: bool = False,
         delegates: Mapping[str, ExternalDelegate] | None = None,
         tcp: bool = False,
+        warm: int = 0,
+        warm_resources: Mapping[str, float] | None = None,
     ) -> None:
         if len(str(socket_dir)) > MAX_SOCKET_DIR:
             raise ValueError(
@@ -154,6 +162,17 @@ class RayWorkers:
         # a Unix socket in a private folder is enough and faster.
         self._tcp = tcp
         self._remote: Any = ray.remote(ModelWorker)
+        # A non-detached actor ends when its creator's handle goes (handles from get_actor do
+        # not count), so the adapter keeps the handles it made: a control loop restarted in
+        # the same process then finds its workers alive.
+        self._owned: dict[str, Any] = {}
+        # The warm pool: idle processes that have imported everything a worker needs, so
+        # apply -> Ready does not wait for a process to start. Each serves one model of one
+        # origin and dies with it; it is never given to anyone else. CPU models without Ray
+        # reservations of their own take one (a reservation is fixed when a process starts).
+        self._warm_target = warm
+        self._warm_resources = dict(warm_resources or {})
+        self._warm: list[tuple[str, Any]] = []  # (name, actor), oldest first
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -161,6 +180,40 @@ class RayWorkers:
 
     def _socket_path(self, worker_id: str) -> Path:
         return self._socket_dir / f"{hashlib.sha256(worker_id.encode()).hexdigest()[:16]}.sock"
+
+    def fill_warm_pool(self) -> None:
+        """Start warm processes up to the pool's size (non-blocking)."""
+        while len(self._warm) < self._warm_target:
+            name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
+            options: dict[str, Any] = {
+                "name": name,
+                "namespace": WARM_NAMESPACE,
+                "num_cpus": 0,
+                "max_restarts": 0,
+            }
+            if self._warm_resources:
+                options["resources"] = dict(self._warm_resources)
+            if self._detached:
+                options["lifetime"] = "detached"
+            actor: Any = self._remote.options(**options).remote()
+            actor.ping.remote()  # the process starts now, not when a model needs it
+            self._owned[name] = actor
+            self._warm.append((name, actor))
+
+    def _take_warm(
+        self, model: LoadedModel, resources: Mapping[str, float], process: str
+    ) -> tuple[str, Any] | None:
+        eligible = (
+            not process
+            and not model.spec.resources.cpu
+            and not model.spec.resources.memory_bytes
+            and dict(resources) == self._warm_resources
+        )
+        if not eligible or not self._warm:
+            return None
+        taken = self._warm.pop(0)
+        self.fill_warm_pool()
+        return taken
 
     async def start(
         self,
@@ -197,8 +250,17 @@ class RayWorkers:
             options["resources"] = extra
         if self._detached:
             options["lifetime"] = "detached"
-        actor: Any = self._remote.options(**options).remote()
-        handle = WorkerHandle(worker_id, namespace, actor, self._socket_path(worker_id), process)
+        warm = self._take_warm(model, resources, process)
+        if warm is not None:
+            warm_name, actor = warm
+        else:
+            warm_name = ""
+            actor = self._remote.options(**options).remote()
+            if not self._detached:
+                self._owned.setdefault(options["name"], actor)
+        handle = WorkerHandle(
+            worker_id, namespace, actor, self._socket_path(worker_id), process, warm_name
+        )
         request = LoadRequest(
             model_path=str(model_path),
             listen="tcp:0.0.0.0" if self._tcp else f"unix:{handle.socket_path}",
@@ -232,7 +294,11 @@ class RayWorkers:
                 f"(LiteRT may have crashed on this file): {_short(error)}"
             ) from None
         except asyncio.CancelledError:
-            self.stop(handle)
+            if process:  # the origin's other models keep their process
+                with contextlib.suppress(Exception):
+                    actor.unload.remote(worker_id)
+            else:
+                self.stop(handle)
             raise
         return handle, info
 
@@ -241,12 +307,20 @@ class RayWorkers:
         loaded a model, e.g. the previous operator died while it was loading)."""
         found = await asyncio.gather(*(self._describe(n, ns) for n, ns in await self.names()))
         out: list[tuple[WorkerHandle, LoadedInfo | None]] = []
+        idle_warm = {name for name, _ in self._warm}
         for handle, infos in (f for f in found if f is not None):
+            if handle.worker_id in idle_warm:
+                continue  # this adapter's own idle warm processes
+            if not infos and _is_shared(handle.worker_id):
+                # An empty shared process: the pool decides (one of its models may be loading).
+                out.append((dataclasses.replace(handle, process=handle.worker_id), None))
+                continue
             if not infos:
                 out.append((handle, None))
             for info in infos:
                 worker_id = str(info.identity.get("worker_id", handle.worker_id))
                 process = handle.worker_id if _is_shared(handle.worker_id) else ""
+                warm_name = handle.worker_id if _is_warm(handle.worker_id) else ""
                 out.append(
                     (
                         WorkerHandle(
@@ -255,6 +329,7 @@ class RayWorkers:
                             handle.actor,
                             self._socket_path(worker_id),
                             process,
+                            warm_name,
                         ),
                         info,
                     )
@@ -267,8 +342,11 @@ class RayWorkers:
         return [
             (e["name"], e["namespace"])
             for e in listed
-            if e["name"].startswith((ACTOR_PREFIX, SHARED_PROCESS_PREFIX))
-            and e["namespace"].startswith(NAMESPACE_PREFIX)
+            if (
+                e["name"].startswith((ACTOR_PREFIX, SHARED_PROCESS_PREFIX))
+                and e["namespace"].startswith(NAMESPACE_PREFIX)
+            )
+            or (e["name"].startswith(WARM_PREFIX) and e["namespace"] == WARM_NAMESPACE)
         ]
 
     async def describe(self, name: str, namespace: str) -> list[LoadedInfo] | None:
@@ -287,7 +365,8 @@ class RayWorkers:
         try:
             infos: list[LoadedInfo] = await asyncio.wait_for(actor.info.remote(), 30)
         except (RayError, TimeoutError):
-            infos = []
+            # Busy (a long load ahead of this call) or dying: not the same as serving nothing.
+            return None
         return handle, infos
 
     async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
@@ -305,6 +384,7 @@ class RayWorkers:
 
     def stop(self, handle: WorkerHandle) -> None:
         """Kill the worker's process (for a shared one: all the models it hosts)."""
+        self._owned.pop(handle.warm_name or handle.process or handle.worker_id, None)
         with contextlib.suppress(Exception):
             ray.kill(handle.actor, no_restart=True)
         with contextlib.suppress(FileNotFoundError):
@@ -327,6 +407,10 @@ class RayWorkers:
 
 def _is_shared(name: str) -> bool:
     return name.startswith(SHARED_PROCESS_PREFIX)
+
+
+def _is_warm(name: str) -> bool:
+    return name.startswith(WARM_PREFIX)
 
 
 def _short(error: BaseException) -> str:

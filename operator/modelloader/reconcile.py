@@ -22,6 +22,10 @@ from modelloader.resource import Accelerator, LoadedModel
 
 DEFAULT_PLACEMENT = PlacementConfig()
 DEFAULT_POLICIES = Policies()
+# A spec whose workers die this often within the runtime's crash window stops being restarted
+# (Failed, reason CrashLoop) until the spec changes: a model that kills its process on every
+# request must not burn a process start per request forever.
+CRASH_LOOP_DEATHS = 3
 # A perOrigin origin's shared worker processes: one Ray actor per slot, hosting many models.
 SHARED_PROCESS_PREFIX = "lmp."
 WorkerState = Literal["starting", "ready", "failed", "dead"]
@@ -46,6 +50,8 @@ class WorkerView:
     origin: str = ""
     restarts: int = 0  # how many workers for this spec died before this one
     process: str = ""  # the shared process hosting it (perOrigin isolation); "" its own
+    # Deaths of this spec's workers within the crash window, this one included (when dead).
+    recent_deaths: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,11 +133,16 @@ def plan(
         decision = choose_accelerator(cast(Accelerator, accelerator), capacity, config)
         return isinstance(decision, Scheduled)
 
+    # Only a worker for the current spec holds a model's place: an edited spec is admitted
+    # again (its old generation keeps serving meanwhile), so an edit cannot grow past a quota.
+    current = {
+        m.key: [w for w in by_key.get(m.key, []) if w.fingerprint == m.fingerprint] for m in bound
+    }
     admission = admit(
         bound,
-        by_key.keys(),
+        [key for key, mine in current.items() if mine],
         policies,
-        {k: _placed(v) for k, v in by_key.items() if _placed(v)},
+        {key: _placed(mine) for key, mine in current.items() if _placed(mine)},
         schedulable,
     )
     slots = _SlotCounter(workers)
@@ -139,7 +150,12 @@ def plan(
         mine = by_key.pop(model.key, [])
         decision = admission.decisions[model.key]
         if isinstance(decision, Waiting):
-            states[model.key] = _waiting(decision)
+            fallback = max(
+                (w for w in mine if w.state == "ready"), key=lambda w: w.generation, default=None
+            )
+            keep = [fallback] if fallback is not None else []
+            effects += [StopWorker(w.id, "superseded") for w in mine if w not in keep]
+            states[model.key] = _waiting(decision, fallback)
             continue
         policy = policies.of(model.spec.origin)
         starts = _Starts(
@@ -203,7 +219,9 @@ class _Starts:
         if isinstance(decision, Unschedulable):
             return decision
         process = ""
-        if self.slots is not None:
+        # Shared processes are CPU processes: an accelerator model gets a process of its own,
+        # reserving its accelerator in Ray.
+        if self.slots is not None and decision.accelerator == "cpu":
             process = self.slots.take(self.model.spec.origin, self.slot_count)
         return StartWorker(
             self.model,
@@ -228,8 +246,29 @@ def _plan_one(
         (w for w in older if w.state == "ready"), key=lambda w: w.generation, default=None
     )
 
-    if current is not None and current.state == "dead":
-        # Died after loading: replace it. (Crash-loop limits come with the reliability work.)
+    if (
+        current is not None
+        and current.state == "dead"
+        and current.recent_deaths >= CRASH_LOOP_DEATHS
+    ):
+        # Kept (not stopped) so the next pass sees the same dead worker: no restart until the
+        # spec changes (a new fingerprint makes it an older worker, stopped as superseded).
+        message = (
+            f"the worker died {current.recent_deaths} times in a row; not restarted until the "
+            f"spec changes. Last error: {current.message}"
+        )
+        state = ModelState(
+            "Ready" if fallback else "Failed",
+            message + _still_serving(fallback),
+            (True, "Scheduled", ""),
+            (False, "CrashLoop", message),
+            _ready_tuple(fallback),
+            (True, "CrashLoop", message),
+            serving=fallback,
+            current=current,
+        )
+    elif current is not None and current.state == "dead":
+        # Died after loading: replace it.
         restart = start()
         effects.append(StopWorker(current.id, "worker died"))
         if isinstance(restart, StartWorker):
@@ -332,15 +371,17 @@ def unbound_message(origin: str, namespace: str) -> str:
     )
 
 
-def _waiting(decision: Waiting) -> ModelState:
+def _waiting(decision: Waiting, fallback: WorkerView | None) -> ModelState:
+    """Over quota: waits; an edited model's previous generation keeps serving meanwhile."""
     return ModelState(
-        "Pending",
-        decision.message,
+        "Ready" if fallback else "Pending",
+        decision.message + _still_serving(fallback),
         (False, "QuotaExceeded", decision.message),
         (None, "Pending", ""),
-        (False, "QuotaExceeded", ""),
-        (False, "QuotaExceeded", ""),
+        _ready_tuple(fallback),
+        (fallback is not None, "UpdatePending", decision.message),
         quota=(True, decision.limit, decision.message),
+        serving=fallback,
     )
 
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Requests already sent to a replaced worker get this long to finish before it is killed.
 DRAIN_SECONDS = 2.0
+# Deaths of one spec's workers counted towards a crash loop (see reconcile.CRASH_LOOP_DEATHS).
+CRASH_WINDOW_SECONDS = 300.0
 
 
 @dataclass
@@ -51,9 +53,11 @@ class WorkerPool:
         self._records: dict[str, _Record] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._restarts: dict[tuple[str, str], int] = {}
+        self._deaths: dict[tuple[str, str], list[float]] = {}  # (key, fingerprint) -> times
         # A shared process that died is started again under a new name (as for `.rN` workers:
         # Ray may not have released the dead one's yet).
         self._process_epochs: dict[str, int] = {}
+        self._abandoned = False
 
     def views(self) -> list[WorkerView]:
         return [r.view for r in self._records.values()]
@@ -144,7 +148,7 @@ class WorkerPool:
         finally:  # cancelled at shutdown: kill now
             # Unless the same worker was asked for again meanwhile (a spec edited and reverted
             # within the drain time): then it was taken over, not left behind.
-            if handle.worker_id not in self._records:
+            if handle.worker_id not in self._records and not self._abandoned:
                 if handle.shared:
                     await self._release_shared(handle)
                 else:
@@ -153,13 +157,20 @@ class WorkerPool:
     async def _release_shared(self, handle: WorkerHandle) -> None:
         """Unload one model from a shared process; the process goes when nobody uses it."""
         remaining = await self._workers.unload(handle)
-        in_use = any(
-            self._actor_name(r.view.process) == handle.process
-            for r in self._records.values()
-            if r.view.process
-        )
-        if remaining <= 0 and not in_use:
+        if remaining <= 0 and not self._in_use(handle.process):
+            # A later model for this slot gets a new process name: Ray may still hand out the
+            # dying actor under the old one.
+            base = _base_process(handle.process)
+            self._process_epochs[base] = self._process_epochs.get(base, 0) + 1
             self._workers.stop(handle)
+
+    def _in_use(self, actor_name: str) -> bool:
+        """Whether a model of this pool is loading or served in that shared process."""
+        return any(
+            self._actor_name(r.view.process) == actor_name
+            for r in self._records.values()
+            if r.view.process and r.view.state in ("starting", "ready")
+        )
 
     def _actor_name(self, process: str) -> str:
         epoch = self._process_epochs.get(process, 0)
@@ -171,6 +182,10 @@ class WorkerPool:
         adopted = 0
         for handle, info in await self._workers.running():
             if handle.worker_id in self._records:
+                continue
+            if info is None and handle.shared:
+                if not self._in_use(handle.process):
+                    self._workers.stop(handle)
                 continue
             identity = info.identity if info is not None else {}
             if info is None or not {"key", "fingerprint", "generation"} <= identity.keys():
@@ -191,10 +206,20 @@ class WorkerPool:
                 self._process_epochs[base] = max(self._process_epochs.get(base, 0), int(epoch))
             self._records[handle.worker_id] = _Record(view, handle)
             adopted += 1
+            # A replacement must not reuse this worker's name (`.rN`): Ray may hold a dead
+            # actor's name for a while.
+            _, dot, suffix = handle.worker_id.rpartition(".r")
+            if dot and suffix.isdigit():
+                identity_key = (view.key, view.fingerprint)
+                self._restarts[identity_key] = max(self._restarts.get(identity_key, 0), int(suffix))
         return adopted
 
     async def check_liveness(self) -> None:
         """Observe deaths of ready workers (a crash, an OOM kill, a `kill -9`)."""
+        now = time.monotonic()
+        self._deaths = {
+            k: v for k, v in self._deaths.items() if v and now - v[-1] < CRASH_WINDOW_SECONDS
+        }
         ready = [r for r in self._records.values() if r.view.state == "ready" and r.handle]
         verdicts = await asyncio.gather(
             *(self._workers.alive(r.handle) for r in ready if r.handle is not None)
@@ -202,10 +227,36 @@ class WorkerPool:
         for record, verdict in zip(ready, verdicts, strict=True):
             if verdict is not None:
                 log.warning("worker %s died: %s", record.view.id, verdict)
+                identity = (record.view.key, record.view.fingerprint)
+                now = time.monotonic()
+                deaths = [
+                    t for t in self._deaths.get(identity, []) if now - t < CRASH_WINDOW_SECONDS
+                ]
+                deaths.append(now)
+                self._deaths[identity] = deaths
                 process = record.view.process
                 if process and record.handle and record.handle.process == self._actor_name(process):
                     self._process_epochs[process] = self._process_epochs.get(process, 0) + 1
-                self._observe(record, state="dead", message=verdict, address=None)
+                self._observe(
+                    record,
+                    state="dead",
+                    message=verdict,
+                    address=None,
+                    recent_deaths=len(deaths),
+                )
+
+    async def abandon(self) -> None:
+        """Forget everything without stopping anything, as a crashed control plane would: a
+        successor adopts the running workers (`adopt`)."""
+        self._abandoned = True
+        for record in self._records.values():
+            if record.task is not None:
+                record.task.cancel()
+        self._records.clear()
+        for task in list(self._background):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def close(self) -> None:
         for record in self._records.values():

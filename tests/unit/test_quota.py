@@ -257,3 +257,31 @@ def test_admission_never_exceeds_a_limit_it_started_under(running: int, limit: i
     expected = 6 if limit is None else max(running, min(limit, 6))
     assert admitted == expected
     assert dataclasses.asdict(result.usage["a"])["used"]["models"] == expected
+
+
+def test_an_edit_is_admitted_again_and_the_old_generation_serves_meanwhile() -> None:
+    running = lm("big", memory=256 << 20)
+    old = WorkerView("w0", running.key, running.fingerprint, 1, "ready", address="unix:/w0")
+    edited = dataclasses.replace(
+        lm("big", memory=64 << 30), generation=2
+    )  # asks 64Gi under a 1Gi quota
+    result = plan([edited], [old], CPU, policies=quota(memory=1 << 30))
+    assert not any(isinstance(e, StartWorker) for e in result.effects)
+    state = result.states[edited.key]
+    assert state.quota[:2] == (True, "memory") and state.serving == old
+    assert state.phase == "Ready" and "generation 1 keeps serving" in state.message
+
+
+def test_per_origin_with_no_workers_admits_nothing() -> None:
+    none = policies(
+        OriginPolicy(""), [OriginPolicy("a", quota=Quota(max_workers=0), isolation="perOrigin")]
+    )
+    result = admit([lm("m")], [], none)
+    assert isinstance(result.decisions["a/m"], Waiting)
+
+
+def test_a_rate_of_zero_refuses_even_the_first_request() -> None:
+    from modelloader_workers.gateway.access import OriginAccess, OriginLimiter, TooManyRequests
+
+    with pytest.raises(TooManyRequests):
+        OriginLimiter().enter("a", OriginAccess(requests_per_second=0))

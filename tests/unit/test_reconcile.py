@@ -206,3 +206,19 @@ def test_status_shows_signature_and_placement_of_the_serving_worker() -> None:
     assert status["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1]}]
     assert status["placement"]["accelerator"] == "cpu"
     assert status["loadSeconds"] == 0.25
+
+
+def test_a_crash_loop_stops_restarts_until_the_spec_changes() -> None:
+    m = model()
+    dead = dataclasses.replace(view(m, "dead"), recent_deaths=2)
+    again = plan([m], [dead], CPU_ONLY)
+    assert any(isinstance(e, StartWorker) for e in again.effects)  # twice: still restarted
+    looping = dataclasses.replace(dead, recent_deaths=3, message="the worker process exited")
+    result = plan([m], [looping], CPU_ONLY)
+    assert result.effects == ()  # kept, not restarted
+    state = result.states[m.key]
+    assert state.phase == "Failed" and state.loaded[1] == "CrashLoop"
+    assert "the worker process exited" in state.message
+    edited = model(uri="file:///other.tflite")
+    fixed = plan([edited], [dataclasses.replace(looping, key=edited.key)], CPU_ONLY)
+    assert {type(e) for e in fixed.effects} == {StartWorker, StopWorker}

@@ -119,6 +119,10 @@ class OriginLimiter:
                 retry_after=1.0,
             )
         rate = access.requests_per_second
+        if rate is not None and rate <= 0:
+            raise TooManyRequests(
+                f"origin {origin!r} may send no requests (requestsPerSecond is 0)", retry_after=60.0
+            )
         if rate is not None:
             now = self._clock()
             bucket = self._buckets.get(origin)
