@@ -85,10 +85,37 @@ def _parser() -> argparse.ArgumentParser:
         "--num-cpus", type=int, default=None, help="CPUs the local Ray offers (default: all)"
     )
     local.add_argument(
+        "--warm-workers",
+        type=int,
+        default=2,
+        help="idle worker processes kept started, each handed to one model (default %(default)s)",
+    )
+    local.add_argument(
         "--max-request-bytes",
         type=int,
         default=64 << 20,
         help="largest inference request body (default %(default)s)",
+    )
+    local.add_argument(
+        "--allow-source-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name, address or network (CIDR) that http(s) model sources may reach "
+        "although it is not public, e.g. 127.0.0.1 (repeatable; default: public only)",
+    )
+    local.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=15.0,
+        help="seconds before the gateway closes an idle connection, or one still sending its "
+        "headers (default %(default)s)",
+    )
+    local.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an inference body may take to arrive (default %(default)s)",
     )
 
     op = commands.add_parser(
@@ -103,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         help="a folder file:// models may be read from (repeatable)",
+    )
+    op.add_argument(
+        "--allow-source-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name, address or network (CIDR) that http(s) model sources may reach "
+        "although it is not public, e.g. an in-cluster model store (repeatable)",
     )
     op.add_argument(
         "--namespace",
@@ -168,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
         "(path /validate-loadedmodel; default 0: off)",
     )
     op.add_argument("--webhook-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    op.add_argument(
+        "--warm-workers",
+        type=int,
+        default=2,
+        help="idle worker processes kept started for CPU models (default %(default)s)",
+    )
     op.add_argument("--webhook-key", type=Path, default=None, help="TLS private key (PEM)")
 
     gw = commands.add_parser("gateway", help="serve the v2 API for workers found through Ray")
@@ -211,6 +252,7 @@ def _operator(args: argparse.Namespace) -> int:
 
     config = OperatorConfig(
         model_roots=tuple(r.resolve() for r in args.model_root),
+        allow_source_hosts=tuple(args.allow_source_host),
         cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
         state_dir=args.state_dir.resolve(),
         placement=PlacementConfig(
@@ -223,6 +265,7 @@ def _operator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         default_policy=_default_policy(args.default_policy),
         webhook_port=args.webhook_port,
+        warm_workers=args.warm_workers,
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
     )
@@ -288,7 +331,11 @@ def _local(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_port=args.metrics_port,
         num_cpus=args.num_cpus,
+        warm_workers=args.warm_workers,
         max_request_bytes=args.max_request_bytes,
+        allow_source_hosts=tuple(args.allow_source_host),
+        idle_timeout_seconds=args.idle_timeout,
+        body_timeout_seconds=args.body_timeout,
     )
     try:
         asyncio.run(LocalRuntime(config).run())

@@ -17,7 +17,7 @@ from aiohttp import web
 from modelloader_workers.gateway.access import AccessTable
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.http_v2 import build_app
+from modelloader_workers.gateway.http_v2 import IDLE_TIMEOUT_SECONDS, build_app
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
@@ -108,7 +108,7 @@ class ClusterGateway:
             ready=synced.is_set,
             access=lambda: self.access,
         )
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_SECONDS)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         log.info("gateway on http://%s:%d", host, port)

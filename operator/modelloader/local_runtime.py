@@ -23,7 +23,11 @@ from aiohttp import web
 from modelloader_workers.gateway.access import open_table
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.http_v2 import build_app
+from modelloader_workers.gateway.http_v2 import (
+    BODY_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    build_app,
+)
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
@@ -57,8 +61,12 @@ class LocalConfig:
     num_cpus: int | None = None
     max_request_bytes: int = 64 << 20
     max_model_bytes: int = 1 << 30
+    allow_source_hosts: tuple[str, ...] = ()  # non-public hosts http(s) sources may reach
+    idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
     interval_seconds: float = 0.5
     liveness_seconds: float = 1.0
+    warm_workers: int = 2  # idle worker processes kept started: apply -> Ready skips a start
     # Origins without an OriginPolicy manifest; the `default` origin (namespace `default`)
     # also takes anonymous calls unless a manifest says otherwise: the embedded default
     # works without tokens out of the box.
@@ -115,6 +123,7 @@ class LocalRuntime:
         self._pool: WorkerPool | None = None
         self._reconciler: Reconciler | None = None
         self._ray_temp: str | None = None
+        self._restart = False
 
     # Lifecycle
 
@@ -126,12 +135,19 @@ class LocalRuntime:
             # without unloading anything.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_restart)
             await self._serve_until_stopped()
         finally:
             await self.shutdown()
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def request_restart(self) -> None:
+        """SIGHUP: start the control loop afresh, as after a crash (the gateway and the
+        workers keep serving; the new loop adopts the workers that run)."""
+        self._restart = True
         self._wake.set()
 
     async def start(self) -> None:
@@ -146,6 +162,7 @@ class LocalRuntime:
                 roots=config.model_roots,
                 cache_dir=config.cache_dir,
                 max_bytes=config.max_model_bytes,
+                allow_hosts=config.allow_source_hosts,
             )
         )
         started = time.perf_counter()
@@ -153,7 +170,9 @@ class LocalRuntime:
         # running yet, so blocking the loop for a few seconds costs nothing.
         self._ray_temp = start_local_ray(config.num_cpus)
         log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
-        workers = RayWorkers(config.state_dir / "w")
+        workers = RayWorkers(config.state_dir / "w", warm=config.warm_workers)
+        workers.fill_warm_pool()
+        self._sources = sources
         self._pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
         self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
         self._workers = workers
@@ -162,6 +181,7 @@ class LocalRuntime:
             DataPlane(self.directory, self.clients),
             GatewayMetrics(self.registry),
             max_request_bytes=config.max_request_bytes,
+            body_timeout_seconds=config.body_timeout_seconds,
             ready=lambda: self._synced,
             access=lambda: self.access,
         )
@@ -181,7 +201,12 @@ class LocalRuntime:
         )
 
     async def _serve(self, app: web.Application, site: Any, *where: Any) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.config.idle_timeout_seconds,
+        )
         await runner.setup()
         self._runners.append(runner)
         if site is None:
@@ -195,11 +220,22 @@ class LocalRuntime:
         try:
             while not self._stop.is_set():
                 self._wake.clear()
+                if self._restart:
+                    self._restart = False
+                    await self._restart_control_loop()
                 await self.reconcile_once()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.interval_seconds)
         finally:
             liveness.cancel()
+
+    async def _restart_control_loop(self) -> None:
+        assert self._pool is not None
+        await self._pool.abandon()
+        self._pool = WorkerPool(self._workers, self._sources, self.metrics, self._wake.set)
+        self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
+        adopted = await self._pool.adopt()
+        log.warning("control loop restarted: adopted %d running workers", adopted)
 
     async def _liveness_loop(self) -> None:
         while True:

@@ -75,8 +75,10 @@ class OperatorConfig:
     # The validating admission webhook (`--webhook-port`); without a certificate it speaks
     # plain HTTP (tests); the chart mounts one made by Helm.
     webhook_port: int = 0
+    warm_workers: int = 2  # idle worker processes kept started for CPU models
     webhook_cert: Path | None = None
     webhook_key: Path | None = None
+    allow_source_hosts: tuple[str, ...] = ()  # non-public hosts http(s) sources may reach
 
 
 class LoadedModelOperator:
@@ -157,11 +159,17 @@ class LoadedModelOperator:
                 self.policy_bodies[str(body.metadata.name)] = dict(body)
             self._wake.set()
 
-        @on.event("", "v1", "secrets", labels={ORIGIN_LABEL: kopf.PRESENT}, registry=self.registry)
+        def token_related(body: kopf.Body, **_: Any) -> bool:
+            # Labelled now, or labelled before: removing the label must revoke the token.
+            key = f"{body.metadata.namespace}/{body.metadata.name}"
+            return ORIGIN_LABEL in body.metadata.labels or key in self.token_secrets
+
+        @on.event("", "v1", "secrets", when=token_related, registry=self.registry)
         def secret_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
             # Only the token's digest is kept: the operator never holds tokens.
             key = f"{body.metadata.namespace}/{body.metadata.name}"
-            if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+            gone = event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp")
+            if gone or ORIGIN_LABEL not in body.metadata.labels:
                 self.token_secrets.pop(key, None)
             else:
                 self.token_secrets[key] = parse_token_secret(body)
@@ -207,12 +215,23 @@ class LoadedModelOperator:
             detached=True,
             delegates=config.delegates,
             tcp=config.worker_transport == "tcp",
+            warm=config.warm_workers,
+            warm_resources=(
+                {config.placement.cpu_resource: 1.0} if config.placement.cpu_resource else {}
+            ),
         )
-        sources = ModelSources(SourcePolicy(roots=config.model_roots, cache_dir=config.cache_dir))
+        sources = ModelSources(
+            SourcePolicy(
+                roots=config.model_roots,
+                cache_dir=config.cache_dir,
+                allow_hosts=config.allow_source_hosts,
+            )
+        )
         self.pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
         self._workers = workers
         adopted = await self.pool.adopt()
         log.info("adopted %d running workers", adopted)
+        workers.fill_warm_pool()
         self.reconciler = Reconciler(self.pool, self.metrics, config.placement)
         self._tasks = [
             asyncio.ensure_future(self._loop()),

@@ -52,6 +52,7 @@ class WorkerServer:
             raise ValueError(f"cannot listen on {listen!r}: use unix:/path or tcp:HOST")
         self._listener.listen(128)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._open: set[socket.socket] = set()  # connections being served, closed by close()
         threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True).start()
 
     def _accept_loop(self) -> None:
@@ -64,28 +65,31 @@ class WorkerServer:
             threading.Thread(target=self._serve, args=(conn,), name="ipc-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        self._open.add(conn)
         try:
             self._serve_connection(conn)
         finally:
+            self._open.discard(conn)
             self._slots.release()
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        if conn.family == socket.AF_INET:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small replies, now
+        ipc.tune(conn)
+        reader = ipc.FrameReader(conn)
         with conn:
             while True:
                 try:
-                    header, payload = ipc.read_frame(conn)
+                    header, payload = reader.read()
                 except (ipc.FrameError, OSError):
                     return
                 reply, buffers = self._answer(header, payload)
+                del payload  # a view into the reader's buffer, which the next frame reuses
                 try:
                     ipc.write_frame(conn, reply, buffers)
                 except OSError:
                     return
 
     def _answer(
-        self, header: dict[str, Any], payload: bytearray
+        self, header: dict[str, Any], payload: memoryview
     ) -> tuple[dict[str, Any], list[Any]]:
         signature = self._runner.signature
         try:
@@ -111,6 +115,12 @@ class WorkerServer:
         return {"outputs": entries, **timing}, buffers
 
     def close(self) -> None:
+        """Stop serving: no new connections, and open ones are cut (an unloaded model in a
+        shared process must not keep answering). shutdown() wakes a thread blocked in
+        accept(), which close() alone does not on Linux."""
+        for sock in [self._listener, *list(self._open)]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):

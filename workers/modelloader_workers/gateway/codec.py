@@ -9,6 +9,7 @@ declaring its size in `parameters.binary_data_size`; outputs are sent raw when a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,7 +119,8 @@ def _decode_input(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Exact: np.prod in int64 raises past 2**63 and wraps below it (a lying shape could match).
+    count = math.prod(shape)
     params = _parameters(raw.get("parameters"), f"input {name!r}")
 
     if "binary_data_size" in params:

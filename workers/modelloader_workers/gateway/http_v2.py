@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -9,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modelloader_workers.gateway import codec
+from modelloader_workers.gateway import codec, openapi
 from modelloader_workers.gateway.access import (
     AccessTable,
     OriginLimiter,
@@ -23,6 +24,16 @@ from modelloader_workers.gateway.errors import DataPlaneError, PayloadTooLarge
 from modelloader_workers.gateway.metrics import GatewayMetrics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Bounds on what one client may hold. A connection idle, or still sending its request line and
+# headers, this long is closed (aiohttp's keepalive_timeout, set where the runner is made); an
+# infer body must have arrived this long after its headers.
+IDLE_TIMEOUT_SECONDS = 15.0
+BODY_TIMEOUT_SECONDS = 30.0
+
+
+class BodyTimeout(DataPlaneError):
+    status = 408
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,6 +49,8 @@ def _error_headers(error: DataPlaneError) -> dict[str, str] | None:
         return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
     if isinstance(error, Unauthorized):
         return {"WWW-Authenticate": 'Bearer realm="modelloader"'}
+    if error.status == 503:  # loading, or a worker being replaced: worth retrying soon
+        return {"Retry-After": "1"}
     return None
 
 
@@ -70,6 +83,7 @@ def build_app(
     ready: Callable[[], bool] = lambda: True,
     access: Callable[[], AccessTable] = open_table,
     limiter: OriginLimiter | None = None,
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
 ) -> web.Application:
     """`access` returns the current table of tokens and origin limits (the control plane
     replaces it as Secrets and OriginPolicies change); without one, every caller acts for the
@@ -120,7 +134,12 @@ def build_app(
                 raise PayloadTooLarge(
                     f"request body is over the limit of {max_request_bytes} bytes"
                 )
-            body = await request.read()
+            try:
+                body = await asyncio.wait_for(request.read(), body_timeout_seconds)
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {body_timeout_seconds:g} s"
+                ) from None
             decoded = codec.decode_request(body, request.headers.get(HEADER_LENGTH))
             result = await dataplane.infer(origin, name, version, decoded.inputs, decoded.outputs)
             payload, header_length = codec.encode_response(
@@ -155,8 +174,12 @@ def build_app(
             headers={HEADER_LENGTH: str(header_length)},
         )
 
+    async def openapi_document(_: web.Request) -> web.Response:
+        return web.json_response(openapi.OPENAPI)
+
     routes = [
         web.get("/v2", server_metadata),
+        web.get("/v2/openapi.json", openapi_document),
         web.get("/v2/health/live", live),
         web.get("/v2/health/ready", server_ready),
     ]

@@ -1,14 +1,14 @@
 """The gateway's persistent connections to workers' data-path sockets.
 
 A pool per worker address: a request takes an idle connection or opens one, and gives it back
-when the answer is read. A connection that fails is dropped, never reused.
+when the answer is read. A connection that fails, or whose exchange was cancelled halfway, is
+dropped, never reused. The request's tensors go from the HTTP body to the socket without a
+copy (`ipc.AsyncFrameSocket` writes them with one gather write).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,7 @@ import numpy as np
 from modelloader_workers import ipc
 from modelloader_workers.gateway.errors import BadRequest, InferenceFailed, WorkerUnavailable
 
-_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_Connection = ipc.AsyncFrameSocket
 
 
 @dataclass(frozen=True)
@@ -67,28 +67,22 @@ class WorkerClients:
 
     async def _exchange(
         self, connection: _Connection, header: Mapping[str, Any], buffers: Sequence[Any]
-    ) -> tuple[dict[str, Any], bytes]:
-        reader, writer = connection
-        ipc.write_frame_async(writer, header, buffers)
-        await writer.drain()
-        return await ipc.read_frame_async(reader)
+    ) -> tuple[dict[str, Any], bytearray]:
+        try:
+            return await connection.exchange(header, buffers)
+        except BaseException:
+            # Failed or cancelled halfway: what is left on the connection is out of step.
+            _close(connection)
+            raise
 
     async def _acquire(self, address: str, fresh: bool = False) -> tuple[bool, _Connection]:
         idle = self._idle.get(address)
         if idle and not fresh:
             return True, idle.pop()
-        kind, _, where = address.partition(":")
         try:
-            if kind == "unix":
-                connection = await asyncio.open_unix_connection(where)
-            elif kind == "tcp":
-                host, _, port = where.rpartition(":")
-                connection = await asyncio.open_connection(host, int(port))
-                sock = connection[1].get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:
-                raise WorkerUnavailable(f"unsupported worker address {address!r}")
+            connection = await ipc.AsyncFrameSocket.connect(address)
+        except ValueError:
+            raise WorkerUnavailable(f"unsupported worker address {address!r}") from None
         except OSError as error:
             raise WorkerUnavailable(f"cannot reach the model's worker: {error}") from None
         return False, connection
@@ -113,4 +107,4 @@ class WorkerClients:
 
 def _close(connection: _Connection) -> None:
     with contextlib.suppress(Exception):
-        connection[1].close()
+        connection.close()
