@@ -226,6 +226,11 @@ class WorkerPool:
         )
         for record, verdict in zip(ready, verdicts, strict=True):
             if verdict is not None:
+                if (record.view.placement or {}).get("sandbox"):
+                    verdict += (
+                        "; its model ran sandboxed, and the sandbox kills a process whose "
+                        "model tries exec, fork or ptrace"
+                    )
                 log.warning("worker %s died: %s", record.view.id, verdict)
                 identity = (record.view.key, record.view.fingerprint)
                 now = time.monotonic()
@@ -292,6 +297,8 @@ def _ready(info: LoadedInfo) -> dict[str, Any]:
         "delegate": info.delegate,
         "pid": info.pid,
     }
+    if info.sandbox:
+        placement["sandbox"] = info.sandbox
     if info.delegated_ops_share is not None:
         placement["delegatedOpsShare"] = info.delegated_ops_share
     return {

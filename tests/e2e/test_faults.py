@@ -238,3 +238,24 @@ def test_a_crash_loop_stops_restarts_until_the_spec_changes(faults: LocalServer)
         faults.wait_for({"victim": "Ready"}, timeout=60)
     except AssertionError:
         raise AssertionError(faults.item("victim")) from None
+
+
+def test_model_threads_run_under_the_seccomp_filter(faults: LocalServer) -> None:
+    """The real worker: the threads that parse and serve the model are filtered (mode 2),
+    Ray's own threads are not."""
+    faults.wait_for({"bystander": "Ready"})
+    placement = faults.item("bystander")["status"]["placement"]
+    assert "seccomp" in placement["sandbox"]
+    modes: dict[str, list[str]] = {}
+    for task in Path(f"/proc/{placement['pid']}/task").iterdir():
+        fields = dict(
+            line.split(":\t", 1)
+            for line in (task / "status").read_text().splitlines()
+            if ":\t" in line
+        )
+        name = (task / "comm").read_text().strip()
+        modes.setdefault(fields["Seccomp"].strip(), []).append(name)
+    # Python does not name OS threads: count them. The accept thread and the connection
+    # threads are filtered; Ray's (gcs_client_io, grpc, ...) are not.
+    assert len(modes.get("2", [])) >= 1, modes
+    assert any(not n.startswith("ray::") for n in modes.get("0", [])), modes

@@ -70,6 +70,9 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> OperatorConfig:
         interval_seconds=0.5,
         liveness_seconds=0.5,
         scan_seconds=1.0,
+        # These tests follow workers by their names (lm.<ns>.<name>...); warm processes keep
+        # names of their own, and are covered in tests/e2e/test_faults.py.
+        warm_workers=0,
     )
 
 
@@ -146,6 +149,10 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
     kube.apply(manifest("goner"))
     keeper = wait_until(lambda: ready(kube, "keeper"), what="keeper Ready")
     wait_until(lambda: ready(kube, "goner"), what="goner Ready")
+    # Traffic throughout: the data plane must not notice the control plane going away.
+    client = GatewayThread(config.state_dir, "keeper")
+    client.start()
+    wait_until(lambda: client.ok > 20, what="traffic flowing")
     first.stop()
 
     # While the operator is away: workers keep running; a LoadedModel disappears for good.
@@ -166,7 +173,13 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
         keepers = [w for w in worker_names() if ".keeper." in w]
         assert len(keepers) == 1, keepers  # adopted, not duplicated
         assert status(kube, "keeper")["placement"]["pid"] == keeper["placement"]["pid"]
+        served = client.ok
+        wait_until(lambda: client.ok > served + 20, what="traffic after the restart")
+        assert client.errors == []
+        print(f"FIGURES operator-restart requests={client.ok} errors=0")
     finally:
+        client.stop_flag.set()
+        client.join(10)
         kube.delete("keeper")
         wait_until(lambda: kube.get("keeper") is None, what="keeper deleted")
         second.stop()
@@ -223,8 +236,9 @@ def test_unschedulable_waits_pending_then_runs_when_a_node_appears(
 class GatewayThread(threading.Thread):
     """`modelloader gateway`'s core, finding workers through Ray, with a client looping."""
 
-    def __init__(self, socket_dir: Path) -> None:
+    def __init__(self, socket_dir: Path, model: str = "rolling") -> None:
         super().__init__(daemon=True)
+        self.model = model
         self.gateway = ClusterGateway(socket_dir, refresh_seconds=0.2)
         self.ok = 0
         self.errors: list[str] = []
@@ -241,12 +255,12 @@ class GatewayThread(threading.Thread):
         dataplane = DataPlane(plane.directory, plane.clients)
         while not self.stop_flag.is_set():
             await plane.refresh_once(workers)
-            if plane.directory.lookup("default", "rolling") is None:
+            if plane.directory.lookup("default", self.model) is None:
                 await asyncio.sleep(0.1)
                 continue
             for _ in range(20):
                 try:
-                    await dataplane.infer("default", "rolling", None, {"pixels": PIXELS}, [])
+                    await dataplane.infer("default", self.model, None, {"pixels": PIXELS}, [])
                     self.ok += 1
                 except DataPlaneError as error:
                     self.errors.append(error.message)

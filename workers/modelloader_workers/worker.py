@@ -11,17 +11,21 @@ the first model is parsed, the process limits itself (`process_limits`).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from modelloader_workers import process_limits
+from modelloader_workers import process_limits, sandbox
 from modelloader_workers.accelerated_runner import load_runner
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker_server import WorkerServer
 
 MiB = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LoadedInfo:
     delegated_ops_share: float | None
     note: str
     identity: dict[str, Any]
+    sandbox: str = ""  # what confines the model's threads ("": nothing)
 
 
 def _node_id() -> str:
@@ -75,6 +80,39 @@ def _reachable(address: str) -> str:
     return f"tcp:{host}:{address[len(prefix) :]}"
 
 
+T = TypeVar("T")
+
+
+def _confine() -> None:
+    if sandbox.confine_thread():
+        return
+    reason = sandbox.supported()
+    if reason is not None and "turned off" not in reason:
+        log.warning("models run without a seccomp sandbox: %s", reason)
+
+
+def _in_sandbox(work: Callable[[], T]) -> T:
+    """Run `work` (parsing a tenant's model) in a fresh thread confined by the sandbox: the
+    actor's own thread keeps talking to Ray unconfined, and threads the work starts (the
+    interpreter's pool) inherit the filter."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _confine()
+            result.append(work())
+        except BaseException as error:  # handed to the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name="model-load", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 @dataclass
 class _Hosted:
     server: WorkerServer
@@ -98,14 +136,16 @@ class ModelWorker:
         budget = process_limits.model_budget(request.memory_limit, request.threads)
         limited = self._limit_memory(budget) if budget else False
         try:
-            runner, execution = load_runner(
-                request.model_path,
-                request.threads,
-                request.accelerator,
-                request.delegation,
-                request.delegate,
+            runner, execution = _in_sandbox(
+                lambda: load_runner(
+                    request.model_path,
+                    request.threads,
+                    request.accelerator,
+                    request.delegation,
+                    request.delegate,
+                )
             )
-            server = WorkerServer(runner, request.listen)
+            server = WorkerServer(runner, request.listen, thread_setup=_confine)
         except (ModelLoadError, MemoryError, OSError) as error:
             self._limit_memory(0)
             text = str(error).strip() or type(error).__name__
@@ -127,6 +167,7 @@ class ModelWorker:
             delegated_ops_share=execution.delegated_ops_share,
             note=execution.note,
             identity=dict(request.identity),
+            sandbox=sandbox.describe() if sandbox.supported() is None else "",
         )
         self._hosted[request.model_id] = _Hosted(server, info, budget)
         return info

@@ -1,0 +1,214 @@
+"""A seccomp filter for the threads that parse and run tenants' models.
+
+A worker is a Ray process: Ray's own threads keep talking to the cluster (new connections
+included), so the filter is installed per thread, not process-wide: on the thread that loads
+models (LiteRT parses the file there, and the interpreter's thread pool is started from it)
+and on the data path's accept thread, whose connection threads inherit it. In those threads:
+
+- exec (`execve`, `execveat`), new processes (`fork`, `vfork`, `clone` without
+  CLONE_THREAD) and reading or tracing other processes (`ptrace`, `process_vm_readv/writev`)
+  kill the whole process: a model that tries them is hostile, and dies alone (its worker
+  serves nobody else); the control plane reports the death;
+- new network sockets (`socket` for anything but AF_UNIX) and `connect` fail with EPERM;
+- kernel surfaces inference never needs (`bpf`, `perf_event_open`, `userfaultfd`, `mount`,
+  `unshare`, `setns`, `keyctl`, `kexec_load`) fail with EPERM;
+- `clone3` fails with ENOSYS, so glibc creates threads with `clone`, whose flags the filter
+  can read;
+- everything else is allowed (memory, files already granted by the model roots, futexes,
+  the sockets the worker already has).
+
+Linux on x86_64 and aarch64 only; elsewhere `confine_thread` returns False and says so.
+`MODELLOADER_SANDBOX=off` in the worker's environment turns it off (to measure its cost).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+_ARCH = {
+    "x86_64": 0xC000003E,  # AUDIT_ARCH_X86_64
+    "aarch64": 0xC00000B7,  # AUDIT_ARCH_AARCH64
+}
+_NUMBERS = {
+    "x86_64": {
+        "execve": 59,
+        "execveat": 322,
+        "fork": 57,
+        "vfork": 58,
+        "clone": 56,
+        "clone3": 435,
+        "ptrace": 101,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "socket": 41,
+        "connect": 42,
+        "bpf": 321,
+        "perf_event_open": 298,
+        "userfaultfd": 323,
+        "mount": 165,
+        "unshare": 272,
+        "setns": 308,
+        "keyctl": 250,
+        "kexec_load": 246,
+    },
+    "aarch64": {
+        "execve": 221,
+        "execveat": 281,
+        "clone": 220,
+        "clone3": 435,
+        "ptrace": 117,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "socket": 198,
+        "connect": 203,
+        "bpf": 280,
+        "perf_event_open": 241,
+        "userfaultfd": 282,
+        "mount": 40,
+        "unshare": 97,
+        "setns": 268,
+        "keyctl": 219,
+        "kexec_load": 104,
+    },
+}
+KILLED = ("execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev")
+REFUSED = (
+    "connect",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "mount",
+    "unshare",
+    "setns",
+    "keyctl",
+    "kexec_load",
+)
+
+_LD_W_ABS = 0x20
+_JEQ_K = 0x15
+_JSET_K = 0x45
+_JGE_K = 0x35
+_RET_K = 0x06
+_RET_KILL_PROCESS = 0x80000000
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_CLONE_THREAD = 0x00010000
+_AF_UNIX = 1
+_X32_BIT = 0x40000000
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6];
+_NR, _ARCH_OFFSET, _ARG0 = 0, 4, 16
+
+
+@dataclass(frozen=True)
+class Insn:
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_ushort),
+        ("jt", ctypes.c_ubyte),
+        ("jf", ctypes.c_ubyte),
+        ("k", ctypes.c_uint),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def program(machine: str) -> list[Insn]:
+    """The filter as classic BPF. Each rule is `if nr == N: <body ending in a return>`, so a
+    mismatch jumps over the body with the syscall number still in the accumulator."""
+    numbers = _NUMBERS[machine]
+    out = [
+        Insn(_LD_W_ABS, 0, 0, _ARCH_OFFSET),
+        Insn(_JEQ_K, 1, 0, _ARCH[machine]),
+        Insn(_RET_K, 0, 0, _RET_KILL_PROCESS),  # another ABI: nothing here uses one
+        Insn(_LD_W_ABS, 0, 0, _NR),
+    ]
+    if machine == "x86_64":  # the x32 ABI shares the architecture tag; refuse it whole
+        out += [Insn(_JGE_K, 0, 1, _X32_BIT), Insn(_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS)]
+
+    def rule(name: str, body: list[Insn]) -> None:
+        if name in numbers:
+            out.append(Insn(_JEQ_K, 0, len(body), numbers[name]))
+            out.extend(body)
+
+    for name in KILLED:
+        rule(name, [Insn(_RET_K, 0, 0, _RET_KILL_PROCESS)])
+    rule(
+        "clone",
+        [
+            Insn(_LD_W_ABS, 0, 0, _ARG0),  # flags (low 32 bits)
+            Insn(_JSET_K, 0, 1, _CLONE_THREAD),
+            Insn(_RET_K, 0, 0, _RET_ALLOW),  # a thread
+            Insn(_RET_K, 0, 0, _RET_KILL_PROCESS),  # a process
+        ],
+    )
+    rule("clone3", [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS)])
+    rule(
+        "socket",
+        [
+            Insn(_LD_W_ABS, 0, 0, _ARG0),  # domain
+            Insn(_JEQ_K, 0, 1, _AF_UNIX),
+            Insn(_RET_K, 0, 0, _RET_ALLOW),
+            Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+        ],
+    )
+    for name in REFUSED:
+        rule(name, [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM)])
+    out.append(Insn(_RET_K, 0, 0, _RET_ALLOW))
+    return out
+
+
+def supported() -> str | None:
+    """None when the filter can be installed here, else why not."""
+    if os.environ.get("MODELLOADER_SANDBOX", "").lower() in ("off", "0", "false"):
+        return "turned off by MODELLOADER_SANDBOX"
+    if platform.system() != "Linux":
+        return f"seccomp needs Linux, not {platform.system()}"
+    if platform.machine() not in _NUMBERS:
+        return f"no seccomp profile for {platform.machine()}"
+    return None
+
+
+def confine_thread() -> bool:
+    """Install the filter on the calling thread (and the threads it starts from now on).
+    Irreversible. False where unsupported; raises OSError if the kernel refuses."""
+    if supported() is not None:
+        return False
+    insns = program(platform.machine())
+    array = (_SockFilter * len(insns))(*(_SockFilter(i.code, i.jt, i.jf, i.k) for i in insns))
+    fprog = _SockFprog(len(insns), ctypes.cast(array, ctypes.POINTER(_SockFilter)))
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    prctl = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    if prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+    return True
+
+
+def describe() -> str:
+    return (
+        "seccomp: exec, fork and ptrace kill the process; network sockets and connect are refused"
+    )
+
+
+def packed(machine: str) -> bytes:
+    """The filter as the kernel reads it (for tests and inspection)."""
+    return b"".join(struct.pack("<HBBI", i.code, i.jt, i.jf, i.k) for i in program(machine))
