@@ -32,7 +32,8 @@ e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
 
 bench: $(STAMP)
-	$(BIN)/python bench/first_numbers.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/dataplane.py
 
 # Regenerate the committed example and test models (deterministic; a test checks them).
 models: $(STAMP)

@@ -50,6 +50,7 @@ EXAMPLE = REPO / "examples" / "01-digits"
 BIN = Path(sys.executable).parent / "modelloader"
 MODEL_CACHE = Path.home() / ".cache" / "modelloader" / "bench-models"
 THREADS = 2
+IDLE_SECONDS = 5.0
 CONCURRENCY = (1, 4, 16)
 TITLE = "# Data plane: MobileNetV2 raw, through Model Loader, through Ray Serve"
 
@@ -64,7 +65,7 @@ class Settings:
     cold_runs: int
 
 
-FULL = Settings(iterations=1000, json_iterations=100, window=3.0, cold_runs=5)
+FULL = Settings(iterations=600, json_iterations=50, window=2.0, cold_runs=5)
 QUICK = Settings(iterations=200, json_iterations=20, window=1.0, cold_runs=2)
 
 
@@ -187,6 +188,38 @@ class RawRunner:
             self.runner.run(self._inputs)
 
 
+# CPU time by process: where a served request's time goes
+
+
+def _stat(pid: int) -> tuple[int, str, float]:
+    """(parent pid, command, CPU seconds) of a process."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text.rsplit(")", 1)[1].split()
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    return int(fields[1]), command, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(root: int) -> dict[str, float]:
+    """CPU seconds of `root` and its descendants, grouped: the root process itself, Ray's
+    worker processes (`ray::...`), and the rest (Ray's GCS, raylet, ...)."""
+    table: dict[int, tuple[int, str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                table[int(entry)] = _stat(int(entry))
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    out = {"self": table[root][2] if root in table else 0.0, "ray workers": 0.0, "ray": 0.0}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        _, command, seconds = table[pid]
+        out["ray workers" if command.startswith("ray::") else "ray"] += seconds
+        stack += children.get(pid, [])
+    return out
+
+
 # The subjects
 
 
@@ -241,9 +274,10 @@ def wait_phase(state_dir: Path, name: str, wanted: str | None, timeout: float = 
 
 
 @contextlib.contextmanager
-def modelloader_local(work: Path, names: dict[str, str]) -> Iterator[tuple[int, Path, float]]:
+def modelloader_local(work: Path, names: dict[str, str]) -> Iterator[tuple[int, Path, float, int]]:
     """`modelloader local` over `work` with a manifest per name -> file; yields the gateway's
-    port, the state dir and the seconds until every model was Ready (Ray start included)."""
+    port, the state dir, the seconds until every model was Ready (Ray start included) and the
+    process id."""
     state_dir = Path(tempfile.mkdtemp(prefix="mlbs-", dir="/tmp"))
     for name, file in names.items():
         (work / f"{name}.yaml").write_text(manifest(name, f"file://{file}"))
@@ -267,7 +301,7 @@ def modelloader_local(work: Path, names: dict[str, str]) -> Iterator[tuple[int, 
         started = time.perf_counter()
         for name in names:
             wait_phase(state_dir, name, "Ready")
-        yield port, state_dir, time.perf_counter() - started
+        yield port, state_dir, time.perf_counter() - started, server.pid
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -348,6 +382,7 @@ class Row:
     raw_p99: float
     rps: dict[int, float]  # by concurrency
     raw_rps: dict[int, float]
+    cpu: dict[str, float] | None = None  # ms of CPU per served request, by process group
 
 
 def measure(
@@ -355,11 +390,20 @@ def measure(
     raw: RawRunner,
     served: dict[str, Callable[[], Call]],
     settings: Settings,
+    cpu_root: int,
     json_maker: Callable[[], Call] | None = None,
 ) -> list[Row]:
-    """Latency of raw and each served path interleaved; throughput of raw and the first."""
+    """Latency of raw and each served path interleaved; throughput of raw and the first. CPU
+    per served request: `cpu_root`'s process tree during a run of served calls alone."""
     calls: dict[str, Call] = {"raw": raw, **{name: make() for name, make in served.items()}}
     timings = latencies(calls, settings.iterations, warmup=max(20, settings.iterations // 10))
+    first = next(iter(served))
+    before, client_before = process_cpu(cpu_root), time.process_time()
+    latencies({first: calls[first]}, settings.iterations, warmup=0)
+    after, client_after = process_cpu(cpu_root), time.process_time()
+    per_call = 1000 / settings.iterations
+    cpu = {group: (after[group] - before[group]) * per_call for group in after}
+    cpu["client"] = (client_after - client_before) * per_call
     rows = []
     for name in served:
         rows.append(
@@ -372,6 +416,7 @@ def measure(
                 float(np.percentile(timings["raw"], 99)),
                 {},
                 {},
+                cpu if name == first else None,
             )
         )
     if json_maker is not None:
@@ -390,7 +435,6 @@ def measure(
                 {},
             )
         )
-    first = next(iter(served))
     for concurrency in CONCURRENCY:
         got = paired_throughput(
             {"raw": lambda: raw, first: served[first]}, concurrency, settings.window
@@ -413,8 +457,13 @@ def run_modelloader(
     names = {f"mnv2-{v.name}": v.path.name for v in models}
     rows: list[Row] = []
     cold: dict[str, Any] = {}
-    with modelloader_local(work, names) as (port, state_dir, first):
+    with modelloader_local(work, names) as (port, state_dir, first, pid):
         cold["first"] = first
+        time.sleep(2)  # let the start settle
+        before = process_cpu(pid)
+        time.sleep(IDLE_SECONDS)
+        after = process_cpu(pid)
+        cold["idle"] = {group: (after[group] - before[group]) / IDLE_SECONDS for group in after}
         for v in models:
             print(f"(b) modelloader: {v.name}", flush=True)
             raw = RawRunner(v.path, v.input_name, v.x)
@@ -431,6 +480,7 @@ def run_modelloader(
                 raw,
                 {"binary": lambda url=url, b=body, h=binary_headers: Poster(port, url, b, h)},
                 settings,
+                pid,
                 json_maker=lambda url=url, b=json_body, h=json_headers: Poster(port, url, b, h),
             )
         print("cold starts", flush=True)
@@ -453,6 +503,7 @@ def run_serve(models: list[Variant], settings: Settings) -> list[Row]:
                 raw,
                 {"serve": lambda v=v, b=body, h=headers: Poster(port, f"/{v.name}", b, h)},
                 settings,
+                os.getpid(),  # Ray and Serve run under this process
             )
     return rows
 
@@ -511,6 +562,17 @@ def report(rows: list[Row], cold: dict[str, Any], command: str, settings: Settin
             for c in CONCURRENCY
         ]
         rate.append(f"| {r.variant} | {r.path} | " + " | ".join(cells) + " |")
+    cpu_rows = [
+        "| model | path | client | gateway process / bench process | Ray worker processes | "
+        "Ray (GCS, raylet, ...) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.cpu is not None:
+            cpu_rows.append(
+                f"| {r.variant} | {r.path} | {r.cpu['client']:.2f} | {r.cpu['self']:.2f} | "
+                f"{r.cpu['ray workers']:.2f} | {r.cpu['ray']:.2f} |"
+            )
     targets = []
     for name in variant_names:
         b, s = by.get((name, "binary")), by.get((name, "serve"))
@@ -557,6 +619,20 @@ each with its own raw calls.
 Raw at concurrency c is c threads sharing the one interpreter (as the worker does).
 
 {chr(10).join(rate)}
+
+## CPU time per served request (ms), served calls alone at concurrency 1
+
+With no request at all, over {IDLE_SECONDS:.0f} s: the `modelloader local` process used
+{cold["idle"]["self"]:.1%} of a core, its Ray worker processes {cold["idle"]["ray workers"]:.1%},
+the rest of Ray {cold["idle"]["ray"]:.1%}.
+
+For (b) the second column is the `modelloader local` process: the gateway, with the control
+loop and the Ray driver beside it; the worker processes include idle warm-pool processes. For
+(c) it is the benchmark's own process (the client and Ray's driver), and Serve's proxy,
+controller and replica are Ray worker processes. Raw inference itself costs about
+{THREADS} x its latency (its threads share the cores).
+
+{chr(10).join(cpu_rows)}
 
 ## Against the targets (p50 over raw <= 1.3 ms, p99 over raw <= 3 ms, throughput >= 0.90)
 
@@ -605,7 +681,10 @@ def main() -> None:
             rows += run_serve(models, settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = " ".join(["make bench" if "MAKELEVEL" in os.environ else "python", *sys.argv])
+    if "MAKELEVEL" in os.environ:
+        command = "make bench"
+    else:
+        command = " ".join([os.path.relpath(sys.executable, REPO), *sys.argv])
     section = report(rows, cold, command, settings)
     print(section)
     if not args.no_write:

@@ -78,6 +78,9 @@ def start_local_ray(num_cpus: int | None) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
     `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
     temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+    # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
+    # shares the cores with the gateway (about 1.8 ms on a busy 2-core machine, bench/).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
         num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),

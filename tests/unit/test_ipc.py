@@ -76,3 +76,31 @@ def test_a_peer_gone_mid_frame_is_a_frame_error() -> None:
 
     with pytest.raises(ipc.FrameError):
         asyncio.run(gone())
+
+
+class Chunks:
+    """A body stream as aiohttp's `readchunk` gives it: (b"", True) ends a transfer-encoding
+    chunk, (b"", False) ends the body."""
+
+    def __init__(self, *parts: tuple[bytes, bool]) -> None:
+        self._parts = [*parts, (b"", False)]
+
+    async def readchunk(self) -> tuple[bytes, bool]:
+        return self._parts.pop(0)
+
+
+def test_read_body_gathers_chunks_once_and_checks_the_length() -> None:
+    from modelloader_workers.gateway.codec import read_body
+    from modelloader_workers.gateway.errors import BadRequest, PayloadTooLarge
+
+    parts = ((b"abc", False), (b"", True), (b"de", False))
+    assert asyncio.run(read_body(Chunks(*parts), 5, 10)) == b"abcde"
+    assert asyncio.run(read_body(Chunks(*parts), None, 10)) == b"abcde"  # chunked transfer
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(Chunks(*parts), None, 4))
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(Chunks(*parts), 11, 10))
+    with pytest.raises(BadRequest, match="longer"):
+        asyncio.run(read_body(Chunks(*parts), 4, 10))
+    with pytest.raises(BadRequest, match="after 5 of its 6"):
+        asyncio.run(read_body(Chunks(*parts), 6, 10))

@@ -1,8 +1,9 @@
 """Decode and encode v2 inference bodies: JSON tensors and Triton's binary tensor extension.
 
-Pure functions over bytes. With the binary extension the body is a JSON header of
-`Inference-Header-Content-Length` bytes followed by raw little-endian tensors, each input
-declaring its size in `parameters.binary_data_size`; outputs are sent raw when asked
+Pure functions over bytes (and `read_body`, which gathers a body with one copy). With the binary
+extension the body is a JSON header of `Inference-Header-Content-Length` bytes followed by raw
+little-endian tensors, each input declaring its size in `parameters.binary_data_size`; outputs
+are sent raw when asked
 (`parameters.binary_data` per output, or `binary_data_output` for the whole request).
 """
 
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from modelloader_workers.gateway.errors import BadRequest
+from modelloader_workers.gateway.errors import BadRequest, PayloadTooLarge
 from modelloader_workers.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
 
@@ -29,7 +30,52 @@ class DecodedRequest:
     binary_default: bool  # for outputs not named in the request
 
 
-def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
+class BodyStream(Protocol):
+    """What `read_body` needs of a request's body stream (aiohttp's `StreamReader`)."""
+
+    async def readchunk(self) -> tuple[bytes, bool]: ...
+
+
+async def read_body(content: BodyStream, length: int | None, limit: int) -> bytes | bytearray:
+    """The body, copied once from the chunks the transport received into a buffer of the
+    declared length. (aiohttp's `Request.read` joins the chunks, grows a bytearray with them and
+    copies that into bytes: three copies of a tensor that may be megabytes.)"""
+    too_large = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    if length is None:  # chunked transfer: grow as it comes, within the limit
+        grown = bytearray()
+        async for chunk in _chunks(content):
+            grown += chunk
+            if len(grown) > limit:
+                raise too_large
+        return grown
+    if length > limit:
+        raise too_large
+    body = bytearray(length)
+    view = memoryview(body)
+    got = 0
+    async for chunk in _chunks(content):
+        end = got + len(chunk)
+        if end > length:
+            raise BadRequest(f"the body is longer than its Content-Length of {length} bytes")
+        view[got:end] = chunk
+        got = end
+    if got != length:
+        raise BadRequest(f"the body ended after {got} of its {length} bytes")
+    return body
+
+
+async def _chunks(content: BodyStream) -> AsyncIterator[bytes]:
+    """The chunks as received; an empty one marks the end of a transfer-encoding chunk, and
+    only an empty one without that mark the end of the body."""
+    while True:
+        chunk, end_of_http_chunk = await content.readchunk()
+        if chunk:
+            yield chunk
+        elif not end_of_http_chunk:
+            return
+
+
+def decode_request(body: bytes | bytearray, header_length: str | None) -> DecodedRequest:
     if header_length is not None:
         try:
             json_len = int(header_length)

@@ -135,7 +135,10 @@ def build_app(
                     f"request body is over the limit of {max_request_bytes} bytes"
                 )
             try:
-                body = await asyncio.wait_for(request.read(), body_timeout_seconds)
+                body = await asyncio.wait_for(
+                    codec.read_body(request.content, request.content_length, max_request_bytes),
+                    body_timeout_seconds,
+                )
             except TimeoutError:
                 raise BodyTimeout(
                     f"the request body did not arrive within {body_timeout_seconds:g} s"
