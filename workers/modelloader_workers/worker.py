@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import ray
+
 from modelloader_workers import process_limits, sandbox
 from modelloader_workers.accelerated_runner import load_runner
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
@@ -180,6 +182,9 @@ class ModelWorker:
         total = sum(budgets) + extra
         return process_limits.limit_memory(process_limits.MemoryBudget(self._baseline, total))
 
+    # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
+    # keeps an event record of each call (measured: +49 MiB in 30 minutes of 10 workers).
+    @ray.method(enable_task_events=False)
     def info(self) -> list[LoadedInfo]:
         """What this process serves, one entry per hosted model."""
         return [h.info for h in self._hosted.values()]
@@ -192,6 +197,7 @@ class ModelWorker:
             self._limit_memory(0)
         return len(self._hosted)
 
+    @ray.method(enable_task_events=False)
     def ping(self) -> int:
         return os.getpid()
 
