@@ -23,6 +23,8 @@ from kubernetes_validate.utils import schema_contents
 from modelloader.cli import _parser
 from modelloader.placement import PlacementConfig, Scheduled, choose_accelerator
 
+from tests.support.crd_schema import crd_schema, json_schema
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "modelloader"
 KUBE_VERSION = "1.35.0"
@@ -116,20 +118,6 @@ THIRD_PARTY: dict[str, Any] = yaml.safe_load(
 REGISTRY: referencing.Registry[Any] = (
     referencing.Resource.from_contents(DEFINITIONS) @ referencing.Registry()
 )
-
-
-def crd_schema(name: str) -> dict[str, Any]:
-    crd = yaml.safe_load((REPO / "crds" / name).read_text())
-    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-
-
-def json_schema(node: Any) -> Any:
-    """A CRD's OpenAPI schema as JSON Schema: the x-kubernetes-* extensions mean nothing there."""
-    if isinstance(node, dict):
-        return {k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    if isinstance(node, list):
-        return [json_schema(v) for v in node]
-    return node
 
 
 OWN_KINDS = {

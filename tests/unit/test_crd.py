@@ -13,6 +13,8 @@ import yaml
 from modelloader import resource
 from modelloader.quantity import QUANTITY_PATTERN
 
+from tests.support.crd_schema import crd_validator
+
 REPO = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((REPO / "crds" / "loadedmodel.yaml").read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -21,15 +23,7 @@ SPEC = SCHEMA["properties"]["spec"]["properties"]
 
 
 def validator() -> jsonschema.Draft7Validator:
-    # The Kubernetes extensions (x-kubernetes-*) mean nothing to JSON Schema; drop them.
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return jsonschema.Draft7Validator(strip(SCHEMA))
+    return crd_validator("loadedmodel.yaml")
 
 
 def example_manifests() -> list[dict[str, Any]]:

@@ -11,30 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from modelloader import resource
 
+from tests.support.crd_schema import crd_validator
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "02-kubernetes"
 KUBE_VERSION = "1.35.0"
-
-
-def crd_validator(name: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((REPO / "crds" / name).read_text())
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return jsonschema.Draft7Validator(
-        strip(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-    )
 
 
 VALIDATORS = {

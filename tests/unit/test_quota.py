@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
-import yaml
 from modelloader.policy import (
     OriginPolicy,
     Quota,
@@ -21,9 +18,9 @@ from modelloader.quota import DEFAULT_MODEL_MEMORY, Admitted, Waiting, admit
 from modelloader.reconcile import StartWorker, WorkerView, plan, shared_process_name
 from modelloader.resource import LoadedModel, LoadedModelSpec, ManifestError, Resources, Source
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = yaml.safe_load((REPO / "crds" / "originpolicy.yaml").read_text())
-SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+from tests.support.crd_schema import crd_schema, crd_validator
+
+SCHEMA = crd_schema("originpolicy.yaml")
 CPU = {"CPU": 2.0}
 
 
@@ -106,16 +103,8 @@ def test_bad_policies_name_the_field(spec: dict[str, Any], field: str) -> None:
     # The CRD's schema rejects the same documents (except unknown fields: the API server
     # prunes those, the parser reports them).
     if "maxModles" not in str(spec):
-        errors = list(jsonschema.Draft7Validator(_strip(SCHEMA)).iter_errors(doc(spec)))
+        errors = list(crd_validator("originpolicy.yaml").iter_errors(doc(spec)))
         assert errors, spec
-
-
-def _strip(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    if isinstance(node, list):
-        return [_strip(v) for v in node]
-    return node
 
 
 def test_the_crd_and_the_parser_know_the_same_quota_fields() -> None:
