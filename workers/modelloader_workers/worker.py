@@ -26,7 +26,6 @@ from modelloader_workers.accelerated_runner import load_runner
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker_server import WorkerServer
 
-MiB = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -61,8 +60,6 @@ class LoadedInfo:
 
 def _node_id() -> str:
     try:
-        import ray
-
         return str(ray.get_runtime_context().get_node_id())
     except Exception:  # outside Ray (unit tests of the worker itself)
         return ""
@@ -74,8 +71,6 @@ def _reachable(address: str) -> str:
     if not address.startswith(prefix):
         return address
     try:
-        import ray
-
         host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     except Exception:
         host = "127.0.0.1"
@@ -85,24 +80,27 @@ def _reachable(address: str) -> str:
 T = TypeVar("T")
 
 
-def _confine() -> None:
+def _confine() -> bool:
+    """Whether the calling thread now runs under the sandbox."""
     if sandbox.confine_thread():
-        return
+        return True
     reason = sandbox.supported()
     if reason is not None and "turned off" not in reason:
         log.warning("models run without a seccomp sandbox: %s", reason)
+    return False
 
 
-def _in_sandbox(work: Callable[[], T]) -> T:
+def _in_sandbox(work: Callable[[], T]) -> tuple[T, bool]:
     """Run `work` (parsing a tenant's model) in a fresh thread confined by the sandbox: the
     actor's own thread keeps talking to Ray unconfined, and threads the work starts (the
-    interpreter's pool) inherit the filter."""
+    interpreter's pool) inherit the filter. Also says whether the sandbox was installed."""
     result: list[T] = []
+    confined: list[bool] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            _confine()
+            confined.append(_confine())
             result.append(work())
         except BaseException as error:  # handed to the caller's thread
             failure.append(error)
@@ -112,7 +110,7 @@ def _in_sandbox(work: Callable[[], T]) -> T:
     thread.join()
     if failure:
         raise failure[0]
-    return result[0]
+    return result[0], confined[0]
 
 
 @dataclass
@@ -138,7 +136,7 @@ class ModelWorker:
         budget = process_limits.model_budget(request.memory_limit, request.threads)
         limited = self._limit_memory(budget) if budget else False
         try:
-            runner, execution = _in_sandbox(
+            (runner, execution), confined = _in_sandbox(
                 lambda: load_runner(
                     request.model_path,
                     request.threads,
@@ -152,8 +150,9 @@ class ModelWorker:
             self._limit_memory(0)
             text = str(error).strip() or type(error).__name__
             if limited:
+                mib = request.memory_limit // process_limits.MiB
                 text += (
-                    f" (the model may use up to {request.memory_limit // MiB} MiB of memory: "
+                    f" (the model may use up to {mib} MiB of memory: "
                     "raise spec.resources.memory if it needs more)"
                 )
             raise ModelLoadError(text) from None
@@ -169,7 +168,7 @@ class ModelWorker:
             delegated_ops_share=execution.delegated_ops_share,
             note=execution.note,
             identity=dict(request.identity),
-            sandbox=sandbox.describe() if sandbox.supported() is None else "",
+            sandbox=sandbox.describe() if confined else "",
         )
         self._hosted[request.model_id] = _Hosted(server, info, budget)
         return info

@@ -21,6 +21,9 @@ from modelloader_workers.gateway.errors import DataPlaneError
 class Unauthorized(DataPlaneError):
     status = 401
 
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": 'Bearer realm="modelloader"'}
+
 
 class TooManyRequests(DataPlaneError):
     status = 429
@@ -28,6 +31,9 @@ class TooManyRequests(DataPlaneError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,7 @@ class _Bucket:
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
-        if self.rate <= 0:
-            return math.inf
-        return (1.0 - self.tokens) / self.rate
+        return (1.0 - self.tokens) / self.rate  # rate > 0: OriginLimiter refuses 0 first
 
 
 class OriginLimiter:
@@ -133,7 +137,7 @@ class OriginLimiter:
                 raise TooManyRequests(
                     f"origin {origin!r} is over its rate of {rate:g} requests per second "
                     "(requestsPerSecond)",
-                    retry_after=wait if math.isfinite(wait) else 60.0,
+                    retry_after=wait,
                 )
         self._in_flight[origin] = in_flight + 1
 

@@ -10,6 +10,19 @@ class DataPlaneError(Exception):
         super().__init__(message)
         self.message = message
 
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers the answer carries besides the status (Retry-After, ...)."""
+        return None
+
+
+class _RetrySoon(DataPlaneError):
+    """Loading, or a worker being replaced: worth retrying in a second."""
+
+    status = 503
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
+
 
 class BadRequest(DataPlaneError):
     status = 400
@@ -23,14 +36,12 @@ class PayloadTooLarge(DataPlaneError):
     status = 413
 
 
-class ModelNotReady(DataPlaneError):
-    status = 503
+class ModelNotReady(_RetrySoon):
+    pass
 
 
-class WorkerUnavailable(DataPlaneError):
+class WorkerUnavailable(_RetrySoon):
     """The worker went away mid-request (crashed, being replaced): retrying later may work."""
-
-    status = 503
 
 
 class InferenceFailed(DataPlaneError):

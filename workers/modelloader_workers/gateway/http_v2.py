@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,14 +12,13 @@ from aiohttp import web
 from modelloader_workers.gateway import codec, openapi
 from modelloader_workers.gateway.access import (
     AccessTable,
+    OriginAccess,
     OriginLimiter,
-    TooManyRequests,
-    Unauthorized,
     authenticate,
     open_table,
 )
 from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane
-from modelloader_workers.gateway.errors import DataPlaneError, PayloadTooLarge
+from modelloader_workers.gateway.errors import DataPlaneError
 from modelloader_workers.gateway.metrics import GatewayMetrics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -44,16 +42,6 @@ def error_response(
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def _error_headers(error: DataPlaneError) -> dict[str, str] | None:
-    if isinstance(error, TooManyRequests):
-        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
-    if isinstance(error, Unauthorized):
-        return {"WWW-Authenticate": 'Bearer realm="modelloader"'}
-    if error.status == 503:  # loading, or a worker being replaced: worth retrying soon
-        return {"Retry-After": "1"}
-    return None
-
-
 def _errors_as_json(max_request_bytes: int) -> Any:
     """Every error, ours or aiohttp's (unknown route, 405, 413), as `{"error": reason}`."""
 
@@ -62,7 +50,7 @@ def _errors_as_json(max_request_bytes: int) -> Any:
         try:
             return await handler(request)
         except DataPlaneError as error:
-            return error_response(error.status, error.message, _error_headers(error))
+            return error_response(error.status, error.message, error.headers())
         except web.HTTPRequestEntityTooLarge:
             return error_response(
                 413, f"request body is over the limit of {max_request_bytes} bytes"
@@ -90,8 +78,11 @@ def build_app(
     `default` origin."""
     limiter = limiter or OriginLimiter()
 
-    def origin_of(request: web.Request) -> str:
-        return authenticate(access(), request.headers.get("Authorization"))
+    def caller(request: web.Request) -> tuple[str, OriginAccess]:
+        """The caller's origin and its limits, from one reading of the access table."""
+        table = access()
+        origin = authenticate(table, request.headers.get("Authorization"))
+        return origin, table.of(origin)
 
     app = web.Application(
         middlewares=[_errors_as_json(max_request_bytes)], client_max_size=max_request_bytes
@@ -109,13 +100,13 @@ def build_app(
 
     async def model_metadata(request: web.Request) -> web.Response:
         name, version = _model(request)
-        origin = origin_of(request)
-        details = access().of(origin).expose_accelerator_details
+        origin, limits = caller(request)
+        details = limits.expose_accelerator_details
         return web.json_response(dataplane.model_metadata(origin, name, version, details))
 
     async def model_ready(request: web.Request) -> web.Response:
         name, version = _model(request)
-        ok = dataplane.model_ready(origin_of(request), name, version)
+        ok = dataplane.model_ready(caller(request)[0], name, version)
         return web.json_response({"name": name, "ready": ok}, status=200 if ok else 503)
 
     async def infer(request: web.Request) -> web.Response:
@@ -125,15 +116,12 @@ def build_app(
         status = 500
         entered = ""
         try:
-            origin = origin_of(request)
-            known = dataplane.directory.lookup(origin, name) is not None
-            labels = (origin, name if known else "")  # unknown names must not grow the series
-            limiter.enter(origin, access().of(origin))
+            origin, limits = caller(request)
+            entry = dataplane.directory.lookup(origin, name)
+            # Unknown names must not grow the series.
+            labels = (origin, name if entry is not None else "")
+            limiter.enter(origin, limits)
             entered = origin
-            if request.content_length is not None and request.content_length > max_request_bytes:
-                raise PayloadTooLarge(
-                    f"request body is over the limit of {max_request_bytes} bytes"
-                )
             try:
                 body = await asyncio.wait_for(
                     codec.read_body(request.content, request.content_length, max_request_bytes),
@@ -154,7 +142,6 @@ def build_app(
                 metrics.response_bytes.labels(*labels).observe(len(payload))
                 metrics.queue_duration.labels(*labels).observe(result.queue_seconds)
                 metrics.inference_duration.labels(*labels).observe(result.invoke_seconds)
-                entry = dataplane.directory.lookup(origin, name)
                 accelerator = entry.accelerator if entry is not None else "cpu"
                 metrics.accelerator_busy.labels(*labels, accelerator).inc(result.invoke_seconds)
         except DataPlaneError as error:

@@ -44,8 +44,7 @@ class WorkerClients:
         reused, connection = await self._acquire(address)
         try:
             reply, payload = await self._exchange(connection, header, buffers)
-        except (ipc.FrameError, OSError) as error:
-            _close(connection)
+        except (ipc.FrameError, OSError) as error:  # _exchange closed the connection
             if not reused:
                 raise WorkerUnavailable(f"the model's worker went away: {error}") from None
             # An idle connection may have gone stale (the worker restarted): one fresh try.
@@ -53,7 +52,6 @@ class WorkerClients:
             try:
                 reply, payload = await self._exchange(connection, header, buffers)
             except (ipc.FrameError, OSError) as error2:
-                _close(connection)
                 raise WorkerUnavailable(f"the model's worker went away: {error2}") from None
         self._release(address, connection)
         if "error" in reply:
