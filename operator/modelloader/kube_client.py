@@ -19,6 +19,7 @@ import kopf
 from modelloader import API_GROUP, API_VERSION
 
 PLURAL = "loadedmodels"
+POLICY_PLURAL = "originpolicies"
 
 
 class KubeClient:
@@ -31,30 +32,22 @@ class KubeClient:
         connector = aiohttp.TCPConnector(ssl=_ssl_context(info))
         self._session = aiohttp.ClientSession(headers=headers, auth=auth, connector=connector)
 
-    def _path(self, namespace: str, name: str) -> str:
-        return (
-            f"{self._server}/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/"
-            f"{PLURAL}/{name}/status"
-        )
-
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+    async def _patch_status(self, path: str, status: dict[str, Any]) -> bool:
         """False when the object is gone (deleted meanwhile); raises on other failures."""
-        async with self._session.patch(
-            self._path(namespace, name), json={"status": status}
-        ) as response:
-            if response.status == 404:
-                return False
-            response.raise_for_status()
-            return True
-
-    async def patch_origin_status(self, origin: str, status: dict[str, Any]) -> bool:
-        """An OriginPolicy's status (cluster-scoped); False when it is gone."""
-        url = f"{self._server}/apis/{API_GROUP}/{API_VERSION}/originpolicies/{origin}/status"
+        url = f"{self._server}/apis/{API_GROUP}/{API_VERSION}/{path}/status"
         async with self._session.patch(url, json={"status": status}) as response:
             if response.status == 404:
                 return False
             response.raise_for_status()
             return True
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """A LoadedModel's status."""
+        return await self._patch_status(f"namespaces/{namespace}/{PLURAL}/{name}", status)
+
+    async def patch_origin_status(self, origin: str, status: dict[str, Any]) -> bool:
+        """An OriginPolicy's status (cluster-scoped)."""
+        return await self._patch_status(f"{POLICY_PLURAL}/{origin}", status)
 
     async def post_event(
         self, involved: Mapping[str, Any], kind: str, reason: str, message: str

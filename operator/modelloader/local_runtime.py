@@ -31,11 +31,12 @@ from modelloader_workers.gateway.http_v2 import (
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from modelloader import control_channel
 from modelloader.control_metrics import ControlMetrics
 from modelloader.manifests import ManifestReader, ManifestSet
+from modelloader.metrics_endpoint import metrics_app
 from modelloader.placement import PlacementConfig
 from modelloader.policy import OriginPolicy, Policies, policies
 from modelloader.ray_workers import RayWorkers, start_local_ray, stop_ray
@@ -118,8 +119,6 @@ class LocalRuntime:
         self._stop = asyncio.Event()
         self._synced = False
         self._runners: list[web.AppRunner] = []
-        self._capacity: dict[str, float] = {}
-        self._capacity_at = 0.0
         self._pool: WorkerPool | None = None
         self._reconciler: Reconciler | None = None
         self._ray_temp: str | None = None
@@ -187,7 +186,9 @@ class LocalRuntime:
         )
         await self._serve(gateway, web.TCPSite, config.host, config.port)
         if config.metrics_port:  # 0: no metrics endpoint
-            await self._serve(self._metrics_app(), web.TCPSite, config.host, config.metrics_port)
+            await self._serve(
+                metrics_app(self.registry), web.TCPSite, config.host, config.metrics_port
+            )
         control_socket = config.state_dir / control_channel.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             control_socket.unlink()
@@ -267,19 +268,12 @@ class LocalRuntime:
         started = time.perf_counter()
         try:
             manifests = await asyncio.to_thread(self.reader.read)
-            self._reconcile(manifests, await self._cluster_capacity())
+            self._reconcile(manifests, await self._workers.recent_capacity())
         except Exception:
             self.metrics.reconcile_errors.inc()
             log.exception("reconcile failed")
         finally:
             self.metrics.reconcile_duration.observe(time.perf_counter() - started)
-
-    async def _cluster_capacity(self) -> dict[str, float]:
-        # Refreshed every few seconds: a node (and its GPUs) may join a Ray cluster.
-        if time.monotonic() - self._capacity_at > 5.0:
-            self._capacity = await asyncio.to_thread(self._workers.capacity)
-            self._capacity_at = time.monotonic()
-        return self._capacity
 
     def _reconcile(self, manifests: ManifestSet, capacity: dict[str, float]) -> None:
         assert self._reconciler is not None
@@ -298,16 +292,6 @@ class LocalRuntime:
         self._synced = True
 
     # HTTP apps besides the gateway
-
-    def _metrics_app(self) -> web.Application:
-        async def metrics(_: web.Request) -> web.Response:
-            response = web.Response(body=generate_latest(self.registry))
-            response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-            return response
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        return app
 
     def _control_app(self) -> web.Application:
         async def status_handler(_: web.Request) -> web.Response:

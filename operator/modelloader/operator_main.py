@@ -27,18 +27,17 @@ from prometheus_client import CollectorRegistry
 
 from modelloader import API_GROUP, API_VERSION
 from modelloader.control_metrics import ControlMetrics
-from modelloader.kube_client import KubeClient
+from modelloader.kube_client import PLURAL, POLICY_PLURAL, KubeClient
 from modelloader.manifests import Rejected
 from modelloader.metrics_endpoint import serve_metrics
 from modelloader.placement import PlacementConfig
 from modelloader.policy import OriginPolicy, Policies, parse_origin_policy, policies
-from modelloader.quota import OriginUsage
 from modelloader.ray_workers import RayWorkers, connect_ray, publish_access
 from modelloader.reconcile import unbound_message
 from modelloader.reconciler import Reconciler
 from modelloader.resource import LoadedModel, ManifestError, parse_loaded_model
 from modelloader.sources import ModelSources, SourcePolicy
-from modelloader.status import render_origin
+from modelloader.status import render_origins
 from modelloader.tenancy import (
     ORIGIN_LABEL,
     SecretProblem,
@@ -50,8 +49,6 @@ from modelloader.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-PLURAL = "loadedmodels"
-POLICY_PLURAL = "originpolicies"
 WEBHOOK_ID = "validate-loadedmodel"  # the webhook's URL path (the chart's webhook.path)
 FINALIZER = f"{API_GROUP}/finalizer"
 
@@ -88,7 +85,8 @@ class LoadedModelOperator:
         self.metrics = ControlMetrics(CollectorRegistry())
         self.bodies: dict[str, dict[str, Any]] = {}  # key -> the LoadedModel as last seen
         self.patched: dict[str, dict[str, Any]] = {}  # key -> the status we last wrote
-        self.policy_bodies: dict[str, dict[str, Any]] = {}  # origin -> OriginPolicy as seen
+        # origin -> its OriginPolicy, parsed once as seen (None: invalid), and its generation
+        self.origin_policies: dict[str, tuple[OriginPolicy | None, int]] = {}
         self.token_secrets: dict[str, TokenSecret | SecretProblem] = {}  # ns/name -> digest
         self.origins_patched: dict[str, dict[str, Any]] = {}
         self._access_published: AccessTable | None = None
@@ -98,8 +96,6 @@ class LoadedModelOperator:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: KubeClient | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self._capacity: dict[str, float] = {}
-        self._capacity_at = 0.0
         self._register()
 
     # kopf wiring: thin handlers
@@ -154,9 +150,12 @@ class LoadedModelOperator:
         @on.event(API_GROUP, API_VERSION, POLICY_PLURAL, registry=self.registry)
         def policy_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
             if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
-                self.policy_bodies.pop(str(body.metadata.name), None)
+                self.origin_policies.pop(str(body.metadata.name), None)
             else:
-                self.policy_bodies[str(body.metadata.name)] = dict(body)
+                self.origin_policies[str(body.metadata.name)] = (
+                    _parse_policy(body),
+                    _generation(body),
+                )
             self._wake.set()
 
         def token_related(body: kopf.Body, **_: Any) -> bool:
@@ -288,11 +287,9 @@ class LoadedModelOperator:
     async def reconcile_once(self) -> None:
         assert self.reconciler is not None
         models, rejected = desired(self.bodies.values())
-        if time.monotonic() - self._capacity_at > 5.0:
-            self._capacity = await asyncio.to_thread(self._workers.capacity)
-            self._capacity_at = time.monotonic()
+        capacity = await self._workers.recent_capacity()
         known = self.current_policies()
-        outcome = self.reconciler.step(models, rejected, self._capacity, known)
+        outcome = self.reconciler.step(models, rejected, capacity, known)
         await self._publish(outcome.statuses)
         await self._publish_origins(outcome.origins, known)
         secrets = [s for s in self.token_secrets.values() if isinstance(s, TokenSecret)]
@@ -304,14 +301,7 @@ class LoadedModelOperator:
             self._access_published = table
 
     def current_policies(self) -> Policies:
-        found = []
-        for name, body in self.policy_bodies.items():
-            try:
-                found.append(parse_origin_policy(body))
-            except ManifestError as error:
-                # The CRD's schema rejects most of this at the API server; the rest is logged
-                # and the origin falls back to the default policy.
-                log.warning("OriginPolicy %s is invalid, using the default: %s", name, error)
+        found = [p for p, _ in self.origin_policies.values() if p is not None]
         return policies(self.config.default_policy, found)
 
     async def _publish_origins(
@@ -320,9 +310,9 @@ class LoadedModelOperator:
         """Usage against each limit in the status of each OriginPolicy that exists."""
         if self._client is None:
             return
-        for origin in known.by_origin:
-            rendered = origins.get(origin) or render_origin(OriginUsage(origin, {}, {}), True)
-            rendered = {**rendered, "observedGeneration": _generation(self.policy_bodies[origin])}
+        for origin, rendered in render_origins(origins, known.by_origin).items():
+            generation = self.origin_policies[origin][1]
+            rendered = {**rendered, "observedGeneration": generation}
             if self.origins_patched.get(origin) == rendered:
                 continue
             try:
@@ -360,6 +350,17 @@ class LoadedModelOperator:
             await self._client.post_event(body, kind, phase, str(rendered.get("message") or phase))
         except Exception as error:
             log.warning("posting an event failed: %s", error)
+
+
+def _parse_policy(body: Mapping[str, Any]) -> OriginPolicy | None:
+    try:
+        return parse_origin_policy(body)
+    except ManifestError as error:
+        # The CRD's schema rejects most of this at the API server; the rest is logged and
+        # the origin falls back to the default policy.
+        name = body.get("metadata", {}).get("name")
+        log.warning("OriginPolicy %s is invalid, using the default: %s", name, error)
+        return None
 
 
 def _generation(body: Mapping[str, Any]) -> int:

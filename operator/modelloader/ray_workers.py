@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,10 +177,20 @@ class RayWorkers:
         self._warm_target = warm
         self._warm_resources = dict(warm_resources or {})
         self._warm: list[tuple[str, Any]] = []  # (name, actor), oldest first
+        self._capacity: dict[str, float] = {}
+        self._capacity_at = -float("inf")
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
         return {k: float(v) for k, v in resources.items()}
+
+    async def recent_capacity(self, max_age_seconds: float = 5.0) -> dict[str, float]:
+        """`capacity`, asked of the GCS at most every few seconds: the control loops run
+        twice a second, and a node (with its GPUs) joining can wait that long to be seen."""
+        if time.monotonic() - self._capacity_at > max_age_seconds:
+            self._capacity = await asyncio.to_thread(self.capacity)
+            self._capacity_at = time.monotonic()
+        return self._capacity
 
     def _socket_path(self, worker_id: str) -> Path:
         return self._socket_dir / f"{hashlib.sha256(worker_id.encode()).hexdigest()[:16]}.sock"

@@ -6,7 +6,7 @@ goes in along with the clock's reading.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,6 +111,16 @@ def render_origin(usage: OriginUsage, explicit: bool) -> dict[str, Any]:
     rendered["atLimit"] = at_limit
     rendered["policy"] = "own" if explicit else "default"
     return rendered
+
+
+def render_origins(
+    usage_statuses: Mapping[str, dict[str, Any]], explicit: Iterable[str]
+) -> dict[str, dict[str, Any]]:
+    """The status of every origin that has an OriginPolicy: its usage, or none yet."""
+    return {
+        origin: usage_statuses.get(origin) or render_origin(OriginUsage(origin, {}, {}), True)
+        for origin in explicit
+    }
 
 
 def _amount(resource: str, value: float) -> int | float:

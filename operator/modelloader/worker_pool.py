@@ -201,24 +201,25 @@ class WorkerPool:
                 **_ready(info),
             )
             if handle.process:  # new models join the process adopted, not an older name
-                base = _base_process(handle.process)
-                epoch = handle.process[len(base) + 2 :] if handle.process != base else "0"
-                self._process_epochs[base] = max(self._process_epochs.get(base, 0), int(epoch))
+                base, epoch = _split_epoch(handle.process)
+                self._process_epochs[base] = max(self._process_epochs.get(base, 0), epoch)
             self._records[handle.worker_id] = _Record(view, handle)
             adopted += 1
             # A replacement must not reuse this worker's name (`.rN`): Ray may hold a dead
             # actor's name for a while.
-            _, dot, suffix = handle.worker_id.rpartition(".r")
-            if dot and suffix.isdigit():
+            _, restarts = _split_epoch(handle.worker_id)
+            if restarts:
                 identity_key = (view.key, view.fingerprint)
-                self._restarts[identity_key] = max(self._restarts.get(identity_key, 0), int(suffix))
+                self._restarts[identity_key] = max(self._restarts.get(identity_key, 0), restarts)
         return adopted
 
     async def check_liveness(self) -> None:
         """Observe deaths of ready workers (a crash, an OOM kill, a `kill -9`)."""
         now = time.monotonic()
         self._deaths = {
-            k: v for k, v in self._deaths.items() if v and now - v[-1] < CRASH_WINDOW_SECONDS
+            k: recent
+            for k, v in self._deaths.items()
+            if (recent := [t for t in v if now - t < CRASH_WINDOW_SECONDS])
         }
         ready = [r for r in self._records.values() if r.view.state == "ready" and r.handle]
         verdicts = await asyncio.gather(
@@ -233,11 +234,7 @@ class WorkerPool:
                     )
                 log.warning("worker %s died: %s", record.view.id, verdict)
                 identity = (record.view.key, record.view.fingerprint)
-                now = time.monotonic()
-                deaths = [
-                    t for t in self._deaths.get(identity, []) if now - t < CRASH_WINDOW_SECONDS
-                ]
-                deaths.append(now)
+                deaths = [*self._deaths.get(identity, []), now]  # pruned to the window above
                 self._deaths[identity] = deaths
                 process = record.view.process
                 if process and record.handle and record.handle.process == self._actor_name(process):
@@ -282,10 +279,17 @@ class WorkerPool:
         return task
 
 
-def _base_process(actor_name: str) -> str:
-    """The planner's name of a shared process, without the restart epoch."""
+def _split_epoch(actor_name: str) -> tuple[str, int]:
+    """A worker's or shared process's name without its restart suffix (`.rN`), and N (0 for
+    none): the planner's name, and how many were started under it before."""
     base, dot, epoch = actor_name.rpartition(".")
-    return base if dot and epoch.startswith("r") and epoch[1:].isdigit() else actor_name
+    if dot and epoch.startswith("r") and epoch[1:].isdigit():
+        return base, int(epoch[1:])
+    return actor_name, 0
+
+
+def _base_process(actor_name: str) -> str:
+    return _split_epoch(actor_name)[0]
 
 
 def _ready(info: LoadedInfo) -> dict[str, Any]:
