@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from modelloader.resource import Accelerator
+from modelloader.resource import Accelerator, LoadedModelSpec
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,16 @@ def choose_accelerator(
     if capacity.get(resource, 0) <= 0:
         return Unschedulable(f"no node in the Ray cluster offers the {resource} resource")
     return Scheduled(requested, {resource: 1.0})
+
+
+def fits_warm_process(spec: LoadedModelSpec, accelerator: str, shared: bool) -> bool:
+    """Whether a pre-started (warm) worker process may take this model. Warm processes are
+    started for CPU models with no Ray reservations of their own: a reservation (CPU, memory,
+    an accelerator) is fixed when a process starts. A model sharing its origin's process
+    (perOrigin) loads into that one instead."""
+    return (
+        accelerator == "cpu"
+        and not shared
+        and not spec.resources.cpu
+        and not spec.resources.memory_bytes
+    )

@@ -31,6 +31,7 @@ from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from modelloader.placement import fits_warm_process
 from modelloader.reconcile import SHARED_PROCESS_PREFIX
 from modelloader.resource import LoadedModel
 
@@ -172,8 +173,9 @@ class RayWorkers:
         self._owned: dict[str, Any] = {}
         # The warm pool: idle processes that have imported everything a worker needs, so
         # apply -> Ready does not wait for a process to start. Each serves one model of one
-        # origin and dies with it; it is never given to anyone else. CPU models without Ray
-        # reservations of their own take one (a reservation is fixed when a process starts).
+        # origin and dies with it; it is never given to anyone else. Which models may take one
+        # is placement's decision (`fits_warm_process`); `warm_resources` must be what a CPU
+        # model reserves in this cluster (the CPU-node resource, if there is one).
         self._warm_target = warm
         self._warm_resources = dict(warm_resources or {})
         self._warm: list[tuple[str, Any]] = []  # (name, actor), oldest first
@@ -215,15 +217,9 @@ class RayWorkers:
             self._warm.append((name, actor))
 
     def _take_warm(
-        self, model: LoadedModel, resources: Mapping[str, float], process: str
+        self, model: LoadedModel, accelerator: str, process: str
     ) -> tuple[str, Any] | None:
-        eligible = (
-            not process
-            and not model.spec.resources.cpu
-            and not model.spec.resources.memory_bytes
-            and dict(resources) == self._warm_resources
-        )
-        if not eligible or not self._warm:
+        if not fits_warm_process(model.spec, accelerator, bool(process)) or not self._warm:
             return None
         taken = self._warm.pop(0)
         self.fill_warm_pool()
@@ -264,7 +260,7 @@ class RayWorkers:
             options["resources"] = extra
         if self._detached:
             options["lifetime"] = "detached"
-        warm = self._take_warm(model, resources, process)
+        warm = self._take_warm(model, accelerator, process)
         if warm is not None:
             warm_name, actor = warm
         else:
