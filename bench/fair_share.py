@@ -17,67 +17,26 @@ import http.client
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from modelloader import control_channel
+from tenants import serving, token
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "01-digits"
-BIN = Path(sys.executable).parent / "modelloader"
-TOKENS = {"alpha": "alpha-token-0123456789abcdef", "beta": "beta-token-0123456789abcdef"}
 BODY = json.dumps(
     {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
 ).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def manifests(a_limit: float) -> str:
-    docs = []
-    for origin in TOKENS:
-        docs.append(
-            {
-                "apiVersion": "modelloader.dev/v1alpha1",
-                "kind": "LoadedModel",
-                "metadata": {"name": "digits", "namespace": origin},
-                "spec": {"source": {"uri": "file://digits.tflite"}, "accelerator": "cpu"},
-            }
-        )
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": "token",
-                    "namespace": origin,
-                    "labels": {"modelloader.dev/origin": origin},
-                },
-                "stringData": {"token": TOKENS[origin]},
-            }
-        )
-    docs.append(
-        {
-            "apiVersion": "modelloader.dev/v1alpha1",
-            "kind": "OriginPolicy",
-            "metadata": {"name": "alpha"},
-            "spec": {"quota": {"requestsPerSecond": a_limit, "maxConcurrentRequests": 8}},
-        }
-    )
-    return "\n---\n".join(json.dumps(d) for d in docs) + "\n"
+ORIGINS = ["alpha", "beta"]
+ALPHA_POLICY = {
+    "apiVersion": "modelloader.dev/v1alpha1",
+    "kind": "OriginPolicy",
+    "metadata": {"name": "alpha"},
+}
 
 
 class Client:
@@ -85,7 +44,7 @@ class Client:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.headers = {
             "Content-Type": "application/json",
-            "Authorization": f"Bearer {TOKENS[origin]}",
+            "Authorization": f"Bearer {token(origin)}",
         }
 
     def infer(self) -> tuple[int, float]:
@@ -140,29 +99,10 @@ def main() -> None:
     parser.add_argument("--flood-threads", type=int, default=4)
     args = parser.parse_args()
 
-    folder = Path(tempfile.mkdtemp(prefix="mlfair-"))
-    state_dir = Path(tempfile.mkdtemp(prefix="mlfs-", dir="/tmp"))
-    shutil.copy(EXAMPLE / "digits.tflite", folder)
-    (folder / "tenants.yaml").write_text(manifests(args.a_limit))
-    port = free_port()
-    log = open(folder / "local.log", "w")  # noqa: SIM115 (the server's whole life)
-    process = subprocess.Popen(
-        [str(BIN), "local", str(folder), "--port", str(port), "--metrics-port", "0",
-         "--state-dir", str(state_dir), "--cache-dir", str(folder / "cache")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, (folder / "local.log").read_text()
-            assert time.monotonic() < deadline, "models did not become Ready"
-            try:
-                items = control_channel.fetch(state_dir)["items"]
-                if len(items) == 2 and all(i["status"]["phase"] == "Ready" for i in items):
-                    break
-            except (OSError, control_channel.ControlUnavailable):
-                pass
-            time.sleep(0.3)
+    policy = {**ALPHA_POLICY, "spec": {"quota": {"requestsPerSecond": args.a_limit,
+                                                  "maxConcurrentRequests": 8}}}  # fmt: skip
+    with serving(ORIGINS, [policy]) as server:
+        port = server.port
         steady(port, args.rate, 2.0)  # warm both paths
         alone, alone_codes = steady(port, args.rate, args.seconds)
         a_codes: Counter[int] = Counter()
@@ -179,10 +119,6 @@ def main() -> None:
         stop.set()
         for thread in flooders:
             thread.join()
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(60)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
     sent_by_a = sum(a_codes.values())
     rows = [

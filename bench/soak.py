@@ -16,62 +16,18 @@ import http.client
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from modelloader import control_channel
+from tenants import serving, token
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "01-digits"
-BIN = Path(sys.executable).parent / "modelloader"
 ORIGINS = [f"tenant{i}" for i in range(10)]
 BODY = json.dumps(
     {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
 ).encode()
-
-
-def token(origin: str) -> str:
-    return f"{origin}-soak-token-0123456789"
-
-
-def manifests() -> str:
-    docs: list[dict[str, object]] = []
-    for origin in ORIGINS:
-        docs.append(
-            {
-                "apiVersion": "modelloader.dev/v1alpha1",
-                "kind": "LoadedModel",
-                "metadata": {"name": "digits", "namespace": origin},
-                "spec": {"source": {"uri": "file://digits.tflite"}, "accelerator": "cpu"},
-            }
-        )
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": "token",
-                    "namespace": origin,
-                    "labels": {"modelloader.dev/origin": origin},
-                },
-                "stringData": {"token": token(origin)},
-            }
-        )
-    return "\n---\n".join(json.dumps(d) for d in docs) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -130,35 +86,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="requests/s per origin")
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="mlsoak-"))
-    state_dir = Path(tempfile.mkdtemp(prefix="mlso-", dir="/tmp"))
-    shutil.copy(EXAMPLE / "digits.tflite", folder)
-    (folder / "tenants.yaml").write_text(manifests())
-    port = free_port()
-    log = open(folder / "local.log", "w")  # noqa: SIM115 (the server's whole life)
-    process = subprocess.Popen(
-        [str(BIN), "local", str(folder), "--port", str(port), "--metrics-port", "0",
-         "--state-dir", str(state_dir), "--cache-dir", str(folder / "cache")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     codes: Counter[int] = Counter()
     samples: list[dict[int, int]] = []
     names: dict[int, str] = {}
     stop = threading.Event()
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (folder / "local.log").read_text()
-            assert time.monotonic() < deadline, "models did not become Ready"
-            try:
-                items = control_channel.fetch(state_dir)["items"]
-                if len(items) == len(ORIGINS) and all(
-                    i["status"]["phase"] == "Ready" for i in items
-                ):
-                    break
-            except (OSError, control_channel.ControlUnavailable):
-                pass
-            time.sleep(0.5)
+    with serving(ORIGINS) as server:
+        port, process = server.port, server.process
         threads = [
             threading.Thread(target=client, args=(port, o, args.rate, stop, codes), daemon=True)
             for o in ORIGINS
@@ -180,11 +113,6 @@ def main() -> None:
         for thread in threads:
             thread.join(30)
         alive_at_end = process.poll() is None
-    finally:
-        stop.set()
-        process.send_signal(signal.SIGINT)
-        process.wait(60)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
     warmup = max(1, int(120 / args.sample_seconds))
     steady = samples[warmup:] or samples
