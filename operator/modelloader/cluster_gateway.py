@@ -17,7 +17,7 @@ from aiohttp import web
 from modelloader_workers.gateway.access import AccessTable
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.http_v2 import IDLE_TIMEOUT_SECONDS, build_app
+from modelloader_workers.gateway.http_v2 import V2Api, serve_gateway
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
@@ -101,18 +101,17 @@ class ClusterGateway:
         synced = asyncio.Event()
         registry = CollectorRegistry()
         registry.register(NvmlCollector())  # this node's GPUs, if NVML finds any
-        app = build_app(
+        api = V2Api(
             DataPlane(self.directory, self.clients),
             GatewayMetrics(registry),
             max_request_bytes=max_request_bytes,
             ready=synced.is_set,
             access=lambda: self.access,
         )
-        runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_SECONDS)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        server = serve_gateway(api)
+        await server.start(host, port)
         log.info("gateway on http://%s:%d", host, port)
-        runners = [runner]
+        runners: list[web.AppRunner] = []
         if metrics_port:  # 0: no metrics endpoint
             runners.append(await serve_metrics(registry, host, metrics_port))
             log.info("metrics on http://%s:%d/metrics", host, metrics_port)
@@ -125,6 +124,7 @@ class ClusterGateway:
                     log.exception("refreshing the worker directory failed")
                 await asyncio.sleep(self._refresh)
         finally:
+            await server.close()
             for each in runners:
                 with contextlib.suppress(Exception):
                     await each.cleanup()

@@ -23,10 +23,12 @@ from aiohttp import web
 from modelloader_workers.gateway.access import open_table
 from modelloader_workers.gateway.dataplane import DataPlane
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
+from modelloader_workers.gateway.http_server import HttpServer
 from modelloader_workers.gateway.http_v2 import (
     BODY_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
-    build_app,
+    V2Api,
+    serve_gateway,
 )
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
@@ -119,6 +121,7 @@ class LocalRuntime:
         self._stop = asyncio.Event()
         self._synced = False
         self._runners: list[web.AppRunner] = []
+        self._gateway: HttpServer | None = None
         self._pool: WorkerPool | None = None
         self._reconciler: Reconciler | None = None
         self._ray_temp: str | None = None
@@ -176,15 +179,17 @@ class LocalRuntime:
         self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
         self._workers = workers
 
-        gateway = build_app(
+        api = V2Api(
             DataPlane(self.directory, self.clients),
             GatewayMetrics(self.registry),
             max_request_bytes=config.max_request_bytes,
-            body_timeout_seconds=config.body_timeout_seconds,
             ready=lambda: self._synced,
             access=lambda: self.access,
         )
-        await self._serve(gateway, web.TCPSite, config.host, config.port)
+        self._gateway = serve_gateway(
+            api, idle_timeout=config.idle_timeout_seconds, body_timeout=config.body_timeout_seconds
+        )
+        await self._gateway.start(config.host, config.port)
         if config.metrics_port:  # 0: no metrics endpoint
             await self._serve(
                 metrics_app(self.registry), web.TCPSite, config.host, config.metrics_port
@@ -248,6 +253,9 @@ class LocalRuntime:
                     log.exception("liveness check failed")
 
     async def shutdown(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.close()
+            self._gateway = None
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()

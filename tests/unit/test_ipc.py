@@ -1,5 +1,6 @@
 """The gateway <-> worker framing: frames of every size survive the trip, back to back on one
-connection, and a peer that goes away mid-frame is a FrameError, not a hang."""
+connection, received into the reader's buffer or straight into the caller's; a peer that goes
+away mid-frame is a FrameError, not a hang; headers are parsed once per distinct bytes."""
 
 from __future__ import annotations
 
@@ -13,43 +14,62 @@ import pytest
 from modelloader_workers import ipc
 
 
-def echo_worker(sock: socket.socket) -> None:
-    """Answers each frame with its tensors doubled, as the worker server frames its replies."""
+def echo_worker(sock: socket.socket, into_destinations: bool) -> None:
+    """Answers each frame with its tensors doubled, as the worker server frames its replies:
+    the payload read into the reader's buffer, or into arrays of its own."""
     reader = ipc.FrameReader(sock)
     with sock:
         while True:
             try:
-                header, payload = reader.read()
+                header = ipc.parse_header(reader.read_head())
+                slots = ipc.layout(header["inputs"])
+                if into_destinations:
+                    arrays = {s.name: np.empty(s.shape, s.dtype) for s in slots}
+                    reader.read_payload_into(
+                        [a.reshape(-1).view(np.uint8).data for a in arrays.values()]
+                    )
+                else:
+                    arrays = ipc.views(slots, reader.read_payload())
             except ipc.FrameError:
                 return
-            tensors = ipc.tensors_from(header["inputs"], payload)
-            entries, buffers = ipc.describe({n: a * 2 for n, a in tensors.items()})
-            ipc.write_frame(sock, {"outputs": entries}, buffers)
+            entries, buffers = ipc.describe({n: a * 2 for n, a in arrays.items()})
+            ipc.write_frame(sock, ipc.encode_header({"outputs": entries}), buffers, 0.25, 0.5)
 
 
-async def round_trips(arrays: list[dict[str, np.ndarray[Any, Any]]]) -> list[dict[str, Any]]:
+async def round_trips(
+    arrays: list[dict[str, np.ndarray[Any, Any]]], into_destinations: bool
+) -> list[dict[str, Any]]:
     gateway, worker = socket.socketpair()
-    threading.Thread(target=echo_worker, args=(worker,), daemon=True).start()
-    connection = ipc.AsyncFrameSocket(gateway)
+    threading.Thread(target=echo_worker, args=(worker, into_destinations), daemon=True).start()
+    link = ipc.WorkerLink(gateway, asyncio.get_running_loop())
     answers = []
     try:
         for tensors in arrays:
             entries, buffers = ipc.describe(tensors)
-            reply, payload = await connection.exchange({"inputs": entries}, buffers)
-            answers.append(ipc.tensors_from(reply["outputs"], payload))
+            header = ipc.encode_header({"inputs": entries})
+            prefix = ipc.frame_prefix(header, sum(e[3] for e in entries))
+            future: asyncio.Future[ipc.Outcome] = asyncio.get_running_loop().create_future()
+            link.exchange(prefix, buffers, future.set_result)
+            reply = await future
+            assert isinstance(reply, ipc.Reply), reply
+            assert (reply.queue_seconds, reply.invoke_seconds) == (0.25, 0.5)
+            slots = ipc.layout(ipc.parse_header(reply.header)["outputs"])
+            answers.append(ipc.views(slots, reply.payload))
     finally:
-        connection.close()
+        link.close()
     return answers
 
 
-def test_frames_of_every_size_back_to_back() -> None:
+@pytest.mark.parametrize("into_destinations", [False, True])
+def test_frames_of_every_size_back_to_back(into_destinations: bool) -> None:
     rng = np.random.default_rng(3)
-    sizes = [0, 1, 7, 65_000, 1 << 16, 602_112, 5 << 20, 3]  # around the buffers' edges
+    # Around the buffers' edges; 5 Mi int32 is past the 4 MiB socket buffers (partial writes).
+    sizes = [0, 1, 7, 16_000, 1 << 14, 150_528, 602_112, 5 << 20, 3]
     arrays = [
         {"x": rng.integers(0, 100, n, dtype=np.int32), "y": np.arange(3, dtype=np.float32)}
         for n in sizes
     ]
-    answers = asyncio.run(round_trips(arrays))
+    answers = asyncio.run(round_trips(arrays, into_destinations))
     for sent, got in zip(arrays, answers, strict=True):
         for name, array in sent.items():
             np.testing.assert_array_equal(got[name], array * 2)
@@ -58,49 +78,74 @@ def test_frames_of_every_size_back_to_back() -> None:
 def test_a_peer_gone_mid_frame_is_a_frame_error() -> None:
     gateway, worker = socket.socketpair()
     entries, buffers = ipc.describe({"x": np.zeros(10, np.float32)})
-    prefix, _ = ipc.encode_prefix({"inputs": entries}, buffers)
-    gateway.sendall(prefix + bytes(buffers[0])[:5])
+    header = ipc.encode_header({"inputs": entries})
+    gateway.sendall(ipc.frame_prefix(header, 40) + bytes(buffers[0].data)[:5])
     gateway.close()
+    reader = ipc.FrameReader(worker)
+    reader.read_head()
     with pytest.raises(ipc.FrameError, match="mid-frame"):
-        ipc.FrameReader(worker).read()
+        reader.read_payload()
 
-    async def gone() -> None:
+    async def gone() -> ipc.Outcome:
         a, b = socket.socketpair()
-        b.sendall(ipc.PREFIX.pack(2, 0))  # a reply cut off in its header
+        b.sendall(ipc.PREFIX.pack(2, 0, 0.0, 0.0))  # a reply cut off in its header
         b.shutdown(socket.SHUT_WR)
+        link = ipc.WorkerLink(a, asyncio.get_running_loop())
+        future: asyncio.Future[ipc.Outcome] = asyncio.get_running_loop().create_future()
         try:
-            await ipc.AsyncFrameSocket(a).exchange({"inputs": []}, [])
+            link.exchange(ipc.frame_prefix(b"{}", 0), [], future.set_result)
+            return await future
         finally:
-            a.close()
+            link.close()
             b.close()
 
-    with pytest.raises(ipc.FrameError):
-        asyncio.run(gone())
+    assert isinstance(asyncio.run(gone()), ipc.FrameError)
 
 
-class Chunks:
-    """A body stream as aiohttp's `readchunk` gives it: (b"", True) ends a transfer-encoding
-    chunk, (b"", False) ends the body."""
+def test_an_idle_link_notices_its_worker_leave() -> None:
+    async def scenario() -> bool:
+        a, b = socket.socketpair()
+        link = ipc.WorkerLink(a, asyncio.get_running_loop())
+        b.close()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if link.closed:
+                break
+        closed = link.closed
+        link.close()
+        return closed
 
-    def __init__(self, *parts: tuple[bytes, bool]) -> None:
-        self._parts = [*parts, (b"", False)]
-
-    async def readchunk(self) -> tuple[bytes, bool]:
-        return self._parts.pop(0)
+    assert asyncio.run(scenario())
 
 
-def test_read_body_gathers_chunks_once_and_checks_the_length() -> None:
-    from modelloader_workers.gateway.codec import read_body
-    from modelloader_workers.gateway.errors import BadRequest, PayloadTooLarge
+def test_layouts_refuse_sizes_that_do_not_fit() -> None:
+    assert ipc.layout([["a", "FP32", [2, 3], 24], ["b", "UINT8", [4], 4]])[1].offset == 24
+    for bad in (
+        [["a", "FP32", [2, 3], 23]],
+        [["a", "FP32", [-1, 3], -12]],
+        [["a", "NOPE", [1], 1]],
+        [["a", "FP32", [1], 4], ["a", "FP32", [1], 4]],
+        "not a list",
+    ):
+        with pytest.raises(ipc.FrameError):
+            ipc.layout(bad)
 
-    parts = ((b"abc", False), (b"", True), (b"de", False))
-    assert asyncio.run(read_body(Chunks(*parts), 5, 10)) == b"abcde"
-    assert asyncio.run(read_body(Chunks(*parts), None, 10)) == b"abcde"  # chunked transfer
-    with pytest.raises(PayloadTooLarge):
-        asyncio.run(read_body(Chunks(*parts), None, 4))
-    with pytest.raises(PayloadTooLarge):
-        asyncio.run(read_body(Chunks(*parts), 11, 10))
-    with pytest.raises(BadRequest, match="longer"):
-        asyncio.run(read_body(Chunks(*parts), 4, 10))
-    with pytest.raises(BadRequest, match="after 5 of its 6"):
-        asyncio.run(read_body(Chunks(*parts), 6, 10))
+
+def test_memo_computes_once_per_key_and_stays_bounded() -> None:
+    calls: list[bytes] = []
+
+    def parse(key: bytes) -> int:
+        calls.append(key)
+        if key == b"bad":
+            raise ValueError(key)
+        return len(key)
+
+    memo = ipc.Memo(parse, size=2)
+    assert [memo(b"a"), memo(b"a"), memo(b"bb"), memo(b"a")] == [1, 1, 2, 1]
+    assert calls == [b"a", b"bb"]
+    for _ in range(2):  # errors are not remembered
+        with pytest.raises(ValueError):
+            memo(b"bad")
+    memo(b"ccc")  # full: forgets everything, then remembers this
+    memo(b"a")
+    assert calls == [b"a", b"bb", b"bad", b"bad", b"ccc", b"a"]

@@ -1,16 +1,23 @@
 """The framing of tensors between the gateway and a worker: direct IPC over a stream socket.
 
 Tenant tensors never go through Ray's shared-memory object store (see ARCHITECTURE.md). A frame
-is two little-endian u32 lengths, a small JSON header, then the raw tensor bytes back to back:
+is a fixed prefix, a small JSON header, then the raw tensor bytes back to back:
 
-    <u32 header length> <u32 payload length> <header JSON> <payload>
+    <u32 header length> <u32 payload length> <f64 queue s> <f64 invoke s> <header JSON> <payload>
 
 Request header:  {"inputs": [[name, datatype, shape, nbytes], ...], "outputs": [name, ...]}
-Response header: {"outputs": [[name, datatype, shape, nbytes], ...], "invoke_seconds": s}
+Response header: {"outputs": [[name, datatype, shape, nbytes], ...]}
              or  {"error": message, "status": http status}
 
-Tensors are read with `numpy.frombuffer` over the received payload: no per-element work and no
-copies beyond the socket read itself.
+The two timings are the worker's, set in replies (zero in requests). Kept out of the JSON, a
+header is the same bytes from one request to the next of the same shapes, so each side parses
+and checks it once and looks it up after that (`Memo`): on this 2-core machine every piece of
+Python on the data path costs several times its quiet-loop price, because each request arrives
+at a process whose caches the interpreter's last invoke has just flushed.
+
+Tensors are read with `numpy.frombuffer` over the received payload, or received straight into
+their destination (the worker reads them into the interpreter's own input buffers): no
+per-element work and no copies beyond the socket read itself.
 """
 
 from __future__ import annotations
@@ -18,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import struct
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from modelloader_workers.tensor_types import numpy_dtype, v2_datatype
+from modelloader_workers.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
-PREFIX = struct.Struct("<II")
+PREFIX = struct.Struct("<IIdd")
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -36,6 +45,65 @@ class FrameError(RuntimeError):
 
 
 TensorEntry = list[Any]  # [name, datatype, shape, nbytes]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSlot:
+    """Where one tensor lies in a payload."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def datatype(self) -> str:
+        return v2_datatype(self.dtype)
+
+
+def layout(entries: Any) -> tuple[TensorSlot, ...]:
+    """The slots a header's tensor entries describe, back to back; FrameError if they do not
+    make sense (a size that does not fit its shape and type, a name given twice)."""
+    if not isinstance(entries, list):
+        raise FrameError("tensor entries must be a list")
+    slots: list[TensorSlot] = []
+    offset = 0
+    for entry in entries:
+        try:
+            name, datatype, shape, nbytes = entry
+            dtype = numpy_dtype(datatype)
+            dims = tuple(int(d) for d in shape)
+        except (TypeError, ValueError, UnsupportedDatatype) as error:
+            raise FrameError(f"bad tensor entry {entry!r}: {error}") from None
+        if any(d < 0 for d in dims) or math.prod(dims) * dtype.itemsize != nbytes:
+            raise FrameError(f"tensor {name!r}: {nbytes} bytes do not fit shape {list(dims)}")
+        slots.append(TensorSlot(str(name), dtype, dims, offset, int(nbytes)))
+        offset += int(nbytes)
+    if len({s.name for s in slots}) != len(slots):
+        raise FrameError("a tensor is named twice")
+    return tuple(slots)
+
+
+def payload_size(slots: Sequence[TensorSlot]) -> int:
+    return sum(s.nbytes for s in slots)
+
+
+def views(slots: Sequence[TensorSlot], payload: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """Arrays over `payload` (no copy), one per slot."""
+    if payload_size(slots) > len(payload):
+        raise FrameError("the payload is shorter than its tensors")
+    return {
+        s.name: np.frombuffer(
+            payload, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize, offset=s.offset
+        ).reshape(s.shape)
+        for s in slots
+    }
+
+
+def tensors_from(entries: Sequence[TensorEntry], payload: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """Views over `payload` (no copy) for each described tensor."""
+    return views(layout(list(entries)), payload)
 
 
 def describe(tensors: Mapping[str, np.ndarray[Any, Any]]) -> tuple[list[TensorEntry], list[Any]]:
@@ -47,39 +115,15 @@ def describe(tensors: Mapping[str, np.ndarray[Any, Any]]) -> tuple[list[TensorEn
         entries.append(
             [name, v2_datatype(contiguous.dtype), list(contiguous.shape), contiguous.nbytes]
         )
-        # Flat first: memoryview.cast refuses a view with a 0 in its shape, e.g. (0, 10).
-        buffers.append(contiguous.reshape(-1).data.cast("B"))
+        buffers.append(contiguous)
     return entries, buffers
 
 
-def tensors_from(entries: Sequence[TensorEntry], payload: Any) -> dict[str, np.ndarray[Any, Any]]:
-    """Views over `payload` (no copy) for each described tensor."""
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    offset = 0
-    for name, datatype, shape, nbytes in entries:
-        dtype = numpy_dtype(datatype)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if count * dtype.itemsize != nbytes or offset + nbytes > len(payload):
-            raise FrameError(f"tensor {name!r}: {nbytes} bytes do not fit shape {shape}")
-        out[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
-        offset += nbytes
-    return out
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
 
 
-def encode_prefix(header: Mapping[str, Any], buffers: Iterable[Any]) -> tuple[bytes, int]:
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    payload_len = sum(memoryview(b).nbytes for b in buffers)
-    return PREFIX.pack(len(header_bytes), payload_len) + header_bytes, payload_len
-
-
-def _parse_prefix(prefix: bytes) -> tuple[int, int]:
-    header_len, payload_len = PREFIX.unpack(prefix)
-    if header_len > MAX_HEADER_BYTES:
-        raise FrameError(f"frame header of {header_len} bytes is over the limit")
-    return header_len, payload_len
-
-
-def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
+def parse_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         header = json.loads(bytes(raw))
     except ValueError as error:
@@ -87,6 +131,42 @@ def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise FrameError("frame header is not an object")
     return header
+
+
+def frame_prefix(
+    header: bytes, payload_len: int, queue_seconds: float = 0.0, invoke_seconds: float = 0.0
+) -> bytes:
+    return PREFIX.pack(len(header), payload_len, queue_seconds, invoke_seconds) + header
+
+
+def _parse_prefix(prefix: bytes | bytearray | memoryview) -> tuple[int, int, float, float]:
+    header_len, payload_len, queued, invoked = PREFIX.unpack(prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameError(f"frame header of {header_len} bytes is over the limit")
+    return header_len, payload_len, queued, invoked
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Memo(Generic[K, V]):
+    """A bounded memo of a pure function (of a header's bytes, mostly). Cleared when full:
+    the working set is a few shapes per model, and a client cycling through more only loses
+    the memo, never correctness. Exceptions are not remembered."""
+
+    def __init__(self, compute: Callable[[K], V], size: int = 256) -> None:
+        self._compute = compute
+        self._size = size
+        self._known: dict[K, V] = {}
+
+    def __call__(self, key: K) -> V:
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= self._size:
+                self._known.clear()
+            known = self._known[key] = self._compute(key)
+        return known
 
 
 # Socket buffers: big enough that a request of a few MB goes out in one gather write (one
@@ -106,7 +186,14 @@ def tune(sock: socket.socket) -> None:
 
 
 def gather(prefix: bytes, buffers: Sequence[Any]) -> list[memoryview]:
-    return [memoryview(prefix), *(memoryview(b).cast("B") for b in buffers)]
+    """What to hand `sendmsg`, as flat byte views; empty tensors are left out (a memoryview
+    with a 0 in its shape cannot be cast)."""
+    out = [memoryview(prefix)]
+    for buffer in buffers:
+        view = memoryview(buffer)
+        if view.nbytes:
+            out.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+    return out
 
 
 def advance(pending: list[memoryview], sent: int) -> None:
@@ -121,151 +208,281 @@ def advance(pending: list[memoryview], sent: int) -> None:
 # Blocking side: the worker process.
 
 # A connection keeps its receive buffer for the next frame (no allocation, no zeroing, no page
-# faults per request) up to this size; a larger frame gets a buffer of its own.
+# faults per request) up to this size; a larger payload gets a buffer of its own.
 KEPT_BUFFER_BYTES = 4 << 20
 FIRST_READ_BYTES = 1 << 16
 
 
 class FrameReader:
-    """Reads frames from a blocking socket into one reused buffer: the first `recv_into` takes
-    the prefix, the header and as much of the payload as has arrived, so a frame costs one or
-    two system calls. The payload returned is a view into the buffer, valid until the next
-    `read` (the worker answers a frame before it reads the next)."""
+    """Reads frames from a blocking socket, one at a time (a peer sends its next frame only
+    after the answer to the last). `read_head` takes the prefix and the header, with whatever
+    part of the payload came along in the same read; then either `read_payload` receives the
+    payload into the reader's buffer (reused), or `read_payload_into` straight into buffers of
+    the caller's."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = bytearray(FIRST_READ_BYTES)
-        self._start = 0  # unread bytes are _buffer[_start:_end]: the next frame's beginning
-        self._end = 0
+        self._early = memoryview(b"")  # payload bytes read along with the header
+        self.payload_len = 0
+        self.timings = (0.0, 0.0)
 
-    def _fill(self, buffer: bytearray, start: int, end: int, need: int) -> int:
-        """Receive until buffer[start:] holds `need` bytes; returns the new end."""
+    def _recv(self, view: memoryview, flags: int = 0) -> int:
+        n = self._sock.recv_into(view, len(view), flags)
+        if n == 0:
+            raise FrameError("connection closed mid-frame")
+        return n
+
+    def read_head(self) -> memoryview:
+        """The next frame's header bytes (valid until the next `read_head`)."""
+        buffer = self._buffer
         view = memoryview(buffer)
-        while end - start < need:
-            n = self._sock.recv_into(view[end:], len(buffer) - end)
-            if n == 0:
-                raise FrameError(
-                    "connection closed mid-frame" if end > start else "connection closed"
-                )
-            end += n
-        return end
+        n = self._sock.recv_into(view, FIRST_READ_BYTES)
+        if n == 0:
+            raise FrameError("connection closed")
+        while n < PREFIX.size:
+            n += self._recv(view[n : PREFIX.size])
+        header_len, payload_len, *timings = _parse_prefix(view[: PREFIX.size])
+        end = PREFIX.size + header_len
+        if end > len(buffer):
+            bigger = bytearray(end)
+            bigger[:n] = buffer[:n]
+            buffer, view = bigger, memoryview(bigger)
+        while n < end:
+            n += self._recv(view[n:end])
+        if n - end > payload_len:
+            raise FrameError("the peer sent more than one frame")
+        self.payload_len = payload_len
+        self.timings = (timings[0], timings[1])
+        self._early = view[end:n]
+        return view[PREFIX.size : end]
 
-    def read(self) -> tuple[dict[str, Any], memoryview]:
-        buffer, start, end = self._buffer, self._start, self._end
-        if start == end:
-            start = end = 0
-        elif len(buffer) - start < FIRST_READ_BYTES:  # a frame's beginning, near the end
-            buffer[: end - start] = buffer[start:end]
-            start, end = 0, end - start
-        end = self._fill(buffer, start, end, PREFIX.size)
-        header_len, payload_len = _parse_prefix(bytes(buffer[start : start + PREFIX.size]))
-        total = PREFIX.size + header_len + payload_len
-        if len(buffer) - start < total:  # does not fit: a bigger buffer, what arrived copied
-            bigger = bytearray(max(total, FIRST_READ_BYTES))
-            bigger[: end - start] = buffer[start:end]
-            buffer, start, end = bigger, 0, end - start
-            if len(bigger) <= KEPT_BUFFER_BYTES:
-                self._buffer = bigger
-        end = self._fill(buffer, start, end, total)
+    def read_payload(self) -> memoryview:
+        """The payload, received into the reader's buffer (valid until the next frame)."""
+        length, early = self.payload_len, self._early
+        buffer = self._buffer if length <= len(self._buffer) else bytearray(length)
+        if length > len(self._buffer) and length <= KEPT_BUFFER_BYTES:
+            self._buffer = buffer
         view = memoryview(buffer)
-        header = _parse_header(view[start + PREFIX.size : start + PREFIX.size + header_len])
-        payload = view[start + PREFIX.size + header_len : start + total]
-        if buffer is self._buffer:
-            self._start, self._end = start + total, end
-        else:  # a one-off buffer: nothing of a next frame was read into it (total == end)
-            self._start = self._end = 0
-        return header, payload
+        got = len(early)
+        view[:got] = early  # may overlap in the same buffer: memoryview copies like memmove
+        self._early = memoryview(b"")
+        if got < length:
+            self._recv(view[got:length], socket.MSG_WAITALL)
+            got = length
+        return view[:length]
+
+    def read_payload_into(self, destinations: Sequence[memoryview]) -> None:
+        """The payload, received straight into `destinations` (flat byte views whose sizes
+        add up to the payload's)."""
+        early = self._early
+        self._early = memoryview(b"")
+        for destination in destinations:
+            take = min(len(early), len(destination))
+            if take:
+                destination[:take] = early[:take]
+                early = early[take:]
+            if take < len(destination):
+                self._recv(destination[take:], socket.MSG_WAITALL)
+
+    def skip_payload(self) -> None:
+        self.read_payload()
 
 
-def write_frame(sock: socket.socket, header: Mapping[str, Any], buffers: Sequence[Any]) -> None:
-    prefix, _ = encode_prefix(header, buffers)
+def write_frame(
+    sock: socket.socket,
+    header: bytes,
+    buffers: Sequence[Any],
+    queue_seconds: float = 0.0,
+    invoke_seconds: float = 0.0,
+) -> None:
+    payload_len = sum(memoryview(b).nbytes for b in buffers)
+    prefix = frame_prefix(header, payload_len, queue_seconds, invoke_seconds)
     # One gather write for prefix, header and every tensor: no concatenation copy.
     pending = gather(prefix, buffers)
     while pending:
         advance(pending, sock.sendmsg(pending))
 
 
-# Asynchronous side: the gateway. A raw non-blocking socket driven by the event loop's `sock_*`
-# calls rather than streams: streams join the buffers of a write into one copy and read through
-# an intermediate buffer.
+# Asynchronous side: the gateway. A raw non-blocking socket with a reader registered on the event
+# loop for as long as the link is open, and completion callbacks rather than futures: the reply
+# is parsed, and the caller's answer written, in the same pass of the loop that saw it arrive
+# (a future would resume its task one pass later), and an idle link that the worker closes is
+# noticed at once instead of at its next use.
 
 
-class AsyncFrameSocket:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    header: bytes
+    payload: bytearray  # the reply's own buffer: views into it outlive the link's next frame
+    queue_seconds: float
+    invoke_seconds: float
+
+
+Outcome = Reply | FrameError | OSError
+OnReply = Callable[[Outcome], None]
+
+
+class WorkerLink:
     """One gateway -> worker connection; one exchange at a time."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         sock.setblocking(False)
         tune(sock)
         self.sock = sock
+        self._loop = loop
+        self._fd = sock.fileno()
         self._head = bytearray(FIRST_READ_BYTES)
+        self._got = 0  # bytes of the reply read so far into _head (prefix and header)
+        self._header: bytes | None = None
+        self._timings = (0.0, 0.0)
+        self._payload: bytearray | None = None
+        self._payload_got = 0
+        self._pending: list[memoryview] = []  # what the request still has to write
+        self._on_reply: OnReply | None = None
+        self.replied_any = False  # a reply byte arrived on this link, ever
+        self.closed = False
+        loop.add_reader(self._fd, self._readable)
 
     @classmethod
-    async def connect(cls, address: str) -> AsyncFrameSocket:
+    async def connect(cls, address: str) -> WorkerLink:
         """`address` is "unix:/path" or "tcp:host:port"; raises OSError or ValueError."""
+        loop = asyncio.get_running_loop()
         kind, _, where = address.partition(":")
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = where
         elif kind == "tcp":
             host, _, port = where.rpartition(":")
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, int(port), type=socket.SOCK_STREAM
-            )
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             family, _, _, _, target = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
         else:
             raise ValueError(f"unsupported worker address {address!r}")
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, target)
+            await loop.sock_connect(sock, target)
         except BaseException:
             sock.close()
             raise
-        return cls(sock)
+        return cls(sock, loop)
 
-    async def exchange(
-        self, header: Mapping[str, Any], buffers: Sequence[Any]
-    ) -> tuple[dict[str, Any], bytearray]:
-        """Send a frame, read the answer. The payload is the reply's own buffer."""
-        loop = asyncio.get_running_loop()
-        prefix, _ = encode_prefix(header, buffers)
-        pending = gather(prefix, buffers)
-        while pending:
-            try:
-                advance(pending, self.sock.sendmsg(pending))
-            except (BlockingIOError, InterruptedError):
-                await loop.sock_sendall(self.sock, pending.pop(0))  # waits for room
-        head = self._head
-        got = 0
-        while got < PREFIX.size:
-            got += await self._recv(loop, memoryview(head)[got:])
-        header_len, payload_len = _parse_prefix(bytes(head[: PREFIX.size]))
-        if PREFIX.size + header_len > len(head):
-            head = bytearray(PREFIX.size + header_len)
-            head[:got] = self._head[:got]
-        while got < PREFIX.size + header_len:
-            got += await self._recv(loop, memoryview(head)[got : PREFIX.size + header_len])
-        reply = _parse_header(memoryview(head)[PREFIX.size : PREFIX.size + header_len])
-        payload = bytearray(payload_len)
-        early = got - PREFIX.size - header_len  # payload bytes that came with the header
-        if early > payload_len:
-            raise FrameError("the worker sent more than one frame")
-        payload[:early] = head[PREFIX.size + header_len : got]
-        view = memoryview(payload)
-        while early < payload_len:
-            early += await self._recv(loop, view[early:])
-        return reply, payload
+    @property
+    def busy(self) -> bool:
+        return self._on_reply is not None
 
-    async def _recv(self, loop: asyncio.AbstractEventLoop, into: memoryview) -> int:
+    def exchange(self, prefix: bytes, buffers: Sequence[Any], on_reply: OnReply) -> None:
+        """Send a frame (`prefix` from `frame_prefix`, then the buffers); `on_reply` gets the
+        reply, or the error that ended the link, exactly once, possibly before this returns."""
+        if self.closed:
+            on_reply(FrameError("the connection to the worker is closed"))
+            return
+        assert self._on_reply is None, "one exchange at a time"
+        self._on_reply = on_reply
+        self._pending = gather(prefix, buffers)
+        self._write()
+
+    def _write(self) -> None:
+        pending = self._pending
         try:
-            n = self.sock.recv_into(into)
+            while pending:
+                advance(pending, self.sock.sendmsg(pending))
         except (BlockingIOError, InterruptedError):
-            n = await loop.sock_recv_into(self.sock, into)
+            self._loop.add_writer(self._fd, self._writable)  # the socket buffer is full
+            return
+        except OSError as error:
+            self._fail(error)
+
+    def _writable(self) -> None:
+        self._loop.remove_writer(self._fd)
+        self._write()
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                if self._payload is None:
+                    if not self._read_head():
+                        return
+                elif not self._read_payload():
+                    return
+        except (FrameError, OSError) as error:
+            self._fail(error)
+
+    def _recv_into(self, view: memoryview) -> int:
+        """Bytes read, 0 when nothing is there now; FrameError at the end of the stream."""
+        try:
+            n = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return 0
         if n == 0:
-            raise FrameError("worker closed the connection mid-frame")
+            raise FrameError(
+                "worker closed the connection mid-frame" if self._got else "worker closed"
+            )
+        self.replied_any = True
         return n
 
+    def _read_head(self) -> bool:
+        """Read prefix and header; True when the payload is next (or the reply done)."""
+        head = self._head
+        n = self._recv_into(memoryview(head)[self._got :])
+        if n == 0:
+            return False
+        if self._on_reply is None:
+            raise FrameError("the worker sent a frame nobody asked for")
+        self._got += n
+        if self._got < PREFIX.size:
+            return False
+        header_len, payload_len, queued, invoked = _parse_prefix(head[: PREFIX.size])
+        end = PREFIX.size + header_len
+        if end > len(head):  # a header bigger than the first read: grow, keep what came
+            self._head = bigger = bytearray(end)
+            bigger[: self._got] = head[: self._got]
+            head = bigger
+        if self._got < end:
+            return False
+        self._header = bytes(head[PREFIX.size : end])
+        self._timings = (queued, invoked)
+        early = self._got - end  # payload bytes that came with the header
+        if early > payload_len:
+            raise FrameError("the worker sent more than one frame")
+        payload = self._payload = bytearray(payload_len)
+        payload[:early] = head[end : self._got]
+        self._payload_got = early
+        if len(self._head) > FIRST_READ_BYTES:
+            self._head = bytearray(FIRST_READ_BYTES)
+        return self._finish_if_whole()
+
+    def _read_payload(self) -> bool:
+        assert self._payload is not None
+        n = self._recv_into(memoryview(self._payload)[self._payload_got :])
+        if n == 0:
+            return False
+        self._payload_got += n
+        return self._finish_if_whole()
+
+    def _finish_if_whole(self) -> bool:
+        payload, header, on_reply = self._payload, self._header, self._on_reply
+        assert payload is not None and header is not None and on_reply is not None
+        if self._payload_got < len(payload):
+            return True
+        self._got, self._header, self._payload, self._on_reply = 0, None, None, None
+        self._pending = []
+        on_reply(Reply(header, payload, *self._timings))
+        return False  # nothing else is due: the next frame is the next request's
+
+    def _fail(self, error: FrameError | OSError) -> None:
+        on_reply = self._on_reply
+        self._on_reply = None
+        self.close()
+        if on_reply is not None:
+            on_reply(error)
+
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
         self.sock.close()
 
 

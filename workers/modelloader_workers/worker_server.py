@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from modelloader_workers import ipc
-from modelloader_workers.litert_runner import Runner
+from modelloader_workers.litert_runner import InPlaceRunner, Runner
 from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
+from modelloader_workers.tensor_types import v2_datatype
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,15 @@ def serve_at_default_priority() -> bool:
             continue  # the thread ended meanwhile
     return done
 
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    inputs: tuple[ipc.TensorSlot, ...]
+    outputs: tuple[str, ...]
+
+
+_Frame = tuple[bytes, list[Any], float, float]  # header, buffers, queue and invoke seconds
+_OutputsKey = tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]
 
 # Connections served at once; more wait in the listen backlog. The interpreter runs one call
 # at a time anyway, and each connection's thread reserves a stack in the memory budget.
@@ -84,6 +98,8 @@ class WorkerServer:
         if not serve_at_default_priority():
             log.info("the data path keeps Ray's worker niceness: no permission to raise it")
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._plans = ipc.Memo(self._plan)
+        self._replies = ipc.Memo(self._reply_header)
         self._open: set[socket.socket] = set()  # connections being served, closed by close()
         threading.Thread(target=self._accept_loop, name="ipc-accept", daemon=True).start()
 
@@ -112,41 +128,82 @@ class WorkerServer:
         with conn:
             while True:
                 try:
-                    header, payload = reader.read()
+                    header = self._plans(bytes(reader.read_head()))
+                    if isinstance(header, str):
+                        reader.skip_payload()
+                        reply = self._error(header, 400)
+                    else:
+                        reply = self._answer(header, reader)
                 except (ipc.FrameError, OSError):
                     return
-                reply, buffers = self._answer(header, payload)
-                del payload  # a view into the reader's buffer, which the next frame reuses
                 try:
-                    ipc.write_frame(conn, reply, buffers)
+                    ipc.write_frame(conn, *reply)
                 except OSError:
                     return
 
-    def _answer(
-        self, header: dict[str, Any], payload: memoryview
-    ) -> tuple[dict[str, Any], list[Any]]:
+    def _plan(self, header: bytes) -> _Plan | str:
+        """What a request header asks, checked against the model (a message when it does
+        not fit). Remembered per header bytes: the same shapes send the same header."""
         signature = self._runner.signature
         try:
-            inputs = ipc.tensors_from(header.get("inputs", []), payload)
-            # The gateway checked already; checking again costs microseconds and means a
-            # confused peer gets a message instead of a LiteRT crash.
-            check_inputs(signature, {n: (ipc.v2(a), a.shape) for n, a in inputs.items()})
-            wanted = header.get("outputs") or [t.name for t in signature.outputs]
+            parsed = ipc.parse_header(header)
+            slots = ipc.layout(parsed.get("inputs", []))
+            # The gateway checked already; checking again costs microseconds (once per
+            # header) and means a confused peer gets a message instead of a LiteRT crash.
+            check_inputs(signature, {s.name: (s.datatype, s.shape) for s in slots})
+            wanted = parsed.get("outputs") or [t.name for t in signature.outputs]
             check_outputs(signature, wanted)
-        except (InvalidRequest, ipc.FrameError, ValueError) as error:
-            return {"error": str(error), "status": 400}, []
+        except (InvalidRequest, ipc.FrameError, ValueError, TypeError) as error:
+            return str(error)
+        return _Plan(slots, tuple(str(w) for w in wanted))
+
+    def _answer(self, plan: _Plan, reader: ipc.FrameReader) -> _Frame:
+        if reader.payload_len != ipc.payload_size(plan.inputs):
+            raise ipc.FrameError("the payload does not match its header")
+        runner = self._runner
         try:
-            queued = time.perf_counter()
-            with self._lock:
-                started = time.perf_counter()
-                outputs = self._runner.run(inputs)
+            if isinstance(runner, InPlaceRunner):
+                queued = time.perf_counter()
+                with self._lock:
+                    started = time.perf_counter()
+                    runner.resize({s.name: s.shape for s in plan.inputs})
+                    # Straight into the interpreter's input tensors: the lock is free at
+                    # once when requests come one by one, and under load it is taken only
+                    # after the gateway's one write of the whole frame has long landed.
+                    buffers = runner.input_buffers([s.name for s in plan.inputs])
+                    reader.read_payload_into(buffers)
+                    del buffers
+                    outputs = runner.invoke()
+            else:
+                inputs = ipc.views(plan.inputs, reader.read_payload())
+                queued = time.perf_counter()
+                with self._lock:
+                    started = time.perf_counter()
+                    outputs = runner.run(inputs)
             finished = time.perf_counter()
+        except (ipc.FrameError, OSError):
+            raise
         except Exception as error:  # LiteRT's runtime errors: the request failed, not us
             log.warning("inference failed: %s", error)
-            return {"error": f"inference failed: {error}", "status": 500}, []
-        entries, buffers = ipc.describe({name: outputs[name] for name in wanted})
-        timing = {"queue_seconds": started - queued, "invoke_seconds": finished - started}
-        return {"outputs": entries, **timing}, buffers
+            return self._error(f"inference failed: {error}", 500)
+        arrays = [outputs[name] for name in plan.outputs]
+        shapes = tuple((a.dtype.str, a.shape) for a in arrays)
+        return self._replies((plan.outputs, shapes)), arrays, started - queued, finished - started
+
+    @staticmethod
+    def _reply_header(key: _OutputsKey) -> bytes:
+        """The reply's header for outputs of these names, types and shapes."""
+        names, shapes = key
+        entries = []
+        for name, (dtype_str, shape) in zip(names, shapes, strict=True):
+            dtype = np.dtype(dtype_str)
+            nbytes = math.prod(shape) * dtype.itemsize
+            entries.append([name, v2_datatype(dtype), list(shape), nbytes])
+        return ipc.encode_header({"outputs": entries})
+
+    @staticmethod
+    def _error(message: str, status: int) -> _Frame:
+        return ipc.encode_header({"error": message, "status": status}), [], 0.0, 0.0
 
     def close(self) -> None:
         """Stop serving: no new connections, and open ones are cut (an unloaded model in a

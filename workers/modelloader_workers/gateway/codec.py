@@ -1,9 +1,8 @@
 """Decode and encode v2 inference bodies: JSON tensors and Triton's binary tensor extension.
 
-Pure functions over bytes (and `read_body`, which gathers a body with one copy). With the binary
-extension the body is a JSON header of `Inference-Header-Content-Length` bytes followed by raw
-little-endian tensors, each input declaring its size in `parameters.binary_data_size`; outputs
-are sent raw when asked
+Pure functions over bytes. With the binary extension the body is a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw little-endian tensors, each input
+declaring its size in `parameters.binary_data_size`; outputs are sent raw when asked
 (`parameters.binary_data` per output, or `binary_data_output` for the whole request).
 """
 
@@ -11,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from modelloader_workers.gateway.errors import BadRequest, PayloadTooLarge
+from modelloader_workers.gateway.errors import BadRequest
+from modelloader_workers.ipc import Memo
 from modelloader_workers.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
 
@@ -30,52 +30,33 @@ class DecodedRequest:
     binary_default: bool  # for outputs not named in the request
 
 
-class BodyStream(Protocol):
-    """What `read_body` needs of a request's body stream (aiohttp's `StreamReader`)."""
-
-    async def readchunk(self) -> tuple[bytes, bool]: ...
-
-
-async def read_body(content: BodyStream, length: int | None, limit: int) -> bytes | bytearray:
-    """The body, copied once from the chunks the transport received into a buffer of the
-    declared length. (aiohttp's `Request.read` joins the chunks, grows a bytearray with them and
-    copies that into bytes: three copies of a tensor that may be megabytes.)"""
-    too_large = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-    if length is None:  # chunked transfer: grow as it comes, within the limit
-        grown = bytearray()
-        async for chunk in _chunks(content):
-            grown += chunk
-            if len(grown) > limit:
-                raise too_large
-        return grown
-    if length > limit:
-        raise too_large
-    body = bytearray(length)
-    view = memoryview(body)
-    got = 0
-    async for chunk in _chunks(content):
-        end = got + len(chunk)
-        if end > length:
-            raise BadRequest(f"the body is longer than its Content-Length of {length} bytes")
-        view[got:end] = chunk
-        got = end
-    if got != length:
-        raise BadRequest(f"the body ended after {got} of its {length} bytes")
-    return body
+# Request heads (the JSON part) of at most this size, with no JSON tensor values, are parsed
+# once and remembered: a client sending the same shapes sends the same head every time.
+REMEMBERED_HEAD_BYTES = 4096
 
 
-async def _chunks(content: BodyStream) -> AsyncIterator[bytes]:
-    """The chunks as received; an empty one marks the end of a transfer-encoding chunk, and
-    only an empty one without that mark the end of the body."""
-    while True:
-        chunk, end_of_http_chunk = await content.readchunk()
-        if chunk:
-            yield chunk
-        elif not end_of_http_chunk:
-            return
+@dataclass(frozen=True, slots=True)
+class _Input:
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    size: int | None  # bytes of binary data; None: the values are in the head ("data")
+    values: np.ndarray[Any, Any] | None = None
 
 
-def decode_request(body: bytes | bytearray, header_length: str | None) -> DecodedRequest:
+@dataclass(frozen=True, slots=True)
+class _Head:
+    id: str | None
+    inputs: tuple[_Input, ...]
+    outputs: tuple[str, ...]
+    binary_outputs: Mapping[str, bool]
+    binary_default: bool
+
+
+def decode_request(
+    body: bytes | bytearray | memoryview, header_length: str | None
+) -> DecodedRequest:
+    """Binary inputs are views over `body`, not copies."""
     if header_length is not None:
         try:
             json_len = int(header_length)
@@ -88,8 +69,44 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Decode
             )
     else:
         json_len = len(body)
+    text = bytes(body[:json_len])
+    if json_len <= REMEMBERED_HEAD_BYTES and b'"data"' not in text:
+        head = _remembered_heads(text)
+    else:
+        head = _parse_head(text)
+    binary = memoryview(body)[json_len:]
+    offset = 0
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in head.inputs:
+        if spec.size is None:
+            assert spec.values is not None
+            inputs[spec.name] = spec.values
+            continue
+        if offset + spec.size > len(binary):
+            raise BadRequest(
+                f"input {spec.name!r}: the body ends before its {spec.size} bytes of data"
+            )
+        count = spec.size // spec.dtype.itemsize if spec.dtype.itemsize else 0
+        inputs[spec.name] = np.frombuffer(
+            binary, dtype=spec.dtype, count=count, offset=offset
+        ).reshape(spec.shape)
+        offset += spec.size
+    if offset != len(binary):
+        raise BadRequest(
+            f"the body has {len(binary) - offset} bytes of binary data that no input claims"
+        )
+    return DecodedRequest(
+        id=head.id,
+        inputs=inputs,
+        outputs=list(head.outputs),
+        binary_outputs=dict(head.binary_outputs),
+        binary_default=head.binary_default,
+    )
+
+
+def _parse_head(text: bytes) -> _Head:
     try:
-        request = json.loads(body[:json_len])
+        request = json.loads(text)
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"request body is not valid JSON: {error}") from None
     if not isinstance(request, dict):
@@ -97,20 +114,12 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Decode
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list")
-
-    binary = memoryview(body)[json_len:]
-    offset = 0
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    inputs: list[_Input] = []
     for position, raw in enumerate(raw_inputs):
-        name, array, used = _decode_input(raw, position, binary, offset)
-        if name in inputs:
-            raise BadRequest(f"input {name!r} is given twice")
-        inputs[name] = array
-        offset += used
-    if offset != len(binary):
-        raise BadRequest(
-            f"the body has {len(binary) - offset} bytes of binary data that no input claims"
-        )
+        spec = _decode_input(raw, position)
+        if any(i.name == spec.name for i in inputs):
+            raise BadRequest(f"input {spec.name!r} is given twice")
+        inputs.append(spec)
 
     params = _parameters(request.get("parameters"), "request")
     binary_default = bool(params.get("binary_data_output", False))
@@ -128,13 +137,16 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Decode
         outputs.append(raw["name"])
         binary_outputs[raw["name"]] = bool(out_params.get("binary_data", binary_default))
     request_id = request.get("id")
-    return DecodedRequest(
+    return _Head(
         id=str(request_id) if request_id is not None else None,
-        inputs=inputs,
-        outputs=outputs,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
         binary_outputs=binary_outputs,
         binary_default=binary_default,
     )
+
+
+_remembered_heads = Memo(_parse_head)
 
 
 def _parameters(raw: Any, where: str) -> Mapping[str, Any]:
@@ -145,9 +157,7 @@ def _parameters(raw: Any, where: str) -> Mapping[str, Any]:
     return raw
 
 
-def _decode_input(
-    raw: Any, position: int, binary: memoryview, offset: int
-) -> tuple[str, np.ndarray[Any, Any], int]:
+def _decode_input(raw: Any, position: int) -> _Input:
     if not isinstance(raw, dict):
         raise BadRequest(f"inputs[{position}] must be an object")
     name = raw.get("name")
@@ -178,10 +188,7 @@ def _decode_input(
                 f"input {name!r}: {size} bytes of binary data do not fit shape {shape} of "
                 f"{datatype} ({count * dtype.itemsize} bytes)"
             )
-        if offset + size > len(binary):
-            raise BadRequest(f"input {name!r}: the body ends before its {size} bytes of data")
-        array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
-        return name, array, size
+        return _Input(name, dtype, tuple(shape), size)
 
     if "data" not in raw:
         raise BadRequest(f"input {name!r}: has neither 'data' nor binary data")
@@ -195,7 +202,7 @@ def _decode_input(
         raise BadRequest(
             f"input {name!r}: 'data' has {flat.size} values but shape {shape} needs {count}"
         )
-    return name, flat.reshape(shape), 0
+    return _Input(name, dtype, tuple(shape), None, flat.reshape(shape))
 
 
 def encode_response(
@@ -205,32 +212,66 @@ def encode_response(
     outputs: Mapping[str, np.ndarray[Any, Any]],
 ) -> tuple[bytes, int | None]:
     """The body and, when any output is binary, the length of its JSON header."""
+    binary = [request.binary_outputs.get(n, request.binary_default) for n in outputs]
+    if all(binary) and request.id is None:  # the usual fast request: its head is remembered
+        layout = tuple((n, a.dtype.str, a.shape) for n, a in outputs.items())
+        header = _remembered_binary_heads((model_name, model_version, layout))
+        tensors = [np.ascontiguousarray(a).data for a in outputs.values()]
+        return b"".join([header, *tensors]), len(header)
     entries: list[dict[str, Any]] = []
     buffers: list[bytes] = []
-    for name, array in outputs.items():
+    for (name, array), as_binary in zip(outputs.items(), binary, strict=True):
         entry: dict[str, Any] = {
             "name": name,
             "datatype": v2_datatype(array.dtype),
             "shape": list(array.shape),
         }
-        if request.binary_outputs.get(name, request.binary_default):
+        if as_binary:
             raw = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             buffers.append(raw)
         else:
             entry["data"] = _json_values(array)
         entries.append(entry)
+    header = _response_head(model_name, model_version, request.id, entries)
+    if not buffers:
+        return header, None
+    return b"".join([header, *buffers]), len(header)
+
+
+def _response_head(
+    model_name: str, model_version: str, request_id: str | None, entries: list[dict[str, Any]]
+) -> bytes:
     response: dict[str, Any] = {
         "model_name": model_name,
         "model_version": model_version,
         "outputs": entries,
     }
-    if request.id is not None:
-        response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
-    if not buffers:
-        return header, None
-    return b"".join([header, *buffers]), len(header)
+    if request_id is not None:
+        response["id"] = request_id
+    return json.dumps(response, separators=(",", ":")).encode()
+
+
+_OutputsKey = tuple[str, str, tuple[tuple[str, str, tuple[int, ...]], ...]]
+
+
+def _binary_head(key: _OutputsKey) -> bytes:
+    model_name, model_version, outputs = key
+    entries = []
+    for name, dtype_str, shape in outputs:
+        dtype = np.dtype(dtype_str)
+        entries.append(
+            {
+                "name": name,
+                "datatype": v2_datatype(dtype),
+                "shape": list(shape),
+                "parameters": {"binary_data_size": math.prod(shape) * dtype.itemsize},
+            }
+        )
+    return _response_head(model_name, model_version, None, entries)
+
+
+_remembered_binary_heads = Memo(_binary_head)
 
 
 def _json_values(array: np.ndarray[Any, Any]) -> Sequence[Any]:

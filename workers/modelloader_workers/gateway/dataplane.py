@@ -4,18 +4,25 @@ health, model metadata, readiness and inference, with typed errors. HTTP is a th
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from modelloader_workers import ipc
 from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.errors import BadRequest, ModelNotFound, ModelNotReady
-from modelloader_workers.gateway.worker_client import WorkerClients
-from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
-from modelloader_workers.tensor_types import v2_datatype
+from modelloader_workers.gateway.errors import (
+    BadRequest,
+    DataPlaneError,
+    ModelNotFound,
+    ModelNotReady,
+)
+from modelloader_workers.gateway.worker_client import WorkerClients, WorkerReply, request_prefix
+from modelloader_workers.signature import InvalidRequest, Signature, check_inputs, check_outputs
+from modelloader_workers.tensor_types import UnsupportedDatatype, v2_datatype
 
 SERVER_NAME = "modelloader"
 SERVER_VERSION = "0.1.0"
@@ -34,10 +41,22 @@ class InferResult:
     total_seconds: float
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    signature: Signature  # of the model it was checked against
+    prefix: bytes  # the worker frame's prefix and header
+
+
+# Requests prepared (checked and framed) are remembered per model, input shapes and outputs,
+# up to this many; then forgotten all at once.
+PREPARED_REQUESTS = 256
+
+
 class DataPlane:
     def __init__(self, directory: ModelDirectory, clients: WorkerClients) -> None:
         self.directory = directory
         self.clients = clients
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -77,6 +96,64 @@ class DataPlane:
             metadata["parameters"] = {"placement": dict(entry.placement)}
         return metadata
 
+    def submit(
+        self,
+        origin: str,
+        name: str,
+        version: str | None,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str],
+        done: Callable[[InferResult | DataPlaneError], None],
+    ) -> None:
+        """Check the request and send it to the model's worker. A request that cannot go
+        raises its `DataPlaneError` here; once sent, `done` gets the result or the error,
+        exactly once (possibly before this returns). `inputs` must stay as they are until
+        then: they are sent from where they lie."""
+        started = time.perf_counter()
+        entry = self._entry(origin, name, version)
+        if not entry.ready or entry.address is None or entry.signature is None:
+            raise ModelNotReady(f"model {name!r} is not ready: {entry.message or 'loading'}")
+        shapes = tuple((n, a.dtype.str, a.shape) for n, a in inputs.items())
+        key = (id(entry.signature), shapes, tuple(outputs))
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared.signature is not entry.signature:
+            prepared = self._prepare(entry.signature, inputs, outputs)
+            if len(self._prepared) >= PREPARED_REQUESTS:
+                self._prepared.clear()
+            self._prepared[key] = prepared
+
+        def replied(reply: WorkerReply | DataPlaneError) -> None:
+            if isinstance(reply, DataPlaneError):
+                done(reply)
+                return
+            done(
+                InferResult(
+                    model_name=name,
+                    outputs=reply.outputs,
+                    queue_seconds=reply.queue_seconds,
+                    invoke_seconds=reply.invoke_seconds,
+                    total_seconds=time.perf_counter() - started,
+                )
+            )
+
+        buffers = [np.ascontiguousarray(a) for a in inputs.values()]
+        self.clients.submit(entry.address, prepared.prefix, buffers, replied)
+
+    @staticmethod
+    def _prepare(
+        signature: Signature, inputs: Mapping[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> _Prepared:
+        """Check a request's tensors against the model and frame them for its worker: once
+        per model and shapes, not once per request."""
+        try:
+            check_inputs(signature, {n: (v2_datatype(a.dtype), a.shape) for n, a in inputs.items()})
+            check_outputs(signature, outputs)
+        except (InvalidRequest, UnsupportedDatatype) as error:
+            raise BadRequest(str(error)) from None
+        wanted = list(outputs) or [t.name for t in signature.outputs]
+        entries, _ = ipc.describe(inputs)
+        return _Prepared(signature, request_prefix(entries, wanted))
+
     async def infer(
         self,
         origin: str,
@@ -85,23 +162,17 @@ class DataPlane:
         inputs: Mapping[str, np.ndarray[Any, Any]],
         outputs: Sequence[str],
     ) -> InferResult:
-        started = time.perf_counter()
-        entry = self._entry(origin, name, version)
-        if not entry.ready or entry.address is None or entry.signature is None:
-            raise ModelNotReady(f"model {name!r} is not ready: {entry.message or 'loading'}")
-        try:
-            check_inputs(
-                entry.signature, {n: (v2_datatype(a.dtype), a.shape) for n, a in inputs.items()}
-            )
-            check_outputs(entry.signature, outputs)
-        except InvalidRequest as error:
-            raise BadRequest(str(error)) from None
-        wanted = list(outputs) or [t.name for t in entry.signature.outputs]
-        reply = await self.clients.infer(entry.address, inputs, wanted)
-        return InferResult(
-            model_name=name,
-            outputs=reply.outputs,
-            queue_seconds=reply.queue_seconds,
-            invoke_seconds=reply.invoke_seconds,
-            total_seconds=time.perf_counter() - started,
+        """`submit` as a coroutine."""
+        future: asyncio.Future[InferResult | DataPlaneError] = (
+            asyncio.get_running_loop().create_future()
         )
+
+        def settle(result: InferResult | DataPlaneError) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        self.submit(origin, name, version, inputs, outputs, settle)
+        result = await future
+        if isinstance(result, DataPlaneError):
+            raise result
+        return result

@@ -1,13 +1,16 @@
-"""Open Inference Protocol v2 over HTTP: a thin aiohttp layer over `DataPlane`."""
+"""Open Inference Protocol v2 over HTTP: a thin routing layer over `DataPlane`, served by
+`http_server`.
+
+An inference request is admitted from its head alone (who calls, which model, within its
+origin's limits) before a byte of its body is read: a caller without a token, a model that is
+not there or not ready, and an origin over its rate get their answer at the door.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-from aiohttp import web
+from collections.abc import Callable
 
 from modelloader_workers.gateway import codec, openapi
 from modelloader_workers.gateway.access import (
@@ -17,171 +20,265 @@ from modelloader_workers.gateway.access import (
     authenticate,
     open_table,
 )
-from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane
-from modelloader_workers.gateway.errors import DataPlaneError
-from modelloader_workers.gateway.metrics import GatewayMetrics
+from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane, InferResult
+from modelloader_workers.gateway.errors import DataPlaneError, ModelNotFound
+from modelloader_workers.gateway.http_server import (
+    Call,
+    HttpServer,
+    RequestHead,
+    Response,
+    error_response,
+    json_response,
+)
+from modelloader_workers.gateway.metrics import GatewayMetrics, ModelSeries
+
+log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower()
 # Bounds on what one client may hold. A connection idle, or still sending its request line and
-# headers, this long is closed (aiohttp's keepalive_timeout, set where the runner is made); an
-# infer body must have arrived this long after its headers.
+# headers, this long is closed; an infer body must have arrived this long after its headers.
 IDLE_TIMEOUT_SECONDS = 15.0
 BODY_TIMEOUT_SECONDS = 30.0
+# A GET may carry a body (HTTP allows it); it is read and ignored up to this size.
+IGNORED_BODY_BYTES = 64 << 10
 
 
-class BodyTimeout(DataPlaneError):
-    status = 408
+class MethodNotAllowed(DataPlaneError):
+    status = 405
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(f"method {method} is not allowed here; use {allowed}")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Allow": self.allowed}
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+class RouteNotFound(DataPlaneError):
+    status = 404
 
 
-def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+class _Answered:
+    """A call whose answer is known from its head (metadata, health)."""
 
+    __slots__ = ("_make",)
+    max_body = IGNORED_BODY_BYTES
 
-def _errors_as_json(max_request_bytes: int) -> Any:
-    """Every error, ours or aiohttp's (unknown route, 405, 413), as `{"error": reason}`."""
+    def __init__(self, make: Callable[[], Response]) -> None:
+        self._make = make
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def start(self, body: memoryview, respond: Callable[[Response], None]) -> None:
         try:
-            return await handler(request)
+            response = self._make()
         except DataPlaneError as error:
-            return error_response(error.status, error.message, error.headers())
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                413, f"request body is over the limit of {max_request_bytes} bytes"
-            )
-        except web.HTTPException as error:
-            if error.status < 400:
-                raise
-            return error_response(error.status, error.reason)
+            response = error_response(error)
+        respond(response)
 
-    return middleware
+    def fail(self, error: DataPlaneError) -> None:
+        pass
 
 
-def build_app(
-    dataplane: DataPlane,
-    metrics: GatewayMetrics | None = None,
-    *,
-    max_request_bytes: int = 64 << 20,
-    ready: Callable[[], bool] = lambda: True,
-    access: Callable[[], AccessTable] = open_table,
-    limiter: OriginLimiter | None = None,
-    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
-) -> web.Application:
-    """`access` returns the current table of tokens and origin limits (the control plane
-    replaces it as Secrets and OriginPolicies change); without one, every caller acts for the
-    `default` origin."""
-    limiter = limiter or OriginLimiter()
+class _Infer:
+    """One admitted inference request: its origin holds a slot until the answer."""
 
-    def caller(request: web.Request) -> tuple[str, OriginAccess]:
-        """The caller's origin and its limits, from one reading of the access table."""
-        table = access()
-        origin = authenticate(table, request.headers.get("Authorization"))
-        return origin, table.of(origin)
-
-    app = web.Application(
-        middlewares=[_errors_as_json(max_request_bytes)], client_max_size=max_request_bytes
+    __slots__ = (
+        "_api",
+        "_entered",
+        "_header_length",
+        "_name",
+        "_origin",
+        "_series",
+        "_started",
+        "_version",
     )
 
-    async def server_metadata(_: web.Request) -> web.Response:
-        return web.json_response(dataplane.server_metadata())
+    def __init__(
+        self,
+        api: V2Api,
+        origin: str,
+        name: str,
+        version: str | None,
+        header_length: str | None,
+        series: ModelSeries | None,
+        started: float,
+    ) -> None:
+        self._api, self._origin, self._name, self._version = api, origin, name, version
+        self._header_length = header_length
+        self._series, self._started = series, started
+        self._entered = True
 
-    async def live(_: web.Request) -> web.Response:
-        return web.json_response({"live": True})
+    @property
+    def max_body(self) -> int:
+        return self._api.max_request_bytes
 
-    async def server_ready(_: web.Request) -> web.Response:
-        ok = ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
-
-    async def model_metadata(request: web.Request) -> web.Response:
-        name, version = _model(request)
-        origin, limits = caller(request)
-        details = limits.expose_accelerator_details
-        return web.json_response(dataplane.model_metadata(origin, name, version, details))
-
-    async def model_ready(request: web.Request) -> web.Response:
-        name, version = _model(request)
-        ok = dataplane.model_ready(caller(request)[0], name, version)
-        return web.json_response({"name": name, "ready": ok}, status=200 if ok else 503)
-
-    async def infer(request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        name, version = _model(request)
-        labels = ("", "")  # who is unknown until authenticated
-        status = 500
-        entered = ""
-        try:
-            origin, limits = caller(request)
-            entry = dataplane.directory.lookup(origin, name)
-            # Unknown names must not grow the series.
-            labels = (origin, name if entry is not None else "")
-            limiter.enter(origin, limits)
-            entered = origin
+    def start(self, body: memoryview, respond: Callable[[Response], None]) -> None:
+        def finish(result: InferResult | DataPlaneError) -> None:
             try:
-                body = await asyncio.wait_for(
-                    codec.read_body(request.content, request.content_length, max_request_bytes),
-                    body_timeout_seconds,
+                response = (
+                    error_response(result)
+                    if isinstance(result, DataPlaneError)
+                    else self._ok(decoded, result)
                 )
-            except TimeoutError:
-                raise BodyTimeout(
-                    f"the request body did not arrive within {body_timeout_seconds:g} s"
-                ) from None
-            decoded = codec.decode_request(body, request.headers.get(HEADER_LENGTH))
-            result = await dataplane.infer(origin, name, version, decoded.inputs, decoded.outputs)
-            payload, header_length = codec.encode_response(
-                name, version or MODEL_VERSION, decoded, result.outputs
+            except DataPlaneError as error:
+                response = error_response(error)
+            except Exception:
+                log.exception("answering an inference request failed")
+                response = error_response(DataPlaneError("internal error"))
+            try:
+                respond(response)
+            finally:
+                # Accounted after the answer is on its way: the client need not wait for it.
+                if self._series is not None and isinstance(result, InferResult):
+                    self._series.observe_inference(
+                        len(body), len(response.body), result.queue_seconds, result.invoke_seconds
+                    )
+                self._done(response.status)
+
+        try:
+            decoded = codec.decode_request(body, self._header_length)
+            self._api.dataplane.submit(
+                self._origin, self._name, self._version, decoded.inputs, decoded.outputs, finish
             )
-            status = 200
-            if metrics is not None:
-                metrics.request_bytes.labels(*labels).observe(len(body))
-                metrics.response_bytes.labels(*labels).observe(len(payload))
-                metrics.queue_duration.labels(*labels).observe(result.queue_seconds)
-                metrics.inference_duration.labels(*labels).observe(result.invoke_seconds)
-                accelerator = entry.accelerator if entry is not None else "cpu"
-                metrics.accelerator_busy.labels(*labels, accelerator).inc(result.invoke_seconds)
         except DataPlaneError as error:
-            status = error.status
-            raise
-        except web.HTTPException as error:
-            status = error.status
-            raise
-        finally:
-            if entered:
-                limiter.leave(entered)
-            if metrics is not None:
-                metrics.requests.labels(*labels, str(status)).inc()
-                metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
-        if header_length is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_length)},
+            finish(error)
+        except Exception:
+            log.exception("an inference request failed")
+            finish(DataPlaneError("internal error"))
+
+    def _ok(self, decoded: codec.DecodedRequest, result: InferResult) -> Response:
+        payload, header_length = codec.encode_response(
+            self._name, self._version or MODEL_VERSION, decoded, result.outputs
         )
+        if header_length is None:
+            return Response(200, payload)
+        headers = {HEADER_LENGTH: str(header_length)}
+        return Response(200, payload, "application/octet-stream", headers)
 
-    async def openapi_document(_: web.Request) -> web.Response:
-        return web.json_response(openapi.OPENAPI)
+    def fail(self, error: DataPlaneError) -> None:
+        self._done(error.status)
 
-    routes = [
-        web.get("/v2", server_metadata),
-        web.get("/v2/openapi.json", openapi_document),
-        web.get("/v2/health/live", live),
-        web.get("/v2/health/ready", server_ready),
-    ]
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [
-            web.get(prefix, model_metadata),
-            web.get(prefix + "/ready", model_ready),
-            web.post(prefix + "/infer", infer),
-        ]
-    app.add_routes(routes)
-    return app
+    def _done(self, status: int) -> None:
+        if self._entered:
+            self._entered = False
+            self._api.limiter.leave(self._origin)
+        if self._series is not None:
+            self._series.observe_request(status, time.perf_counter() - self._started)
 
 
-def _model(request: web.Request) -> tuple[str, str | None]:
-    return request.match_info["name"], request.match_info.get("version")
+class V2Api:
+    """The v2 routes. `access` returns the current table of tokens and origin limits (the
+    control plane replaces it as Secrets and OriginPolicies change); without one, every caller
+    acts for the `default` origin."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: GatewayMetrics | None = None,
+        *,
+        max_request_bytes: int = 64 << 20,
+        ready: Callable[[], bool] = lambda: True,
+        access: Callable[[], AccessTable] = open_table,
+        limiter: OriginLimiter | None = None,
+    ) -> None:
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+        self.limiter = limiter or OriginLimiter()
+        self._ready = ready
+        self._access = access
+        self._server_routes: dict[tuple[str, ...], Callable[[], Response]] = {
+            (): lambda: json_response(dataplane.server_metadata()),
+            ("openapi.json",): lambda: json_response(openapi.OPENAPI),
+            ("health", "live"): lambda: json_response({"live": True}),
+            ("health", "ready"): self._server_ready,
+        }
+
+    def _caller(self, head: RequestHead) -> tuple[str, OriginAccess]:
+        """The caller's origin and its limits, from one reading of the access table."""
+        table = self._access()
+        origin = authenticate(table, head.headers.get("authorization"))
+        return origin, table.of(origin)
+
+    def admit(self, head: RequestHead) -> Call:
+        segments = head.segments
+        if not segments or segments[0] != "v2":
+            raise RouteNotFound("Not Found")
+        rest = segments[1:]
+        if len(rest) >= 2 and rest[0] == "models" and rest[1]:
+            return self._model_route(head, rest[1], rest[2:])
+        make = self._server_routes.get(tuple(rest))
+        if make is None:
+            raise RouteNotFound("Not Found")
+        _only(head, "GET")
+        return _Answered(make)
+
+    def _server_ready(self) -> Response:
+        ok = self._ready()
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    def _model_route(self, head: RequestHead, name: str, rest: list[str]) -> Call:
+        version: str | None = None
+        if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+            version, rest = rest[1], rest[2:]
+        if rest == ["infer"]:
+            _only(head, "POST")
+            return self._admit_infer(head, name, version)
+        if rest == []:
+            _only(head, "GET")
+            origin, limits = self._caller(head)
+            details = limits.expose_accelerator_details
+            return _Answered(
+                lambda: json_response(self.dataplane.model_metadata(origin, name, version, details))
+            )
+        if rest == ["ready"]:
+            _only(head, "GET")
+            origin = self._caller(head)[0]
+
+            def ready() -> Response:
+                ok = self.dataplane.model_ready(origin, name, version)
+                return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+
+            return _Answered(ready)
+        raise RouteNotFound("Not Found")
+
+    def _admit_infer(self, head: RequestHead, name: str, version: str | None) -> Call:
+        started = time.perf_counter()
+        metrics = self.metrics
+        series = metrics.unknown if metrics is not None else None  # who: unknown until known
+        try:
+            origin, limits = self._caller(head)
+            entry = self.dataplane.directory.lookup(origin, name)
+            if metrics is not None:  # unknown names must not grow the series
+                series = (
+                    metrics.series(origin, name, entry.accelerator)
+                    if entry is not None
+                    else metrics.series(origin, "")
+                )
+            if entry is None:
+                # Refused before the body is read; `DataPlane.infer` checks again, later,
+                # for requests that get that far.
+                raise ModelNotFound(f"model {name!r} not found")
+            self.limiter.enter(origin, limits)
+        except DataPlaneError as error:
+            if series is not None:
+                series.observe_request(error.status, time.perf_counter() - started)
+            raise
+        header_length = head.headers.get(_HEADER_LENGTH_KEY)
+        return _Infer(self, origin, name, version, header_length, series, started)
+
+
+def _only(head: RequestHead, method: str) -> None:
+    allowed = (method, "HEAD") if method == "GET" else (method,)
+    if head.method not in allowed:
+        raise MethodNotAllowed(head.method, ", ".join(allowed))
+
+
+def serve_gateway(
+    api: V2Api,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    body_timeout: float = BODY_TIMEOUT_SECONDS,
+) -> HttpServer:
+    """The gateway's server; `await server.start(host, port)` listens."""
+    return HttpServer(api, idle_timeout=idle_timeout, body_timeout=body_timeout)

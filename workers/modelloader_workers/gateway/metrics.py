@@ -7,6 +7,8 @@ counted under `model=""`), `accelerator` is cpu, gpu or npu, `code` an HTTP stat
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # Sub-millisecond to tens of seconds: the data path's budget is about a millisecond.
@@ -84,3 +86,56 @@ class GatewayMetrics:
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
+
+        self.unknown = ModelSeries(self, "", "", "cpu")
+        self._series: dict[tuple[str, str, str], ModelSeries] = {}
+
+    def series(self, origin: str, model: str, accelerator: str = "cpu") -> ModelSeries:
+        """The children of every series for one (origin, model), made once: `labels()` takes
+        a lock and checks its arguments on every call, seven times per request."""
+        key = (origin, model, accelerator)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = ModelSeries(self, origin, model, accelerator)
+        return found
+
+
+class ModelSeries:
+    __slots__ = (
+        "_codes",
+        "_labels",
+        "accelerator_busy",
+        "inference_duration",
+        "queue_duration",
+        "request_bytes",
+        "request_duration",
+        "requests",
+        "response_bytes",
+    )
+
+    def __init__(self, metrics: GatewayMetrics, origin: str, model: str, accelerator: str) -> None:
+        self._labels = (origin, model)
+        self.requests = metrics.requests
+        self._codes: dict[int, Any] = {}
+        self.request_duration = metrics.request_duration.labels(origin, model)
+        self.queue_duration = metrics.queue_duration.labels(origin, model)
+        self.inference_duration = metrics.inference_duration.labels(origin, model)
+        self.request_bytes = metrics.request_bytes.labels(origin, model)
+        self.response_bytes = metrics.response_bytes.labels(origin, model)
+        self.accelerator_busy = metrics.accelerator_busy.labels(origin, model, accelerator)
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        counter = self._codes.get(status)
+        if counter is None:
+            counter = self._codes[status] = self.requests.labels(*self._labels, str(status))
+        counter.inc()
+        self.request_duration.observe(seconds)
+
+    def observe_inference(
+        self, request_bytes: int, response_bytes: int, queue_seconds: float, invoke_seconds: float
+    ) -> None:
+        self.request_bytes.observe(request_bytes)
+        self.response_bytes.observe(response_bytes)
+        self.queue_duration.observe(queue_seconds)
+        self.inference_duration.observe(invoke_seconds)
+        self.accelerator_busy.inc(invoke_seconds)

@@ -1,24 +1,30 @@
 """The gateway's persistent connections to workers' data-path sockets.
 
-A pool per worker address: a request takes an idle connection or opens one, and gives it back
-when the answer is read. A connection that fails, or whose exchange was cancelled halfway, is
-dropped, never reused. The request's tensors go from the HTTP body to the socket without a
-copy (`ipc.AsyncFrameSocket` writes them with one gather write).
+A pool per worker address: a request takes an idle link or opens one, and gives it back when
+the answer is read. A link that fails is dropped, never reused; an idle link the worker closes
+drops itself. The request's tensors go from the HTTP body to the socket without a copy
+(`ipc.WorkerLink` writes them with one gather write).
+
+`submit` takes a completion callback, so a reply is turned into an answer in the same pass of
+the event loop that read it; `infer` is the same as a coroutine.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from modelloader_workers import ipc
-from modelloader_workers.gateway.errors import BadRequest, InferenceFailed, WorkerUnavailable
-
-_Connection = ipc.AsyncFrameSocket
+from modelloader_workers.gateway.errors import (
+    BadRequest,
+    DataPlaneError,
+    InferenceFailed,
+    WorkerUnavailable,
+)
 
 
 @dataclass(frozen=True)
@@ -28,10 +34,24 @@ class WorkerReply:
     invoke_seconds: float
 
 
+Done = Callable[[WorkerReply | DataPlaneError], None]
+
+
 class WorkerClients:
     def __init__(self, max_idle_per_worker: int = 64) -> None:
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[str, list[ipc.WorkerLink]] = {}
         self._max_idle = max_idle_per_worker
+        self._connecting: set[asyncio.Task[None]] = set()
+
+    def submit(self, address: str, prefix: bytes, buffers: Sequence[Any], done: Done) -> None:
+        """Send a request frame (`request_prefix`, then the tensors' buffers in its order) to
+        the worker at `address`; `done` gets the reply or the error, exactly once, possibly
+        before this returns. The buffers must stay as they are until then."""
+        link = self._take_idle(address)
+        if link is None:
+            self._connect_then_send(address, prefix, buffers, done)
+        else:
+            self._send(address, link, prefix, buffers, done, retry=True)
 
     async def infer(
         self,
@@ -39,70 +59,123 @@ class WorkerClients:
         inputs: Mapping[str, np.ndarray[Any, Any]],
         outputs: Sequence[str],
     ) -> WorkerReply:
-        entries, buffers = ipc.describe(inputs)
-        header = {"inputs": entries, "outputs": list(outputs)}
-        reused, connection = await self._acquire(address)
-        try:
-            reply, payload = await self._exchange(connection, header, buffers)
-        except (ipc.FrameError, OSError) as error:  # _exchange closed the connection
-            if not reused:
-                raise WorkerUnavailable(f"the model's worker went away: {error}") from None
-            # An idle connection may have gone stale (the worker restarted): one fresh try.
-            _, connection = await self._acquire(address, fresh=True)
-            try:
-                reply, payload = await self._exchange(connection, header, buffers)
-            except (ipc.FrameError, OSError) as error2:
-                raise WorkerUnavailable(f"the model's worker went away: {error2}") from None
-        self._release(address, connection)
-        if "error" in reply:
-            status = int(reply.get("status", 500))
-            raise (BadRequest if status == 400 else InferenceFailed)(str(reply["error"]))
-        return WorkerReply(
-            outputs=ipc.tensors_from(reply["outputs"], payload),
-            queue_seconds=float(reply.get("queue_seconds", 0.0)),
-            invoke_seconds=float(reply.get("invoke_seconds", 0.0)),
+        future: asyncio.Future[WorkerReply | DataPlaneError] = (
+            asyncio.get_running_loop().create_future()
         )
+        entries, buffers = ipc.describe(inputs)
+        prefix = request_prefix(entries, outputs)
+        self.submit(address, prefix, buffers, lambda got: _settle(future, got))
+        got = await future
+        if isinstance(got, DataPlaneError):
+            raise got
+        return got
 
-    async def _exchange(
-        self, connection: _Connection, header: Mapping[str, Any], buffers: Sequence[Any]
-    ) -> tuple[dict[str, Any], bytearray]:
-        try:
-            return await connection.exchange(header, buffers)
-        except BaseException:
-            # Failed or cancelled halfway: what is left on the connection is out of step.
-            _close(connection)
-            raise
-
-    async def _acquire(self, address: str, fresh: bool = False) -> tuple[bool, _Connection]:
+    def _take_idle(self, address: str) -> ipc.WorkerLink | None:
         idle = self._idle.get(address)
-        if idle and not fresh:
-            return True, idle.pop()
-        try:
-            connection = await ipc.AsyncFrameSocket.connect(address)
-        except ValueError:
-            raise WorkerUnavailable(f"unsupported worker address {address!r}") from None
-        except OSError as error:
-            raise WorkerUnavailable(f"cannot reach the model's worker: {error}") from None
-        return False, connection
+        while idle:
+            link = idle.pop()
+            if not link.closed:
+                return link
+        return None
 
-    def _release(self, address: str, connection: _Connection) -> None:
+    def _send(
+        self,
+        address: str,
+        link: ipc.WorkerLink,
+        prefix: bytes,
+        buffers: Sequence[Any],
+        done: Done,
+        retry: bool,
+    ) -> None:
+        def on_reply(outcome: ipc.Outcome) -> None:
+            if not isinstance(outcome, ipc.Reply):
+                if retry and not link.replied_any:
+                    # An idle link that went stale before a byte came back (the worker
+                    # restarted): one fresh try.
+                    self._connect_then_send(address, prefix, buffers, done)
+                    return
+                done(WorkerUnavailable(f"the model's worker went away: {outcome}"))
+                return
+            self._release(address, link)
+            done(_reply(outcome))
+
+        link.exchange(prefix, buffers, on_reply)
+
+    def _connect_then_send(
+        self, address: str, prefix: bytes, buffers: Sequence[Any], done: Done
+    ) -> None:
+        async def connect() -> None:
+            try:
+                link = await ipc.WorkerLink.connect(address)
+            except ValueError:
+                done(WorkerUnavailable(f"unsupported worker address {address!r}"))
+            except OSError as error:
+                done(WorkerUnavailable(f"cannot reach the model's worker: {error}"))
+            else:
+                self._send(address, link, prefix, buffers, done, retry=False)
+
+        task = asyncio.get_running_loop().create_task(connect())
+        self._connecting.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._connecting.discard)
+
+    def _release(self, address: str, link: ipc.WorkerLink) -> None:
         idle = self._idle.setdefault(address, [])
-        if len(idle) < self._max_idle:
-            idle.append(connection)
+        if len(idle) < self._max_idle and not link.closed:
+            idle.append(link)
         else:
-            _close(connection)
+            link.close()
 
     def forget_except(self, addresses: set[str]) -> None:
-        """Close pooled connections to workers no longer published."""
+        """Close pooled links to workers no longer published."""
         for address in list(self._idle):
             if address not in addresses:
-                for connection in self._idle.pop(address):
-                    _close(connection)
+                for link in self._idle.pop(address):
+                    link.close()
 
     def close(self) -> None:
         self.forget_except(set())
 
 
-def _close(connection: _Connection) -> None:
-    with contextlib.suppress(Exception):
-        connection.close()
+def request_prefix(entries: Sequence[ipc.TensorEntry], outputs: Sequence[str]) -> bytes:
+    """A request frame's prefix and header, for inputs described by `ipc.describe`."""
+    header = ipc.encode_header({"inputs": list(entries), "outputs": list(outputs)})
+    return ipc.frame_prefix(header, sum(int(e[3]) for e in entries))
+
+
+class _WorkerError(Exception):
+    def __init__(self, error: DataPlaneError) -> None:
+        self.error = error
+
+
+def _reply_layout(header: bytes) -> tuple[ipc.TensorSlot, ...]:
+    """The outputs' layout a reply header describes; `_WorkerError` for the worker's error or
+    a malformed header. Remembered per header bytes: a model's replies repeat one header."""
+    try:
+        parsed = ipc.parse_header(header)
+        if "error" in parsed:
+            status = int(parsed.get("status", 500))
+            kind = BadRequest if status == 400 else InferenceFailed
+            raise _WorkerError(kind(str(parsed["error"])))
+        return ipc.layout(parsed["outputs"])
+    except (ipc.FrameError, KeyError, TypeError, ValueError) as error:
+        raise _WorkerError(InferenceFailed(f"the worker's reply is malformed: {error}")) from None
+
+
+_reply_layouts = ipc.Memo(_reply_layout)  # errors are not remembered
+
+
+def _reply(reply: ipc.Reply) -> WorkerReply | DataPlaneError:
+    try:
+        outputs = ipc.views(_reply_layouts(reply.header), reply.payload)
+    except _WorkerError as failed:
+        return failed.error
+    except ipc.FrameError as error:
+        return InferenceFailed(f"the worker's reply is malformed: {error}")
+    return WorkerReply(outputs, reply.queue_seconds, reply.invoke_seconds)
+
+
+def _settle(
+    future: asyncio.Future[WorkerReply | DataPlaneError], got: WorkerReply | DataPlaneError
+) -> None:
+    if not future.done():  # cancelled meanwhile: the reply has nobody to go to
+        future.set_result(got)
