@@ -45,16 +45,9 @@ def exported_series() -> set[str]:
     control.worker_restarts.labels("o", "m").inc()
     control.publish_quota("o", {"models": 1}, {"models": 2})
     control.count_phases(["Ready"])
-    for histogram in (
-        gateway.request_duration,
-        gateway.queue_duration,
-        gateway.inference_duration,
-        gateway.request_bytes,
-        gateway.response_bytes,
-    ):
-        histogram.labels("o", "m").observe(1)
-    gateway.requests.labels("o", "m", "200").inc()
-    gateway.accelerator_busy.labels("o", "m", "cpu").inc()
+    series = gateway.series("o", "m")
+    series.observe_request(200, 0.001)
+    series.observe_inference(100, 10, 0.0001, 0.001, "cpu")
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 

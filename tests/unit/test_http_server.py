@@ -358,3 +358,25 @@ def test_a_head_bigger_than_the_first_buffer_is_taken() -> None:
             return Reader(sock).answer()
 
     assert serve(scenario).body == b"3:abc"
+
+
+def test_a_client_that_stops_sending_after_its_request_still_gets_the_answer() -> None:
+    def scenario(s: Served) -> tuple[Answer, bool]:
+        with connect(s.port) as sock:
+            sock.sendall(post("/slow", b"last"))
+            sock.shutdown(socket.SHUT_WR)
+            reader = Reader(sock)
+            return reader.answer(), reader.closed()
+
+    answer, closed = serve(scenario)
+    assert answer.body == b"4:last" and answer.headers["connection"] == "close" and closed
+
+
+def test_an_absolute_url_is_routed_by_its_path() -> None:
+    def scenario(s: Served) -> RequestHead:
+        with connect(s.port) as sock:
+            sock.sendall(b"GET http://example.com:8080/v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            Reader(sock).answer()
+        return s.router.heads[0]
+
+    assert serve(scenario).segments == ["v2", "health", "live"]

@@ -52,7 +52,8 @@ async def round_trips(
             link.exchange(prefix, buffers, future.set_result)
             reply = await future
             assert isinstance(reply, ipc.Reply), reply
-            assert (reply.queue_seconds, reply.invoke_seconds) == (0.25, 0.5)
+            # The worker says it took 0.25 s of the round trip: nothing is left for queueing.
+            assert (reply.queue_seconds, reply.invoke_seconds) == (0.0, 0.5)
             slots = ipc.layout(ipc.parse_header(reply.header)["outputs"])
             answers.append(ipc.views(slots, reply.payload))
     finally:

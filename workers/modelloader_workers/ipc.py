@@ -3,13 +3,15 @@
 Tenant tensors never go through Ray's shared-memory object store (see ARCHITECTURE.md). A frame
 is a fixed prefix, a small JSON header, then the raw tensor bytes back to back:
 
-    <u32 header length> <u32 payload length> <f64 queue s> <f64 invoke s> <header JSON> <payload>
+    <u32 header length> <u32 payload length> <f64 service s> <f64 invoke s> <header JSON> <payload>
 
 Request header:  {"inputs": [[name, datatype, shape, nbytes], ...], "outputs": [name, ...]}
 Response header: {"outputs": [[name, datatype, shape, nbytes], ...]}
              or  {"error": message, "status": http status}
 
-The two timings are the worker's, set in replies (zero in requests). Kept out of the JSON, a
+The two timings are the worker's, set in replies (zero in requests): how long it took from
+reading the request to answering it, and how long of that the interpreter ran; the gateway
+counts the rest of the round trip as queueing (`Reply.queue_seconds`). Kept out of the JSON, a
 header is the same bytes from one request to the next of the same shapes, so each side parses
 and checks it once and looks it up after that (`Memo`): on this 2-core machine every piece of
 Python on the data path costs several times its quiet-loop price, because each request arrives
@@ -28,6 +30,7 @@ import json
 import math
 import socket
 import struct
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -134,9 +137,14 @@ def parse_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 
 def frame_prefix(
-    header: bytes, payload_len: int, queue_seconds: float = 0.0, invoke_seconds: float = 0.0
+    header: bytes, payload_len: int, service_seconds: float = 0.0, invoke_seconds: float = 0.0
 ) -> bytes:
-    return PREFIX.pack(len(header), payload_len, queue_seconds, invoke_seconds) + header
+    return PREFIX.pack(len(header), payload_len, service_seconds, invoke_seconds) + header
+
+
+def timeval(seconds: float) -> bytes:
+    """A `struct timeval`, for SO_RCVTIMEO and SO_SNDTIMEO."""
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
 
 
 def _parse_prefix(prefix: bytes | bytearray | memoryview) -> tuple[int, int, float, float]:
@@ -225,7 +233,6 @@ class FrameReader:
         self._buffer = bytearray(FIRST_READ_BYTES)
         self._early = memoryview(b"")  # payload bytes read along with the header
         self.payload_len = 0
-        self.timings = (0.0, 0.0)
 
     def _recv(self, view: memoryview, flags: int = 0) -> int:
         n = self._sock.recv_into(view, len(view), flags)
@@ -242,7 +249,7 @@ class FrameReader:
             raise FrameError("connection closed")
         while n < PREFIX.size:
             n += self._recv(view[n : PREFIX.size])
-        header_len, payload_len, *timings = _parse_prefix(view[: PREFIX.size])
+        header_len, payload_len, _, _ = _parse_prefix(view[: PREFIX.size])
         end = PREFIX.size + header_len
         if end > len(buffer):
             bigger = bytearray(end)
@@ -253,7 +260,6 @@ class FrameReader:
         if n - end > payload_len:
             raise FrameError("the peer sent more than one frame")
         self.payload_len = payload_len
-        self.timings = (timings[0], timings[1])
         self._early = view[end:n]
         return view[PREFIX.size : end]
 
@@ -293,11 +299,11 @@ def write_frame(
     sock: socket.socket,
     header: bytes,
     buffers: Sequence[Any],
-    queue_seconds: float = 0.0,
+    service_seconds: float = 0.0,
     invoke_seconds: float = 0.0,
 ) -> None:
     payload_len = sum(memoryview(b).nbytes for b in buffers)
-    prefix = frame_prefix(header, payload_len, queue_seconds, invoke_seconds)
+    prefix = frame_prefix(header, payload_len, service_seconds, invoke_seconds)
     # One gather write for prefix, header and every tensor: no concatenation copy.
     pending = gather(prefix, buffers)
     while pending:
@@ -315,7 +321,7 @@ def write_frame(
 class Reply:
     header: bytes
     payload: bytearray  # the reply's own buffer: views into it outlive the link's next frame
-    queue_seconds: float
+    queue_seconds: float  # the round trip less the worker's service time: waiting, mostly
     invoke_seconds: float
 
 
@@ -335,7 +341,8 @@ class WorkerLink:
         self._head = bytearray(FIRST_READ_BYTES)
         self._got = 0  # bytes of the reply read so far into _head (prefix and header)
         self._header: bytes | None = None
-        self._timings = (0.0, 0.0)
+        self._timings = (0.0, 0.0)  # the reply's: service and invoke seconds
+        self._sent = 0.0  # when the request went out
         self._payload: bytearray | None = None
         self._payload_got = 0
         self._pending: list[memoryview] = []  # what the request still has to write
@@ -380,6 +387,7 @@ class WorkerLink:
         assert self._on_reply is None, "one exchange at a time"
         self._on_reply = on_reply
         self._pending = gather(prefix, buffers)
+        self._sent = time.perf_counter()
         self._write()
 
     def _write(self) -> None:
@@ -432,7 +440,7 @@ class WorkerLink:
         self._got += n
         if self._got < PREFIX.size:
             return False
-        header_len, payload_len, queued, invoked = _parse_prefix(head[: PREFIX.size])
+        header_len, payload_len, served, invoked = _parse_prefix(head[: PREFIX.size])
         end = PREFIX.size + header_len
         if end > len(head):  # a header bigger than the first read: grow, keep what came
             self._head = bigger = bytearray(end)
@@ -441,7 +449,7 @@ class WorkerLink:
         if self._got < end:
             return False
         self._header = bytes(head[PREFIX.size : end])
-        self._timings = (queued, invoked)
+        self._timings = (served, invoked)
         early = self._got - end  # payload bytes that came with the header
         if early > payload_len:
             raise FrameError("the worker sent more than one frame")
@@ -467,7 +475,9 @@ class WorkerLink:
             return True
         self._got, self._header, self._payload, self._on_reply = 0, None, None, None
         self._pending = []
-        on_reply(Reply(header, payload, *self._timings))
+        served, invoked = self._timings
+        queued = max(0.0, time.perf_counter() - self._sent - served)
+        on_reply(Reply(header, payload, queued, invoked))
         return False  # nothing else is due: the next frame is the next request's
 
     def _fail(self, error: FrameError | OSError) -> None:

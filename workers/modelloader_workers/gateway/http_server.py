@@ -192,8 +192,13 @@ class _Stop(Exception):
 
 
 def _segments(url: bytes) -> list[str]:
-    raw_path = (httptools.parse_url(url).path or b"/").decode("latin-1")
-    return [unquote(s) for s in raw_path.split("/")[1:]]
+    if url[:1] == b"/":  # origin form, as clients send it: no need for the URL parser
+        raw = url.partition(b"?")[0].partition(b"#")[0]
+    else:  # absolute form ("http://host/v2/..."), or "*"
+        raw = httptools.parse_url(url).path or b"/"
+    path = raw.decode("latin-1")
+    parts = path.split("/")[1:]
+    return [unquote(part) for part in parts] if "%" in path else parts
 
 
 # Connection states
@@ -225,6 +230,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._answering: RequestHead | None = None  # the request whose answer is awaited
         self._socket: Any = None  # for SO_RCVLOWAT
         self._low_water = 1
+        self._eof = False  # the client stopped sending while its answer was being made
 
     # asyncio.BufferedProtocol
 
@@ -244,9 +250,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._server.connections.discard(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._state == _BODY:
+        state = self._state
+        if state == _BODY:
             return self._body[self._got :]
-        if self._state == _HEAD:
+        if state in (_HEAD, _BUSY):  # while busy: a pipelined request, kept for later
             return self._head_view[self._head_end :]
         return self._head_view  # scratch: chunked bodies are copied out by the parser
 
@@ -262,6 +269,13 @@ class _Connection(asyncio.BufferedProtocol):
         elif state == _HEAD:
             self._head_end += nbytes
             self._take_head()
+        elif state == _BUSY:
+            # A client sending ahead of its answer: kept until then. Reading stops only
+            # when the head buffer is full, so the usual request costs no pause and resume
+            # (two epoll_ctl calls and the selector's bookkeeping).
+            self._head_end += nbytes
+            if self._head_end == len(self._head) and self._transport is not None:
+                self._transport.pause_reading()
         elif state == _CHUNKED:
             self._feed_chunked(self._head_view[:nbytes])
         elif state == _DISCARD:
@@ -274,6 +288,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._take_head()
 
     def eof_received(self) -> bool | None:
+        if self._state == _BUSY:  # it has sent its request and stopped: answer, then close
+            self._eof = True
+            return True
         return None  # close: a client that stops sending is done
 
     def pause_writing(self) -> None:
@@ -452,7 +469,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._wake_after(1)
         self._state = _BUSY
         self.deadline = 0.0
-        self._transport.pause_reading()
         body = self._body
         self._body = memoryview(b"")
         self._call = None
@@ -469,10 +485,11 @@ class _Connection(asyncio.BufferedProtocol):
         if head is None:
             return  # the connection closed meanwhile
         self._answering = None
-        self._respond(head, response, keep=head.keep_alive)
+        keep = head.keep_alive and not self._eof
+        self._respond(head, response, keep=keep)
         if self._state == _CLOSED:
             return
-        if not head.keep_alive:
+        if not keep:
             self._close_soon()
         elif self._write_paused:  # a big answer still going out: read nothing more meanwhile
             self._next_when_drained = True
@@ -563,6 +580,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._keep_after_discard = False
         self._discard = 1 << 62
         if transport is None or transport.is_closing():
+            return
+        if self._eof:  # the client has stopped sending: nothing to linger for
+            transport.close()
             return
         if transport.can_write_eof():
             with contextlib.suppress(OSError):

@@ -83,6 +83,7 @@ class _Infer:
     """One admitted inference request: its origin holds a slot until the answer."""
 
     __slots__ = (
+        "_accelerator",
         "_api",
         "_entered",
         "_header_length",
@@ -100,10 +101,12 @@ class _Infer:
         name: str,
         version: str | None,
         header_length: str | None,
+        accelerator: str,
         series: ModelSeries | None,
         started: float,
     ) -> None:
         self._api, self._origin, self._name, self._version = api, origin, name, version
+        self._accelerator = accelerator  # what runs the model: labels its busy time
         self._header_length = header_length
         self._series, self._started = series, started
         self._entered = True
@@ -131,7 +134,11 @@ class _Infer:
                 # Accounted after the answer is on its way: the client need not wait for it.
                 if self._series is not None and isinstance(result, InferResult):
                     self._series.observe_inference(
-                        len(body), len(response.body), result.queue_seconds, result.invoke_seconds
+                        len(body),
+                        len(response.body),
+                        result.queue_seconds,
+                        result.invoke_seconds,
+                        self._accelerator,
                     )
                 self._done(response.status)
 
@@ -250,11 +257,7 @@ class V2Api:
             origin, limits = self._caller(head)
             entry = self.dataplane.directory.lookup(origin, name)
             if metrics is not None:  # unknown names must not grow the series
-                series = (
-                    metrics.series(origin, name, entry.accelerator)
-                    if entry is not None
-                    else metrics.series(origin, "")
-                )
+                series = metrics.series(origin, name if entry is not None else "")
             if entry is None:
                 # Refused before the body is read; `DataPlane.infer` checks again, later,
                 # for requests that get that far.
@@ -265,7 +268,9 @@ class V2Api:
                 series.observe_request(error.status, time.perf_counter() - started)
             raise
         header_length = head.headers.get(_HEADER_LENGTH_KEY)
-        return _Infer(self, origin, name, version, header_length, series, started)
+        return _Infer(
+            self, origin, name, version, header_length, entry.accelerator, series, started
+        )
 
 
 def _only(head: RequestHead, method: str) -> None:

@@ -3,13 +3,23 @@ so one scrape of the gateway sees the data plane's numbers, workers included.
 
 Labels stay bounded: `origin` and `model` come from the directory (a name that is not served is
 counted under `model=""`), `accelerator` is cpu, gpu or npu, `code` an HTTP status.
+
+The counts live in plain per-model records (`ModelSeries`) that a request updates with a few
+additions, and become Prometheus families only when scraped (`collect`). Measured on the 2-core
+machine, `prometheus_client`'s own histograms (a lock and a linear bucket search per
+observation, seven observations per request) were about a tenth of the gateway's time per
+request. Everything runs on the gateway's event loop, scrapes included, so nothing is locked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Sub-millisecond to tens of seconds: the data path's budget is about a millisecond.
 LATENCY_BUCKETS = (
@@ -33,109 +43,132 @@ LATENCY_BUCKETS = (
 )
 SIZE_BUCKETS = tuple(float(4**i) for i in range(4, 15))  # 256 B .. 256 MiB
 
+# name, help, buckets
+_HISTOGRAMS = (
+    (
+        "modelloader_request_duration_seconds",
+        "Inference request time in the gateway.",
+        LATENCY_BUCKETS,
+    ),
+    (
+        "modelloader_queue_duration_seconds",
+        "Time a request waited for its interpreter.",
+        LATENCY_BUCKETS,
+    ),
+    (
+        "modelloader_inference_duration_seconds",
+        "Interpreter invoke time per request.",
+        LATENCY_BUCKETS,
+    ),
+    ("modelloader_request_bytes", "Inference request body size.", SIZE_BUCKETS),
+    ("modelloader_response_bytes", "Inference response body size.", SIZE_BUCKETS),
+)
+REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, REQUEST_BYTES, RESPONSE_BYTES = range(5)
 
-class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["origin", "model"]
-        self.requests = Counter(
-            "modelloader_requests",
-            "Inference requests by HTTP status code.",
-            [*labels, "code"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "modelloader_request_duration_seconds",
-            "Inference request time in the gateway.",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue_duration = Histogram(
-            "modelloader_queue_duration_seconds",
-            "Time a request waited for its interpreter.",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.inference_duration = Histogram(
-            "modelloader_inference_duration_seconds",
-            "Interpreter invoke time per request.",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.request_bytes = Histogram(
-            "modelloader_request_bytes",
-            "Inference request body size.",
-            labels,
-            buckets=SIZE_BUCKETS,
-            registry=registry,
-        )
-        # Utilisation is rate() of this: seconds the model's accelerator spent invoking it per
-        # second. CPU, GPU and NPU alike; summed per origin it is the origin's share.
-        self.accelerator_busy = Counter(
-            "modelloader_accelerator_busy_seconds",
-            "Interpreter invoke time, as reported by the workers, by the accelerator that ran it.",
-            [*labels, "accelerator"],
-            registry=registry,
-        )
-        self.response_bytes = Histogram(
-            "modelloader_response_bytes",
-            "Inference response body size.",
-            labels,
-            buckets=SIZE_BUCKETS,
-            registry=registry,
-        )
 
-        self.unknown = ModelSeries(self, "", "", "cpu")
-        self._series: dict[tuple[str, str, str], ModelSeries] = {}
+def _le(bound: float) -> str:
+    """A bucket's `le` label as prometheus_client writes it ("0.001", "1.0", "+Inf")."""
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
-    def series(self, origin: str, model: str, accelerator: str = "cpu") -> ModelSeries:
-        """The children of every series for one (origin, model), made once: `labels()` takes
-        a lock and checks its arguments on every call, seven times per request."""
-        key = (origin, model, accelerator)
-        found = self._series.get(key)
-        if found is None:
-            found = self._series[key] = ModelSeries(self, origin, model, accelerator)
-        return found
+
+_LE = {buckets: [_le(b) for b in (*buckets, float("inf"))] for _, _, buckets in _HISTOGRAMS}
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # An observation equal to a bound belongs to that bound's bucket (le: less or equal).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for le, count in zip(_LE[self.bounds], self.counts, strict=True):
+            running += count
+            out.append((le, running))
+        return out
 
 
 class ModelSeries:
-    __slots__ = (
-        "_codes",
-        "_labels",
-        "accelerator_busy",
-        "inference_duration",
-        "queue_duration",
-        "request_bytes",
-        "request_duration",
-        "requests",
-        "response_bytes",
-    )
+    """Every series of one (origin, model)."""
 
-    def __init__(self, metrics: GatewayMetrics, origin: str, model: str, accelerator: str) -> None:
-        self._labels = (origin, model)
-        self.requests = metrics.requests
-        self._codes: dict[int, Any] = {}
-        self.request_duration = metrics.request_duration.labels(origin, model)
-        self.queue_duration = metrics.queue_duration.labels(origin, model)
-        self.inference_duration = metrics.inference_duration.labels(origin, model)
-        self.request_bytes = metrics.request_bytes.labels(origin, model)
-        self.response_bytes = metrics.response_bytes.labels(origin, model)
-        self.accelerator_busy = metrics.accelerator_busy.labels(origin, model, accelerator)
+    __slots__ = ("busy_seconds", "codes", "histograms", "labels")
+
+    def __init__(self, origin: str, model: str) -> None:
+        self.labels = (origin, model)
+        self.codes: dict[int, int] = {}
+        self.histograms = tuple(_Histogram(buckets) for _, _, buckets in _HISTOGRAMS)
+        self.busy_seconds: dict[str, float] = {}  # by the accelerator that ran it
 
     def observe_request(self, status: int, seconds: float) -> None:
-        counter = self._codes.get(status)
-        if counter is None:
-            counter = self._codes[status] = self.requests.labels(*self._labels, str(status))
-        counter.inc()
-        self.request_duration.observe(seconds)
+        self.codes[status] = self.codes.get(status, 0) + 1
+        self.histograms[REQUEST_DURATION].observe(seconds)
 
     def observe_inference(
-        self, request_bytes: int, response_bytes: int, queue_seconds: float, invoke_seconds: float
+        self,
+        request_bytes: int,
+        response_bytes: int,
+        queue_seconds: float,
+        invoke_seconds: float,
+        accelerator: str,
     ) -> None:
-        self.request_bytes.observe(request_bytes)
-        self.response_bytes.observe(response_bytes)
-        self.queue_duration.observe(queue_seconds)
-        self.inference_duration.observe(invoke_seconds)
-        self.accelerator_busy.inc(invoke_seconds)
+        histograms = self.histograms
+        histograms[REQUEST_BYTES].observe(request_bytes)
+        histograms[RESPONSE_BYTES].observe(response_bytes)
+        histograms[QUEUE_DURATION].observe(queue_seconds)
+        histograms[INFERENCE_DURATION].observe(invoke_seconds)
+        # Utilisation is rate() of this: seconds the model's accelerator spent invoking it per
+        # second. CPU, GPU and NPU alike; summed per origin it is the origin's share.
+        busy = self.busy_seconds
+        busy[accelerator] = busy.get(accelerator, 0.0) + invoke_seconds
+
+
+class GatewayMetrics(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.unknown = ModelSeries("", "")  # who is unknown until authenticated
+        self._series: dict[tuple[str, str], ModelSeries] = {("", ""): self.unknown}
+        registry.register(self)
+
+    def series(self, origin: str, model: str) -> ModelSeries:
+        found = self._series.get((origin, model))
+        if found is None:
+            found = self._series[(origin, model)] = ModelSeries(origin, model)
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        everything = list(self._series.values())
+        requests = CounterMetricFamily(
+            "modelloader_requests",
+            "Inference requests by HTTP status code.",
+            labels=["origin", "model", "code"],
+        )
+        for series in everything:
+            for code, count in sorted(series.codes.items()):
+                requests.add_metric([*series.labels, str(code)], count)
+        yield requests
+        for index, (name, documentation, _) in enumerate(_HISTOGRAMS):
+            family = HistogramMetricFamily(name, documentation, labels=["origin", "model"])
+            for series in everything:
+                histogram = series.histograms[index]
+                if any(histogram.counts):
+                    family.add_metric(list(series.labels), histogram.cumulative(), histogram.total)
+            yield family
+        busy = CounterMetricFamily(
+            "modelloader_accelerator_busy_seconds",
+            "Interpreter invoke time, as reported by the workers, by the accelerator that ran it.",
+            labels=["origin", "model", "accelerator"],
+        )
+        for series in everything:
+            for accelerator, seconds in sorted(series.busy_seconds.items()):
+                busy.add_metric([*series.labels, accelerator], seconds)
+        yield busy
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
