@@ -5,6 +5,7 @@ away mid-frame is a FrameError, not a hang; headers are parsed once per distinct
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -150,3 +151,60 @@ def test_memo_computes_once_per_key_and_stays_bounded() -> None:
     memo(b"ccc")  # full: forgets everything, then remembers this
     memo(b"a")
     assert calls == [b"a", b"bb", b"bad", b"bad", b"ccc", b"a"]
+
+
+def test_a_link_that_dies_before_its_reply_is_retried_once_on_a_fresh_one(tmp_path: Any) -> None:
+    from modelloader_workers.gateway.errors import WorkerUnavailable
+    from modelloader_workers.gateway.worker_client import WorkerClients
+
+    path = str(tmp_path / "w.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    accepted: list[int] = []
+
+    def answer(conn: socket.socket, reader: ipc.FrameReader) -> None:
+        slots = ipc.layout(ipc.parse_header(reader.read_head())["inputs"])
+        arrays = ipc.views(slots, reader.read_payload())
+        entries, buffers = ipc.describe({k: v + 1 for k, v in arrays.items()})
+        ipc.write_frame(conn, ipc.encode_header({"outputs": entries}), buffers)
+
+    def worker() -> None:
+        # The first connection answers once, then takes the next request and dies without a
+        # byte of its reply; the second answers everything; a third never comes.
+        conn, _ = listener.accept()
+        accepted.append(0)
+        reader = ipc.FrameReader(conn)
+        answer(conn, reader)
+        reader.read_head()
+        reader.read_payload()
+        conn.close()
+        conn, _ = listener.accept()
+        accepted.append(1)
+        reader = ipc.FrameReader(conn)
+        with contextlib.suppress(ipc.FrameError):
+            while True:
+                answer(conn, reader)
+        conn.close()
+
+    threading.Thread(target=worker, daemon=True).start()
+
+    async def scenario() -> list[Any]:
+        clients = WorkerClients()
+        x = {"x": np.arange(4, dtype=np.float32)}
+        first = await clients.infer(f"unix:{path}", x, [])
+        second = await clients.infer(f"unix:{path}", x, [])  # the dead link, then a fresh one
+        clients.close()
+        return [first.outputs["x"], second.outputs["x"]]
+
+    first, second = asyncio.run(scenario())
+    np.testing.assert_array_equal(first, np.arange(4) + 1)
+    np.testing.assert_array_equal(second, np.arange(4) + 1)
+    assert accepted == [0, 1]
+    listener.close()
+
+    async def gone() -> None:
+        await WorkerClients().infer(f"unix:{path}", {"x": np.zeros(1, np.float32)}, [])
+
+    with pytest.raises(WorkerUnavailable, match="cannot reach"):
+        asyncio.run(gone())

@@ -292,7 +292,12 @@ class FrameReader:
                 self._recv(destination[take:], socket.MSG_WAITALL)
 
     def skip_payload(self) -> None:
-        self.read_payload()
+        """Read the payload and drop it, a buffer's worth at a time."""
+        left = self.payload_len - len(self._early)
+        self._early = memoryview(b"")
+        scratch = memoryview(self._buffer)
+        while left > 0:
+            left -= self._recv(scratch[: min(left, len(scratch))])
 
 
 def write_frame(
@@ -347,7 +352,7 @@ class WorkerLink:
         self._payload_got = 0
         self._pending: list[memoryview] = []  # what the request still has to write
         self._on_reply: OnReply | None = None
-        self.replied_any = False  # a reply byte arrived on this link, ever
+        self.replying = False  # a byte of the current exchange's reply has arrived
         self.closed = False
         loop.add_reader(self._fd, self._readable)
 
@@ -387,6 +392,7 @@ class WorkerLink:
         assert self._on_reply is None, "one exchange at a time"
         self._on_reply = on_reply
         self._pending = gather(prefix, buffers)
+        self.replying = False
         self._sent = time.perf_counter()
         self._write()
 
@@ -426,7 +432,7 @@ class WorkerLink:
             raise FrameError(
                 "worker closed the connection mid-frame" if self._got else "worker closed"
             )
-        self.replied_any = True
+        self.replying = True
         return n
 
     def _read_head(self) -> bool:

@@ -191,10 +191,14 @@ class WorkerServer:
         runner = self._runner
         try:
             if isinstance(runner, InPlaceRunner):
-                runner.resize({s.name: s.shape for s in plan.inputs})
-                # Straight into the interpreter's input tensors: no copy through a buffer of
-                # our own, then into the tensors.
-                buffers = runner.input_buffers([s.name for s in plan.inputs])
+                try:
+                    runner.resize({s.name: s.shape for s in plan.inputs})
+                    # Straight into the interpreter's input tensors: no copy through a buffer
+                    # of our own, then into the tensors.
+                    buffers = runner.input_buffers([s.name for s in plan.inputs])
+                except Exception:
+                    reader.skip_payload()  # the connection stays in step
+                    raise
                 reader.read_payload_into(buffers)
                 del buffers
                 started = time.perf_counter()

@@ -89,7 +89,7 @@ class WorkerClients:
     ) -> None:
         def on_reply(outcome: ipc.Outcome) -> None:
             if not isinstance(outcome, ipc.Reply):
-                if retry and not link.replied_any:
+                if retry and not link.replying:
                     # An idle link that went stale before a byte came back (the worker
                     # restarted): one fresh try.
                     self._connect_then_send(address, prefix, buffers, done)
