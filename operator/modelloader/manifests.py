@@ -51,39 +51,75 @@ def manifest_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+# libyaml where PyYAML was built with it (its wheels are): several times faster.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+StatKey = tuple[int, int, int, int]
+
+
+def _stat_key(path: Path) -> StatKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass
 class ManifestReader:
-    """Reads the given paths again on each call, remembering each file's last good documents."""
+    """Reads the given paths on each call, remembering each file's last good documents. Files
+    are parsed again only when they change (by inode, size and times): the loop asks every
+    half second, and parsing YAML holds the interpreter's lock, which the gateway in the same
+    process needs (measured: 11 ms every pass with a handful of files, a request's p99)."""
 
     paths: Sequence[Path]
     default_namespace: str = "default"
     _last_good: dict[Path, list[Any]] = field(default_factory=dict)
+    _parsed: dict[Path, tuple[StatKey, list[Any]]] = field(default_factory=dict)
+    _last: tuple[Any, ManifestSet] | None = None
 
     def read(self) -> ManifestSet:
-        documents: list[tuple[Path, int, Any]] = []
-        file_errors: list[str] = []
         files = manifest_files(self.paths)
-        for missing in [p for p in self.paths if not p.exists()]:
-            file_errors.append(f"{missing}: no such file or folder")
-        for path in files:
-            try:
-                docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-                self._last_good[path] = docs
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-                file_errors.append(f"{path}: {_first_line(error)}; keeping its last good version")
-                docs = self._last_good.get(path, [])
+        missing = [p for p in self.paths if not p.exists()]
+        stats = [_stat_key(path) for path in files]
+        key = (tuple(files), tuple(stats), tuple(missing))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        documents: list[tuple[Path, int, Any]] = []
+        file_errors = [f"{p}: no such file or folder" for p in missing]
+        for path, stat in zip(files, stats, strict=True):
+            known = self._parsed.get(path)
+            if known is not None and stat is not None and known[0] == stat:
+                docs = known[1]
+            else:
+                try:
+                    text = path.read_text()
+                    docs = [d for d in yaml.load_all(text, Loader=_YAML_LOADER) if d is not None]
+                    self._last_good[path] = docs
+                    if stat is not None:
+                        self._parsed[path] = (stat, docs)
+                except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+                    file_errors.append(
+                        f"{path}: {_first_line(error)}; keeping its last good version"
+                    )
+                    docs = self._last_good.get(path, [])
             documents += [(path, i, d) for i, d in enumerate(docs)]
         for gone in set(self._last_good) - set(files):
             del self._last_good[gone]
+        for gone in set(self._parsed) - set(files):
+            del self._parsed[gone]
         models, rejected = parse_documents(documents, self.default_namespace)
         policies, secrets, problems = parse_tenancy(documents, self.default_namespace)
-        return ManifestSet(
+        found = ManifestSet(
             tuple(models),
             tuple(rejected),
             tuple(file_errors + problems),
             tuple(policies),
             tuple(secrets),
         )
+        if not file_errors:  # a broken file is read again: its error may be fixed in place
+            self._last = (key, found)
+        return found
 
 
 def parse_tenancy(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 from modelloader.manifests import ManifestReader
 
 DOC = """apiVersion: modelloader.dev/v1alpha1
@@ -51,3 +53,36 @@ def test_a_file_that_stops_parsing_keeps_its_last_good_version(tmp_path: Path) -
     assert "keeping its last good version" in result.file_errors[0]
     path.unlink()
     assert reader.read().models == ()
+
+
+MODEL_A = """\
+apiVersion: modelloader.dev/v1alpha1
+kind: LoadedModel
+metadata: {name: a}
+spec: {source: {uri: "file://a.tflite"}}
+"""
+
+
+def test_unchanged_files_are_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from modelloader import manifests
+
+    (tmp_path / "a.yaml").write_text(MODEL_A)
+    reader = manifests.ManifestReader([tmp_path])
+    parsed: list[str] = []
+    real = yaml.load_all
+
+    def counting(text: str, **options: Any) -> Any:
+        parsed.append(text)
+        return real(text, **options)
+
+    monkeypatch.setattr(manifests.yaml, "load_all", counting)
+    first = reader.read()
+    assert [m.name for m in first.models] == ["a"]
+    assert reader.read() is first and len(parsed) == 1
+    (tmp_path / "b.yaml").write_text("kind: Something\n")
+    assert reader.read().models == first.models and len(parsed) == 2  # only the new file
+    (tmp_path / "a.yaml").write_text(MODEL_A.replace("name: a}", "name: a2}"))
+    assert [m.name for m in reader.read().models] == ["a2"] and len(parsed) == 3

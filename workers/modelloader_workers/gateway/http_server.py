@@ -144,7 +144,7 @@ class _HeadParser:
     )
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: dict[str, str] = {}
         self.headers_done = False
@@ -167,6 +167,7 @@ class _HeadParser:
     def on_headers_complete(self) -> None:
         # Read now: llhttp forgets them when a message without a body completes.
         parser = self.parser
+        assert parser is not None
         self.keep_alive = parser.should_keep_alive()
         self.method = parser.get_method().decode("latin-1")
         self.version = parser.get_http_version()
@@ -329,6 +330,7 @@ class _Connection(asyncio.BufferedProtocol):
         end += len(HEAD_END)
         callbacks = _HeadParser()
         parser = callbacks.parser
+        assert parser is not None
         try:
             parser.feed_data(self._head_view[:end])
         except httptools.HttpParserUpgrade:
@@ -336,6 +338,8 @@ class _Connection(asyncio.BufferedProtocol):
         except httptools.HttpParserError as error:
             self._early_answer(BadRequest(f"malformed HTTP request: {error}"), keep=False)
             return
+        finally:
+            callbacks.parser = None  # no cycle left for the garbage collector to find
         if not callbacks.headers_done:
             self._early_answer(BadRequest("malformed HTTP request head"), keep=False)
             return
