@@ -21,6 +21,7 @@ from modelloader_workers.gateway.http_v2 import V2Api, serve_gateway
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader_workers.gc_pauses import freeze_long_lived
 from modelloader_workers.signature import Signature
 from modelloader_workers.worker import LoadedInfo
 from prometheus_client import CollectorRegistry
@@ -111,6 +112,7 @@ class ClusterGateway:
         server = serve_gateway(api)
         await server.start(host, port)
         log.info("gateway on http://%s:%d", host, port)
+        freeze_long_lived()
         runners: list[web.AppRunner] = []
         if metrics_port:  # 0: no metrics endpoint
             runners.append(await serve_metrics(registry, host, metrics_port))

@@ -33,6 +33,7 @@ from modelloader_workers.gateway.http_v2 import (
 from modelloader_workers.gateway.metrics import GatewayMetrics
 from modelloader_workers.gateway.nvml_metrics import NvmlCollector
 from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader_workers.gc_pauses import freeze_long_lived
 from prometheus_client import CollectorRegistry
 
 from modelloader import control_channel
@@ -205,6 +206,7 @@ class LocalRuntime:
             config.port,
             config.metrics_port,
         )
+        freeze_long_lived()  # the gateway shares this process: no 87 ms collections
 
     async def _serve(self, app: web.Application, site: Any, *where: Any) -> web.AppRunner:
         runner = web.AppRunner(

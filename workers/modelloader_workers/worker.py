@@ -23,6 +23,7 @@ import ray
 
 from modelloader_workers import process_limits, sandbox
 from modelloader_workers.accelerated_runner import load_runner
+from modelloader_workers.gc_pauses import freeze_long_lived
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.worker_server import WorkerServer
 
@@ -171,6 +172,7 @@ class ModelWorker:
             sandbox=sandbox.describe() if confined else "",
         )
         self._hosted[request.model_id] = _Hosted(server, info, budget)
+        freeze_long_lived()  # a collection must not stall the serving thread mid-request
         return info
 
     def _limit_memory(self, extra: int) -> bool:
