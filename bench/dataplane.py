@@ -586,7 +586,7 @@ def machine() -> str:
 def versions() -> str:
     from importlib.metadata import version
 
-    names = ("ai-edge-litert", "ray", "aiohttp", "numpy", "tensorflow-cpu")
+    names = ("ai-edge-litert", "ray", "httptools", "numpy", "tensorflow-cpu")
     found = []
     for name in names:
         with contextlib.suppress(Exception):
