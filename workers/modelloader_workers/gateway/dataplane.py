@@ -4,7 +4,6 @@ health, model metadata, readiness and inference, with typed errors. HTTP is a th
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,12 @@ from modelloader_workers.gateway.errors import (
     ModelNotFound,
     ModelNotReady,
 )
-from modelloader_workers.gateway.worker_client import WorkerClients, WorkerReply, request_prefix
+from modelloader_workers.gateway.worker_client import (
+    WorkerClients,
+    WorkerReply,
+    completion,
+    request_prefix,
+)
 from modelloader_workers.signature import InvalidRequest, Signature, check_inputs, check_outputs
 from modelloader_workers.tensor_types import UnsupportedDatatype, v2_datatype
 
@@ -163,16 +167,6 @@ class DataPlane:
         outputs: Sequence[str],
     ) -> InferResult:
         """`submit` as a coroutine."""
-        future: asyncio.Future[InferResult | DataPlaneError] = (
-            asyncio.get_running_loop().create_future()
+        return await completion(
+            lambda done: self.submit(origin, name, version, inputs, outputs, done)
         )
-
-        def settle(result: InferResult | DataPlaneError) -> None:
-            if not future.done():
-                future.set_result(result)
-
-        self.submit(origin, name, version, inputs, outputs, settle)
-        result = await future
-        if isinstance(result, DataPlaneError):
-            raise result
-        return result

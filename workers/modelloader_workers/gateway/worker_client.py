@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -59,16 +59,9 @@ class WorkerClients:
         inputs: Mapping[str, np.ndarray[Any, Any]],
         outputs: Sequence[str],
     ) -> WorkerReply:
-        future: asyncio.Future[WorkerReply | DataPlaneError] = (
-            asyncio.get_running_loop().create_future()
-        )
         entries, buffers = ipc.describe(inputs)
         prefix = request_prefix(entries, outputs)
-        self.submit(address, prefix, buffers, lambda got: _settle(future, got))
-        got = await future
-        if isinstance(got, DataPlaneError):
-            raise got
-        return got
+        return await completion(lambda done: self.submit(address, prefix, buffers, done))
 
     def _take_idle(self, address: str) -> ipc.WorkerLink | None:
         idle = self._idle.get(address)
@@ -174,8 +167,19 @@ def _reply(reply: ipc.Reply) -> WorkerReply | DataPlaneError:
     return WorkerReply(outputs, reply.queue_seconds, reply.invoke_seconds)
 
 
-def _settle(
-    future: asyncio.Future[WorkerReply | DataPlaneError], got: WorkerReply | DataPlaneError
-) -> None:
-    if not future.done():  # cancelled meanwhile: the reply has nobody to go to
-        future.set_result(got)
+T = TypeVar("T")
+
+
+async def completion(start: Callable[[Callable[[T | DataPlaneError], None]], None]) -> T:
+    """What a callback-taking call (`start(done)`) gives `done`, awaited; its error raised."""
+    future: asyncio.Future[T | DataPlaneError] = asyncio.get_running_loop().create_future()
+
+    def settle(got: T | DataPlaneError) -> None:
+        if not future.done():  # cancelled meanwhile: the result has nobody to go to
+            future.set_result(got)
+
+    start(settle)
+    got = await future
+    if isinstance(got, DataPlaneError):
+        raise got
+    return got
