@@ -5,7 +5,6 @@ away mid-frame is a FrameError, not a hang; headers are parsed once per distinct
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 from typing import Any
@@ -153,7 +152,9 @@ def test_memo_computes_once_per_key_and_stays_bounded() -> None:
     assert calls == [b"a", b"bb", b"bad", b"bad", b"ccc", b"a"]
 
 
-def test_a_link_that_dies_before_its_reply_is_retried_once_on_a_fresh_one(tmp_path: Any) -> None:
+def test_a_stale_link_is_retried_on_a_fresh_one_but_a_request_taken_whole_is_not(
+    tmp_path: Any,
+) -> None:
     from modelloader_workers.gateway.errors import WorkerUnavailable
     from modelloader_workers.gateway.worker_client import WorkerClients
 
@@ -162,6 +163,7 @@ def test_a_link_that_dies_before_its_reply_is_retried_once_on_a_fresh_one(tmp_pa
     listener.bind(path)
     listener.listen(8)
     accepted: list[int] = []
+    kept: list[socket.socket] = []
 
     def answer(conn: socket.socket, reader: ipc.FrameReader) -> None:
         slots = ipc.layout(ipc.parse_header(reader.read_head())["inputs"])
@@ -170,41 +172,41 @@ def test_a_link_that_dies_before_its_reply_is_retried_once_on_a_fresh_one(tmp_pa
         ipc.write_frame(conn, ipc.encode_header({"outputs": entries}), buffers)
 
     def worker() -> None:
-        # The first connection answers once, then takes the next request and dies without a
-        # byte of its reply; the second answers everything; a third never comes.
+        # 1st connection: answers once, then stops reading (a write to it fails) without
+        # closing (the gateway does not see it go). 2nd: answers once, then takes a request
+        # whole and dies without a byte of reply.
         conn, _ = listener.accept()
         accepted.append(0)
+        answer(conn, ipc.FrameReader(conn))
+        conn.shutdown(socket.SHUT_RD)
+        kept.append(conn)
+        conn, _ = listener.accept()
+        accepted.append(1)
         reader = ipc.FrameReader(conn)
         answer(conn, reader)
         reader.read_head()
         reader.read_payload()
         conn.close()
-        conn, _ = listener.accept()
-        accepted.append(1)
-        reader = ipc.FrameReader(conn)
-        with contextlib.suppress(ipc.FrameError):
-            while True:
-                answer(conn, reader)
-        conn.close()
 
     threading.Thread(target=worker, daemon=True).start()
+    x = {"x": np.arange(4, dtype=np.float32)}
 
     async def scenario() -> list[Any]:
         clients = WorkerClients()
-        x = {"x": np.arange(4, dtype=np.float32)}
         first = await clients.infer(f"unix:{path}", x, [])
-        second = await clients.infer(f"unix:{path}", x, [])  # the dead link, then a fresh one
+        second = await clients.infer(f"unix:{path}", x, [])  # the stale link, then a fresh one
+        try:
+            await clients.infer(f"unix:{path}", x, [])
+        except WorkerUnavailable as error:
+            third: Any = error
         clients.close()
-        return [first.outputs["x"], second.outputs["x"]]
+        return [first.outputs["x"], second.outputs["x"], third]
 
-    first, second = asyncio.run(scenario())
+    first, second, third = asyncio.run(scenario())
     np.testing.assert_array_equal(first, np.arange(4) + 1)
     np.testing.assert_array_equal(second, np.arange(4) + 1)
-    assert accepted == [0, 1]
+    assert isinstance(third, WorkerUnavailable) and "went away" in str(third)
+    assert accepted == [0, 1]  # the request taken whole was not sent to a third connection
     listener.close()
-
-    async def gone() -> None:
-        await WorkerClients().infer(f"unix:{path}", {"x": np.zeros(1, np.float32)}, [])
-
-    with pytest.raises(WorkerUnavailable, match="cannot reach"):
-        asyncio.run(gone())
+    for conn in kept:
+        conn.close()

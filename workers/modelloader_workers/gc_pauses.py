@@ -12,10 +12,13 @@ from __future__ import annotations
 import gc
 
 
-def freeze_long_lived() -> None:
+def freeze_long_lived(collect: bool = True) -> None:
     """Leave everything alive now out of future collections: what a process holds once it
     has started (modules, Ray's state, a loaded model) lives as long as the process. Call it
     again after loading more. The cost is that a cycle among these objects that later turns
-    to garbage is never freed; startup state does not do that."""
-    gc.collect()  # what is garbage now is freed first, not frozen
+    to garbage is never freed; startup state does not do that. `collect` first frees what is
+    garbage already; skip it where other threads are serving (a collection holds the GIL
+    as long as the pause this avoids)."""
+    if collect:
+        gc.collect()
     gc.freeze()

@@ -104,11 +104,6 @@ def views(slots: Sequence[TensorSlot], payload: Any) -> dict[str, np.ndarray[Any
     }
 
 
-def tensors_from(entries: Sequence[TensorEntry], payload: Any) -> dict[str, np.ndarray[Any, Any]]:
-    """Views over `payload` (no copy) for each described tensor."""
-    return views(layout(list(entries)), payload)
-
-
 def describe(tensors: Mapping[str, np.ndarray[Any, Any]]) -> tuple[list[TensorEntry], list[Any]]:
     """Header entries and the buffers to send, in the same order."""
     entries: list[TensorEntry] = []
@@ -139,6 +134,7 @@ def parse_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
 def frame_prefix(
     header: bytes, payload_len: int, service_seconds: float = 0.0, invoke_seconds: float = 0.0
 ) -> bytes:
+    """All a frame sends before its payload: the fixed prefix, then the header."""
     return PREFIX.pack(len(header), payload_len, service_seconds, invoke_seconds) + header
 
 
@@ -240,6 +236,14 @@ class FrameReader:
             raise FrameError("connection closed mid-frame")
         return n
 
+    def _fill(self, view: memoryview) -> None:
+        """Receive until `view` is full. MSG_WAITALL still returns short when a receive
+        timeout (SO_RCVTIMEO) or a signal cuts the wait: then it goes on, or the timeout's
+        error (OSError) ends the connection."""
+        got = 0
+        while got < len(view):
+            got += self._recv(view[got:], socket.MSG_WAITALL)
+
     def read_head(self) -> memoryview:
         """The next frame's header bytes (valid until the next `read_head`)."""
         buffer = self._buffer
@@ -273,9 +277,7 @@ class FrameReader:
         got = len(early)
         view[:got] = early  # may overlap in the same buffer: memoryview copies like memmove
         self._early = memoryview(b"")
-        if got < length:
-            self._recv(view[got:length], socket.MSG_WAITALL)
-            got = length
+        self._fill(view[got:length])
         return view[:length]
 
     def read_payload_into(self, destinations: Sequence[memoryview]) -> None:
@@ -288,8 +290,7 @@ class FrameReader:
             if take:
                 destination[:take] = early[:take]
                 early = early[take:]
-            if take < len(destination):
-                self._recv(destination[take:], socket.MSG_WAITALL)
+            self._fill(destination[take:])
 
     def skip_payload(self) -> None:
         """Read the payload and drop it, a buffer's worth at a time."""
@@ -337,10 +338,17 @@ OnReply = Callable[[Outcome], None]
 class WorkerLink:
     """One gateway -> worker connection; one exchange at a time."""
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_close` is called once, when the link closes (by `close` or by failing)."""
         sock.setblocking(False)
         tune(sock)
         self.sock = sock
+        self._on_close = on_close
         self._loop = loop
         self._fd = sock.fileno()
         self._head = bytearray(FIRST_READ_BYTES)
@@ -352,12 +360,12 @@ class WorkerLink:
         self._payload_got = 0
         self._pending: list[memoryview] = []  # what the request still has to write
         self._on_reply: OnReply | None = None
-        self.replying = False  # a byte of the current exchange's reply has arrived
+        self.sent = False  # the current exchange's request is wholly written
         self.closed = False
         loop.add_reader(self._fd, self._readable)
 
     @classmethod
-    async def connect(cls, address: str) -> WorkerLink:
+    async def connect(cls, address: str, on_close: Callable[[], None] | None = None) -> WorkerLink:
         """`address` is "unix:/path" or "tcp:host:port"; raises OSError or ValueError."""
         loop = asyncio.get_running_loop()
         kind, _, where = address.partition(":")
@@ -377,23 +385,26 @@ class WorkerLink:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, loop)
+        return cls(sock, loop, on_close)
 
     @property
     def busy(self) -> bool:
         return self._on_reply is not None
 
-    def exchange(self, prefix: bytes, buffers: Sequence[Any], on_reply: OnReply) -> None:
+    def exchange(
+        self, prefix: bytes, buffers: Sequence[Any], on_reply: OnReply, since: float = 0.0
+    ) -> None:
         """Send a frame (`prefix` from `frame_prefix`, then the buffers); `on_reply` gets the
-        reply, or the error that ended the link, exactly once, possibly before this returns."""
+        reply, or the error that ended the link, exactly once, possibly before this returns.
+        `since`: when the request started waiting (`time.perf_counter`), if before now."""
         if self.closed:
             on_reply(FrameError("the connection to the worker is closed"))
             return
         assert self._on_reply is None, "one exchange at a time"
         self._on_reply = on_reply
         self._pending = gather(prefix, buffers)
-        self.replying = False
-        self._sent = time.perf_counter()
+        self.sent = False
+        self._sent = since or time.perf_counter()
         self._write()
 
     def _write(self) -> None:
@@ -401,6 +412,7 @@ class WorkerLink:
         try:
             while pending:
                 advance(pending, self.sock.sendmsg(pending))
+            self.sent = True
         except (BlockingIOError, InterruptedError):
             self._loop.add_writer(self._fd, self._writable)  # the socket buffer is full
             return
@@ -432,7 +444,6 @@ class WorkerLink:
             raise FrameError(
                 "worker closed the connection mid-frame" if self._got else "worker closed"
             )
-        self.replying = True
         return n
 
     def _read_head(self) -> bool:
@@ -500,7 +511,5 @@ class WorkerLink:
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self.sock.close()
-
-
-def v2(array: np.ndarray[Any, Any]) -> str:
-    return v2_datatype(array.dtype)
+        if self._on_close is not None:
+            self._on_close()

@@ -171,8 +171,10 @@ class ModelWorker:
             identity=dict(request.identity),
             sandbox=sandbox.describe() if confined else "",
         )
+        # A collection must not stall a serving thread mid-request; the first load may
+        # collect first, later ones have models serving beside them.
+        freeze_long_lived(collect=not self._hosted)
         self._hosted[request.model_id] = _Hosted(server, info, budget)
-        freeze_long_lived()  # a collection must not stall the serving thread mid-request
         return info
 
     def _limit_memory(self, extra: int) -> bool:

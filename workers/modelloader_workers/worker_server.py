@@ -67,9 +67,9 @@ class _Plan:
 _Frame = tuple[bytes, list[Any], float]  # header, buffers, invoke seconds
 _OutputsKey = tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]
 
-# Connections served at once; more wait in the listen backlog (the gateway keeps one per
-# request in flight, and the interpreter runs one call at a time anyway).
-MAX_CONNECTIONS = 64
+# Connections served at once; more wait in the listen backlog until one closes. A gateway
+# keeps at most 64 links to a worker (`WorkerClients`), so this leaves room for eight.
+MAX_CONNECTIONS = 512
 # A frame whose rest does not arrive this long after its start drops its connection: the
 # gateway writes a frame whole, so only a broken peer takes that long, and meanwhile it would
 # hold up every other connection of this one serving thread.
@@ -85,6 +85,8 @@ class WorkerServer:
         policy lets only the gateway in). `thread_setup` runs first in the serving thread
         (the sandbox)."""
         self._runner = runner
+        # Decided once: a check against a runtime protocol costs tens of microseconds.
+        self._in_place = runner if isinstance(runner, InPlaceRunner) else None
         self._thread_setup = thread_setup
         self.socket_path: str | None = None
         kind, _, where = listen.partition(":")
@@ -127,9 +129,7 @@ class WorkerServer:
                         conn = key.fileobj
                         assert isinstance(conn, socket.socket)
                         if not self._serve_frame(conn):
-                            selector.unregister(conn)
-                            self._readers.pop(conn, None)
-                            conn.close()
+                            self._drop(selector, conn)
 
     def _close_connections(self) -> None:
         for conn in list(self._readers):
@@ -141,15 +141,21 @@ class WorkerServer:
             conn, _ = self._listener.accept()
         except OSError:
             return not self._closed  # closed, or a connection gone before we took it
-        if len(self._readers) >= MAX_CONNECTIONS:
-            conn.close()
-            return True
         ipc.tune(conn)
         with contextlib.suppress(OSError):  # a blocking read mid-frame gives up after this
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, ipc.timeval(FRAME_SECONDS))
         self._readers[conn] = ipc.FrameReader(conn)
         selector.register(conn, selectors.EVENT_READ)
+        if len(self._readers) >= MAX_CONNECTIONS:  # the next wait in the backlog
+            selector.unregister(self._listener)
         return True
+
+    def _drop(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        selector.unregister(conn)
+        self._readers.pop(conn, None)
+        conn.close()
+        if len(self._readers) == MAX_CONNECTIONS - 1 and not self._closed:
+            selector.register(self._listener, selectors.EVENT_READ)
 
     def _serve_frame(self, conn: socket.socket) -> bool:
         """Read one frame of `conn` and answer it; False when the connection is done."""
@@ -188,9 +194,9 @@ class WorkerServer:
     def _answer(self, plan: _Plan, reader: ipc.FrameReader) -> _Frame:
         if reader.payload_len != ipc.payload_size(plan.inputs):
             raise ipc.FrameError("the payload does not match its header")
-        runner = self._runner
+        runner = self._in_place
         try:
-            if isinstance(runner, InPlaceRunner):
+            if runner is not None:
                 try:
                     runner.resize({s.name: s.shape for s in plan.inputs})
                     # Straight into the interpreter's input tensors: no copy through a buffer
@@ -206,7 +212,7 @@ class WorkerServer:
             else:
                 inputs = ipc.views(plan.inputs, reader.read_payload())
                 started = time.perf_counter()
-                outputs = runner.run(inputs)
+                outputs = self._runner.run(inputs)
             finished = time.perf_counter()
         except (ipc.FrameError, OSError):
             raise

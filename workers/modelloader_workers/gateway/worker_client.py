@@ -12,6 +12,8 @@ the event loop that read it; `infer` is the same as a coroutine.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,10 +39,25 @@ class WorkerReply:
 Done = Callable[[WorkerReply | DataPlaneError], None]
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    prefix: bytes
+    buffers: Sequence[Any]
+    done: Done
+    since: float
+
+
 class WorkerClients:
-    def __init__(self, max_idle_per_worker: int = 64) -> None:
+    """At most `max_links_per_worker` links to one worker; more requests at once wait here,
+    first come first served, for a link to come free. A worker serves its connections from
+    one thread and the interpreter runs one call at a time, so more links would only move the
+    queue into its sockets, and a worker must not be opened unbounded connections."""
+
+    def __init__(self, max_links_per_worker: int = 64) -> None:
         self._idle: dict[str, list[ipc.WorkerLink]] = {}
-        self._max_idle = max_idle_per_worker
+        self._links: dict[str, int] = {}  # open or opening, per worker
+        self._waiting: dict[str, deque[_Waiting]] = {}
+        self._max_links = max_links_per_worker
         self._connecting: set[asyncio.Task[None]] = set()
 
     def submit(self, address: str, prefix: bytes, buffers: Sequence[Any], done: Done) -> None:
@@ -48,10 +65,13 @@ class WorkerClients:
         the worker at `address`; `done` gets the reply or the error, exactly once, possibly
         before this returns. The buffers must stay as they are until then."""
         link = self._take_idle(address)
-        if link is None:
-            self._connect_then_send(address, prefix, buffers, done)
+        if link is not None:
+            self._send(address, link, _Waiting(prefix, buffers, done, 0.0), retry=True)
+        elif self._links.get(address, 0) < self._max_links:
+            self._connect_then_send(address, _Waiting(prefix, buffers, done, 0.0))
         else:
-            self._send(address, link, prefix, buffers, done, retry=True)
+            waiting = _Waiting(prefix, buffers, done, time.perf_counter())
+            self._waiting.setdefault(address, deque()).append(waiting)
 
     async def infer(
         self,
@@ -71,52 +91,67 @@ class WorkerClients:
                 return link
         return None
 
-    def _send(
-        self,
-        address: str,
-        link: ipc.WorkerLink,
-        prefix: bytes,
-        buffers: Sequence[Any],
-        done: Done,
-        retry: bool,
-    ) -> None:
+    def _send(self, address: str, link: ipc.WorkerLink, request: _Waiting, retry: bool) -> None:
         def on_reply(outcome: ipc.Outcome) -> None:
             if not isinstance(outcome, ipc.Reply):
-                if retry and not link.replying:
-                    # An idle link that went stale before a byte came back (the worker
-                    # restarted): one fresh try.
-                    self._connect_then_send(address, prefix, buffers, done)
+                if retry and not link.sent:
+                    # An idle link that went stale (its worker restarted) before the request
+                    # was all written: one fresh try. A request the worker took whole and
+                    # then died on is not sent again: it may be what killed it.
+                    self._connect_then_send(address, request)
                     return
-                done(WorkerUnavailable(f"the model's worker went away: {outcome}"))
+                request.done(WorkerUnavailable(f"the model's worker went away: {outcome}"))
                 return
             self._release(address, link)
-            done(_reply(outcome))
+            request.done(_reply(outcome))
 
-        link.exchange(prefix, buffers, on_reply)
+        link.exchange(request.prefix, request.buffers, on_reply, request.since)
 
-    def _connect_then_send(
-        self, address: str, prefix: bytes, buffers: Sequence[Any], done: Done
-    ) -> None:
+    def _connect_then_send(self, address: str, request: _Waiting) -> None:
+        self._links[address] = self._links.get(address, 0) + 1
+
         async def connect() -> None:
             try:
-                link = await ipc.WorkerLink.connect(address)
+                link = await ipc.WorkerLink.connect(address, lambda: self._lost(address))
             except ValueError:
-                done(WorkerUnavailable(f"unsupported worker address {address!r}"))
+                self._lost(address)
+                request.done(WorkerUnavailable(f"unsupported worker address {address!r}"))
             except OSError as error:
-                done(WorkerUnavailable(f"cannot reach the model's worker: {error}"))
+                self._lost(address)
+                request.done(WorkerUnavailable(f"cannot reach the model's worker: {error}"))
             else:
-                self._send(address, link, prefix, buffers, done, retry=False)
+                self._send(address, link, request, retry=False)
 
         task = asyncio.get_running_loop().create_task(connect())
         self._connecting.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._connecting.discard)
 
     def _release(self, address: str, link: ipc.WorkerLink) -> None:
+        """A link whose exchange is over: the next waiting request's, or idle."""
+        if link.closed:
+            return
+        waiting = self._waiting.get(address)
+        if waiting:
+            self._send(address, link, waiting.popleft(), retry=True)
+            return
         idle = self._idle.setdefault(address, [])
-        if len(idle) < self._max_idle and not link.closed:
+        if len(idle) < self._max_links:
             idle.append(link)
         else:
             link.close()
+
+    def _lost(self, address: str) -> None:
+        """A link to `address` closed (or never opened): a waiting request may open one."""
+        left = self._links.get(address, 1) - 1
+        if left > 0:
+            self._links[address] = left
+        else:
+            self._links.pop(address, None)
+        waiting = self._waiting.get(address)
+        if waiting:
+            self._connect_then_send(address, waiting.popleft())
+        elif waiting is not None:
+            del self._waiting[address]
 
     def forget_except(self, addresses: set[str]) -> None:
         """Close pooled links to workers no longer published."""
