@@ -74,8 +74,9 @@ class ManifestReader:
 
     paths: Sequence[Path]
     default_namespace: str = "default"
-    _last_good: dict[Path, list[Any]] = field(default_factory=dict)
-    _parsed: dict[Path, tuple[StatKey, list[Any]]] = field(default_factory=dict)
+    # Each file's last good documents, with the stat they were read at (None: the file
+    # broke since, so it is read again next time).
+    _parsed: dict[Path, tuple[StatKey | None, list[Any]]] = field(default_factory=dict)
     _last: tuple[Any, ManifestSet] | None = None
 
     def read(self) -> ManifestSet:
@@ -88,24 +89,18 @@ class ManifestReader:
         documents: list[tuple[Path, int, Any]] = []
         file_errors = [f"{p}: no such file or folder" for p in missing]
         for path, stat in zip(files, stats, strict=True):
-            known = self._parsed.get(path)
-            if known is not None and stat is not None and known[0] == stat:
-                docs = known[1]
-            else:
+            known, docs = self._parsed.get(path, (None, []))
+            if stat is None or known != stat:
                 try:
                     text = path.read_text()
                     docs = [d for d in yaml.load_all(text, Loader=_YAML_LOADER) if d is not None]
-                    self._last_good[path] = docs
-                    if stat is not None:
-                        self._parsed[path] = (stat, docs)
+                    self._parsed[path] = (stat, docs)
                 except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
                     file_errors.append(
                         f"{path}: {_first_line(error)}; keeping its last good version"
                     )
-                    docs = self._last_good.get(path, [])
+                    self._parsed[path] = (None, docs)
             documents += [(path, i, d) for i, d in enumerate(docs)]
-        for gone in set(self._last_good) - set(files):
-            del self._last_good[gone]
         for gone in set(self._parsed) - set(files):
             del self._parsed[gone]
         models, rejected = parse_documents(documents, self.default_namespace)

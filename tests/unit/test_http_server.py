@@ -72,6 +72,7 @@ class Big(Echo):
 class Served:
     port: int
     router: Router
+    server: HttpServer
 
 
 def serve(
@@ -84,7 +85,7 @@ def serve(
         server = HttpServer(routes, idle_timeout=idle, body_timeout=body)
         await server.start("127.0.0.1", 0)
         try:
-            return await asyncio.to_thread(scenario, Served(server.port, routes))
+            return await asyncio.to_thread(scenario, Served(server.port, routes, server))
         finally:
             await server.close()
 
@@ -380,3 +381,46 @@ def test_an_absolute_url_is_routed_by_its_path() -> None:
         return s.router.heads[0]
 
     assert serve(scenario).segments == ["v2", "health", "live"]
+
+
+def test_a_long_pipeline_of_refused_requests_is_answered_whole() -> None:
+    def scenario(s: Served) -> list[int]:
+        with connect(s.port) as sock:
+            reader = Reader(sock)
+            # A big head first grows the head buffer; then 2,000 requests refused at the door
+            # (401) in one write: each answer goes out before the next is read, none recurses.
+            sock.sendall(post("/x", b"", "X-Padding: " + "p" * 20_000 + "\r\n"))
+            refused = post("/x", b"", "Authorization: no\r\n")
+            sock.sendall(refused * 2000)
+            return [reader.answer().status for _ in range(2001)]
+
+    statuses = serve(scenario)
+    assert statuses[0] == 200 and statuses[1:] == [401] * 2000
+
+
+def test_a_client_that_does_not_read_its_answer_is_dropped() -> None:
+    def scenario(s: Served) -> tuple[int, int]:
+        with connect(s.port) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(post("/big", b""))  # 8 MiB back, and we do not read it
+            time.sleep(0.1)
+            held = len(s.server.connections)
+            time.sleep(1.5)  # past the write deadline (the body timeout, here 0.3 s)
+            return held, len(s.server.connections)
+
+    held, after = serve(scenario, body=0.3)
+    assert (held, after) == (1, 0)
+
+
+def test_an_answer_before_an_expected_body_closes_the_connection() -> None:
+    def scenario(s: Served) -> tuple[Answer, bool]:
+        with connect(s.port) as sock:
+            reader = Reader(sock)
+            sock.sendall(
+                b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n"
+                b"Authorization: no\r\n\r\n"
+            )
+            return reader.answer(), reader.closed()
+
+    answer, closed = serve(scenario)
+    assert answer.status == 401 and answer.headers["connection"] == "close" and closed

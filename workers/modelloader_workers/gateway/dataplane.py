@@ -51,16 +51,12 @@ class _Prepared:
     prefix: bytes  # the worker frame's prefix and header
 
 
-# Requests prepared (checked and framed) are remembered per model, input shapes and outputs,
-# up to this many; then forgotten all at once.
-PREPARED_REQUESTS = 256
-
-
 class DataPlane:
     def __init__(self, directory: ModelDirectory, clients: WorkerClients) -> None:
         self.directory = directory
         self.clients = clients
-        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
+        # Requests checked and framed, per model, input shapes and outputs.
+        self._prepared: ipc.Memo[tuple[Any, ...], _Prepared] = ipc.Memo()
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -117,14 +113,14 @@ class DataPlane:
         entry = self._entry(origin, name, version)
         if not entry.ready or entry.address is None or entry.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {entry.message or 'loading'}")
+        signature = entry.signature
         shapes = tuple((n, a.dtype.str, a.shape) for n, a in inputs.items())
-        key = (id(entry.signature), shapes, tuple(outputs))
-        prepared = self._prepared.get(key)
-        if prepared is None or prepared.signature is not entry.signature:
-            prepared = self._prepare(entry.signature, inputs, outputs)
-            if len(self._prepared) >= PREPARED_REQUESTS:
-                self._prepared.clear()
-            self._prepared[key] = prepared
+        # The signature's id stands for it: the remembered value holds the signature, so no
+        # other can take its id while the value is remembered.
+        prepared = self._prepared.get(
+            (id(signature), shapes, tuple(outputs)),
+            lambda _: self._prepare(signature, inputs, outputs),
+        )
 
         def replied(reply: WorkerReply | DataPlaneError) -> None:
             if isinstance(reply, DataPlaneError):

@@ -68,13 +68,17 @@ JOIN_BELOW_BYTES = 64 << 10
 @dataclass(slots=True)
 class RequestHead:
     method: str
-    path: str  # percent-decoded per segment; the query string is dropped
     segments: list[str]  # each decoded: "/v2/models/a%2Fb" -> ["v2", "models", "a/b"]
     headers: dict[str, str]  # lower-case names; a repeated header's values joined with ", "
     http_version: str
     keep_alive: bool
     content_length: int | None  # None with a chunked body
     chunked: bool
+
+    @property
+    def path(self) -> str:
+        """The path, segments decoded, without the query string."""
+        return "/" + "/".join(self.segments)
 
 
 @dataclass(slots=True)
@@ -285,8 +289,7 @@ class _Connection(asyncio.BufferedProtocol):
                 extra = -self._discard  # the next request's first bytes came along
                 self._head[:extra] = self._head[nbytes - extra : nbytes]
                 self._head_end = extra
-                self._expect_head()
-                self._take_head()
+                self._after_answer(keep=True)
 
     def eof_received(self) -> bool | None:
         if self._state == _BUSY:  # it has sent its request and stopped: answer, then close
@@ -354,7 +357,6 @@ class _Connection(asyncio.BufferedProtocol):
             return
         head = RequestHead(
             method=callbacks.method,
-            path="/" + "/".join(segments),
             segments=segments,
             headers=headers,
             http_version=callbacks.version,
@@ -491,12 +493,20 @@ class _Connection(asyncio.BufferedProtocol):
         self._answering = None
         keep = head.keep_alive and not self._eof
         self._respond(head, response, keep=keep)
+        self._after_answer(keep)
+
+    def _after_answer(self, keep: bool) -> None:
+        """An answer is written: close, or take the next request once the answer has gone
+        out (a client that sends and does not read must not make us buffer answers)."""
         if self._state == _CLOSED:
             return
         if not keep:
             self._close_soon()
-        elif self._write_paused:  # a big answer still going out: read nothing more meanwhile
+            return
+        self._state = _BUSY  # what comes meanwhile is kept in the head buffer, unanswered
+        if self._write_paused:
             self._next_when_drained = True
+            self.deadline = time.monotonic() + self._server.body_timeout  # then dropped
         else:
             self._next_request()
 
@@ -518,6 +528,9 @@ class _Connection(asyncio.BufferedProtocol):
         small enough to read and drop, else answer, linger and close."""
         length = head.content_length
         keep = head.keep_alive and length is not None and length <= DISCARD_BYTES
+        expects = "100-continue" in head.headers.get("expect", "").lower()
+        if keep and expects and leftover < (length or 0):
+            keep = False  # the client may never send the body it was not asked for
         self._respond(head, error_response(error), keep=keep)
         if not keep:
             self._close_soon()
@@ -527,9 +540,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._keep_pipelined(end + take)
         self._discard = length - take
         if self._discard == 0:
-            self._expect_head()
-            if self._head_end:
-                self._take_head()
+            self._after_answer(keep=True)
             return
         self._state = _DISCARD
         self._keep_after_discard = True
@@ -537,7 +548,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _early_answer(self, error: DataPlaneError, keep: bool) -> None:
         """An answer with no head to go by (malformed, too large, timed out)."""
-        head = self._head_info or RequestHead("GET", "", [], {}, "1.1", False, 0, False)
+        head = self._head_info or RequestHead("GET", [], {}, "1.1", False, 0, False)
         self._respond(head, error_response(error), keep=keep)
         if not keep:
             self._close_soon()
@@ -583,6 +594,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._state = _DISCARD
         self._keep_after_discard = False
         self._discard = 1 << 62
+        if self._low_water > 1:  # a body cut off: wake for any byte, to drop it
+            self._wake_after(1)
         if transport is None or transport.is_closing():
             return
         if self._eof:  # the client has stopped sending: nothing to linger for
@@ -598,16 +611,18 @@ class _Connection(asyncio.BufferedProtocol):
         """The sweeper found this connection past its deadline."""
         state = self._state
         self.deadline = 0.0
-        if state in (_HEAD, _DISCARD):
-            self.abort()  # idle, a head dripping in, or lingering: closed
+        if state in (_HEAD, _DISCARD) or (state == _BUSY and self._next_when_drained):
+            self.abort()  # idle, a head dripping in, lingering, or not reading its answer
         elif state in (_BODY, _CHUNKED):
             seconds = self._server.body_timeout
             error = RequestTimeout(f"the request body did not arrive within {seconds:g} s")
             self._fail_body(error)
 
     def abort(self) -> None:
+        """Close now, dropping what is still to be written (`close` would wait for a client
+        that does not read)."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
