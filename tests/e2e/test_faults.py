@@ -255,7 +255,7 @@ def test_model_threads_run_under_the_seccomp_filter(faults: LocalServer) -> None
         )
         name = (task / "comm").read_text().strip()
         modes.setdefault(fields["Seccomp"].strip(), []).append(name)
-    # Python does not name OS threads: count them. The accept thread and the connection
-    # threads are filtered; Ray's (gcs_client_io, grpc, ...) are not.
+    # Python does not name OS threads: count them. The serving thread is filtered; Ray's
+    # (gcs_client_io, grpc, ...) are not.
     assert len(modes.get("2", [])) >= 1, modes
     assert any(not n.startswith("ray::") for n in modes.get("0", [])), modes

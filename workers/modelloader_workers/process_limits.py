@@ -23,8 +23,8 @@ import resource
 from dataclasses import dataclass
 
 MiB = 1 << 20
-# Headroom beyond the models' own budget: the data path's connection threads (at most 32, with
-# 8 MiB stacks), numpy's buffers, Python.
+# Headroom beyond the models' own budget: the data path's serving thread and its connections'
+# buffers, numpy's buffers, Python.
 SLACK_BYTES = 384 * MiB
 # Every interpreter thread reserves a stack; counted so that threads do not eat the budget.
 THREAD_STACK_BYTES = 8 * MiB

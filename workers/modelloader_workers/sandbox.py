@@ -3,7 +3,7 @@
 A worker is a Ray process: Ray's own threads keep talking to the cluster (new connections
 included), so the filter is installed per thread, not process-wide: on the thread that loads
 models (LiteRT parses the file there, and the interpreter's thread pool is started from it)
-and on the data path's accept thread, whose connection threads inherit it. In those threads:
+and on the data path's serving thread (one per model). In those threads:
 
 - exec (`execve`, `execveat`), new processes (`fork`, `vfork`, `clone` without
   CLONE_THREAD) and reading or tracing other processes (`ptrace`, `process_vm_readv/writev`)
