@@ -393,10 +393,6 @@ class WorkerLink:
             raise
         return cls(sock, loop, on_close)
 
-    @property
-    def busy(self) -> bool:
-        return self._on_reply is not None
-
     def exchange(
         self, prefix: bytes, buffers: Sequence[Any], on_reply: OnReply, since: float = 0.0
     ) -> None:

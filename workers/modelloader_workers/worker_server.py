@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import selectors
 import socket
@@ -24,12 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from modelloader_workers import ipc
 from modelloader_workers.litert_runner import InPlaceRunner, Runner
 from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
-from modelloader_workers.tensor_types import v2_datatype
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +61,6 @@ class _Plan:
 
 
 _Frame = tuple[bytes, list[Any], float]  # header, buffers, invoke seconds
-_OutputsKey = tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]
 
 # Connections served at once; more wait in the listen backlog until one closes. A gateway
 # keeps at most 64 links to a worker (`WorkerClients`), so this leaves room for eight.
@@ -109,7 +104,7 @@ class WorkerServer:
         if not serve_at_default_priority():
             log.info("the data path keeps Ray's worker niceness: no permission to raise it")
         self._plans = ipc.Memo(self._plan)
-        self._replies = ipc.Memo(self._reply_header)
+        self._replies: ipc.Memo[tuple[Any, ...], bytes] = ipc.Memo()
         self._readers: dict[socket.socket, ipc.FrameReader] = {}
         self._closed = False
         threading.Thread(target=self._serve, name="ipc-serve", daemon=True).start()
@@ -219,20 +214,12 @@ class WorkerServer:
         except Exception as error:  # LiteRT's runtime errors: the request failed, not us
             log.warning("inference failed: %s", error)
             return self._error(f"inference failed: {error}", 500)
-        arrays = [outputs[name] for name in plan.outputs]
-        shapes = tuple((a.dtype.str, a.shape) for a in arrays)
-        return self._replies((plan.outputs, shapes)), arrays, finished - started
-
-    @staticmethod
-    def _reply_header(key: _OutputsKey) -> bytes:
-        """The reply's header for outputs of these names, types and shapes."""
-        names, shapes = key
-        entries = []
-        for name, (dtype_str, shape) in zip(names, shapes, strict=True):
-            dtype = np.dtype(dtype_str)
-            nbytes = math.prod(shape) * dtype.itemsize
-            entries.append([name, v2_datatype(dtype), list(shape), nbytes])
-        return ipc.encode_header({"outputs": entries})
+        wanted = {name: outputs[name] for name in plan.outputs}
+        entries, arrays = ipc.describe(wanted)
+        # The reply's header, made once per output names, types and shapes.
+        key = (plan.outputs, tuple((a.dtype.str, a.shape) for a in arrays))
+        header = self._replies.get(key, lambda _: ipc.encode_header({"outputs": entries}))
+        return header, arrays, finished - started
 
     @staticmethod
     def _error(message: str, status: int) -> _Frame:
