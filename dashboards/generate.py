@@ -7,7 +7,7 @@ The committed JSON is this script's output: `tests/unit/test_dashboards.py` rege
 fails on any difference, and `tests/e2e/test_prometheus.py` runs every panel's query against a
 real Prometheus scraping `modelloader local`. Every dashboard is templated by `datasource`,
 `origin` and `model`; the series are those of `operator/modelloader/control_metrics.py` and
-`workers/modelloader_workers/gateway/{metrics,nvml_metrics}.py`.
+`workers/modelloader_gateway/{metrics,nvml_metrics}.py`.
 """
 
 from __future__ import annotations

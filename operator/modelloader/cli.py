@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from modelloader_gateway import main as gateway_main
 from modelloader_workers.litert_runner import ExternalDelegate
 
 from modelloader import control_channel
@@ -211,17 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     op.add_argument("--webhook-key", type=Path, default=None, help="TLS private key (PEM)")
 
-    gw = commands.add_parser("gateway", help="serve the v2 API for workers found through Ray")
-    gw.add_argument("--host", default="0.0.0.0")
-    gw.add_argument("--port", type=int, default=8080)
-    gw.add_argument("--state-dir", type=Path, default=Path("/var/run/modelloader"))
-    gw.add_argument("--max-request-bytes", type=int, default=64 << 20)
-    gw.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9090,
-        help="Prometheus /metrics port, 0 for none (default %(default)s)",
+    gw = commands.add_parser(
+        "gateway",
+        help="serve the v2 API from the route table the operator publishes through Ray",
     )
+    gateway_main.add_arguments(gw)
 
     stat = commands.add_parser(
         "status", help="show the LoadedModels of a running modelloader local"
@@ -242,21 +236,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "operator":
         return _operator(args)
     if args.command == "gateway":
-        return _gateway(args)
+        return gateway_main.run(args)
     return _status(args)
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from modelloader.control_loop import LoopSettings
     from modelloader.operator_main import OperatorConfig, run_operator
     from modelloader.placement import PlacementConfig
+    from modelloader.sources import SourcePolicy
 
     config = OperatorConfig(
-        model_roots=tuple(r.resolve() for r in args.model_root),
-        allow_source_hosts=tuple(args.allow_source_host),
-        cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
+        sources=SourcePolicy(
+            roots=tuple(r.resolve() for r in args.model_root),
+            cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
+            allow_hosts=tuple(args.allow_source_host),
+        ),
         state_dir=args.state_dir.resolve(),
-        placement=PlacementConfig(
-            npu_resource=args.npu_resource, cpu_resource=args.cpu_node_resource
+        loop=LoopSettings(
+            placement=PlacementConfig(
+                npu_resource=args.npu_resource, cpu_resource=args.cpu_node_resource
+            ),
+            interval_seconds=1.0,
+            scan_seconds=10.0,
         ),
         ray_address=os.environ.get("RAY_ADDRESS"),
         namespaces=tuple(args.namespace),
@@ -296,25 +298,11 @@ def parse_delegate(text: str) -> tuple[str, ExternalDelegate]:
     return accelerator, ExternalDelegate(path, options)
 
 
-def _gateway(args: argparse.Namespace) -> int:
-    from modelloader.cluster_gateway import ClusterGateway
-
-    gateway = ClusterGateway(args.state_dir.resolve())
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            gateway.run(
-                args.host,
-                args.port,
-                os.environ.get("RAY_ADDRESS"),
-                args.max_request_bytes,
-                args.metrics_port,
-            )
-        )
-    return 0
-
-
 def _local(args: argparse.Namespace) -> int:
+    from modelloader_gateway.server import GatewayConfig
+
     from modelloader.local_runtime import LocalConfig, LocalRuntime
+    from modelloader.sources import SourcePolicy
 
     paths = tuple(p.resolve() for p in args.paths)
     missing = [str(p) for p in paths if not p.exists()]
@@ -324,18 +312,22 @@ def _local(args: argparse.Namespace) -> int:
     roots = tuple(r.resolve() for r in args.model_root) if args.model_root else default_roots(paths)
     config = LocalConfig(
         paths=paths,
-        model_roots=roots,
         state_dir=(args.state_dir or default_state_dir()).resolve(),
-        cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
+        sources=SourcePolicy(
+            roots=roots,
+            cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
+            allow_hosts=tuple(args.allow_source_host),
+        ),
+        gateway=GatewayConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_request_bytes=args.max_request_bytes,
+            idle_timeout_seconds=args.idle_timeout,
+            body_timeout_seconds=args.body_timeout,
+        ),
         num_cpus=args.num_cpus,
         warm_workers=args.warm_workers,
-        max_request_bytes=args.max_request_bytes,
-        allow_source_hosts=tuple(args.allow_source_host),
-        idle_timeout_seconds=args.idle_timeout,
-        body_timeout_seconds=args.body_timeout,
     )
     try:
         asyncio.run(LocalRuntime(config).run())

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from modelloader.planner import Effect, StartWorker
 from modelloader.policy import Quota
-from modelloader.reconcile import Effect, StartWorker
 
 PHASES = ("Pending", "Loading", "Ready", "Failed")
 WAITING_PHASES = ("Pending", "Loading")

@@ -1,9 +1,11 @@
 """`modelloader local`: the embedded default. Manifests from files, a private local Ray, the
 gateway on localhost, metrics, and the control channel for `modelloader status`; one process.
 
-The loop is the same as the operator's: read desired state, observe workers, `reconcile.plan`,
-apply effects, render status. Only the source of manifests (files) and the place status goes
-(memory, shown by `modelloader status`) are local.
+The control loop is the operator's (`control_loop`); only the desired-state source (files), the
+status sink (memory, shown by `modelloader status`) and the route channel (the gateway in this
+process) are local. If the private Ray dies (its raylet or GCS exits), the gateway stops saying
+it is ready, status says why, and a fresh Ray is started and the models loaded again; Ray lost
+too often in a row ends `modelloader local` with the reason.
 """
 
 from __future__ import annotations
@@ -20,56 +22,41 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from modelloader_workers.gateway.access import open_table
-from modelloader_workers.gateway.dataplane import DataPlane
-from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-from modelloader_workers.gateway.http_server import HttpServer
-from modelloader_workers.gateway.http_v2 import (
-    BODY_TIMEOUT_SECONDS,
-    IDLE_TIMEOUT_SECONDS,
-    V2Api,
-    serve_gateway,
-)
-from modelloader_workers.gateway.metrics import GatewayMetrics
-from modelloader_workers.gateway.nvml_metrics import NvmlCollector
-from modelloader_workers.gateway.worker_client import WorkerClients
-from modelloader_workers.gc_pauses import freeze_long_lived
+from modelloader_gateway.routes import RouteTable
+from modelloader_gateway.server import Gateway, GatewayConfig
 from prometheus_client import CollectorRegistry
 
 from modelloader import control_channel
+from modelloader.control_loop import ControlLoop, Desired, LoopSettings, Outcome
 from modelloader.control_metrics import ControlMetrics
-from modelloader.manifests import ManifestReader, ManifestSet
-from modelloader.metrics_endpoint import metrics_app
-from modelloader.placement import PlacementConfig
+from modelloader.manifests import ManifestReader
 from modelloader.policy import OriginPolicy, Policies, policies
-from modelloader.ray_workers import RayWorkers, start_local_ray, stop_ray
-from modelloader.reconcile import WorkerView
-from modelloader.reconciler import Reconciler
+from modelloader.ray_workers import (
+    RayWorkers,
+    WorkerHandle,
+    local_ray_problem,
+    start_local_ray,
+    stop_ray,
+)
 from modelloader.resource import LoadedModel
 from modelloader.sources import ModelSources, SourcePolicy
-from modelloader.tenancy import access_table
-from modelloader.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
+
+# Ray lost this many times within the window ends `modelloader local` (with the reason) rather
+# than restarting it again: something on the machine keeps killing it.
+RAY_LOSSES = 3
+RAY_LOSS_WINDOW_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class LocalConfig:
     paths: tuple[Path, ...]
-    model_roots: tuple[Path, ...]
     state_dir: Path
-    cache_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8080
-    metrics_port: int = 9090
+    sources: SourcePolicy
+    gateway: GatewayConfig = dataclasses.field(default_factory=GatewayConfig)
+    loop: LoopSettings = dataclasses.field(default_factory=LoopSettings)
     num_cpus: int | None = None
-    max_request_bytes: int = 64 << 20
-    max_model_bytes: int = 1 << 30
-    allow_source_hosts: tuple[str, ...] = ()  # non-public hosts http(s) sources may reach
-    idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS
-    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
-    interval_seconds: float = 0.5
-    liveness_seconds: float = 1.0
     warm_workers: int = 2  # idle worker processes kept started: apply -> Ready skips a start
     # Origins without an OriginPolicy manifest; the `default` origin (namespace `default`)
     # also takes anonymous calls unless a manifest says otherwise: the embedded default
@@ -89,7 +76,7 @@ class Generations:
     """Kubernetes bumps metadata.generation on each spec change; files have none, so count."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[str, int]] = {}
+        self._seen: dict[Any, tuple[str, int]] = {}
 
     def stamp(self, models: tuple[LoadedModel, ...]) -> list[LoadedModel]:
         stamped = []
@@ -104,29 +91,75 @@ class Generations:
         return stamped
 
 
+class FileSource:
+    """The desired state from manifest files (`DesiredSource`)."""
+
+    def __init__(self, paths: tuple[Path, ...], default_policy: OriginPolicy) -> None:
+        self._reader = ManifestReader(list(paths))
+        self._default_policy = default_policy
+        self._generations = Generations()
+
+    async def read(self) -> Desired:
+        manifests = await asyncio.to_thread(self._reader.read)
+        return Desired(
+            models=self._generations.stamp(manifests.models),
+            rejected=manifests.rejected,
+            policies=local_policies(self._default_policy, manifests.policies),
+            secrets=manifests.secrets,
+            anonymous_origin="default",
+            problems=manifests.file_errors,
+        )
+
+
+class MemorySink:
+    """Statuses kept for `modelloader status` (`StatusSink`)."""
+
+    def __init__(self) -> None:
+        self.listing: list[dict[str, Any]] = []
+        self.origins: dict[str, dict[str, Any]] = {}
+        self.problems: tuple[str, ...] = ()
+        self.ray_problem: str | None = None
+
+    async def publish(self, outcome: Outcome, desired: Desired) -> None:
+        self.listing = outcome.listing
+        self.origins = dict(outcome.origins)
+        self.problems = outcome.problems
+
+    def report(self) -> dict[str, Any]:
+        errors = list(self.problems)
+        if self.ray_problem is not None:
+            errors.insert(0, self.ray_problem)
+        return {"items": self.listing, "errors": errors, "origins": self.origins}
+
+
+class GatewayChannel:
+    """Routes handed to the gateway in this process (`RouteChannel`)."""
+
+    def __init__(self, gateway: Gateway, sink: MemorySink) -> None:
+        self._gateway = gateway
+        self._sink = sink
+
+    async def publish(self, table: RouteTable) -> None:
+        self._gateway.publish(table)
+        if self._sink.ray_problem is not None:  # the first routes of a new Ray's workers
+            self._sink.ray_problem = None
+            self._gateway.unready(None)
+
+
 class LocalRuntime:
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = ControlMetrics(self.registry)
-        self.registry.register(NvmlCollector())  # GPU series only where NVML finds a GPU
-        self.directory = ModelDirectory()
-        self.clients = WorkerClients()
-        self.reader = ManifestReader(list(config.paths))
-        self.generations = Generations()
-        self.listing: list[dict[str, Any]] = []
-        self.origins: dict[str, dict[str, Any]] = {}
-        self.access = open_table()
-        self.file_errors: tuple[str, ...] = ()
-        self._wake = asyncio.Event()
+        self.gateway = Gateway(config.gateway, self.registry)
+        self.sink = MemorySink()
+        self.source = FileSource(config.paths, config.default_policy)
+        self.sources = ModelSources(config.sources)
+        self.loop: ControlLoop[WorkerHandle] | None = None
         self._stop = asyncio.Event()
-        self._synced = False
         self._runners: list[web.AppRunner] = []
-        self._gateway: HttpServer | None = None
-        self._pool: WorkerPool | None = None
-        self._reconciler: Reconciler | None = None
         self._ray_temp: str | None = None
-        self._restart = False
+        self._losses: list[float] = []
 
     # Lifecycle
 
@@ -145,13 +178,12 @@ class LocalRuntime:
 
     def request_stop(self) -> None:
         self._stop.set()
-        self._wake.set()
 
     def request_restart(self) -> None:
         """SIGHUP: start the control loop afresh, as after a crash (the gateway and the
         workers keep serving; the new loop adopts the workers that run)."""
-        self._restart = True
-        self._wake.set()
+        if self.loop is not None:
+            self.loop.request_restart()
 
     async def start(self) -> None:
         config = self.config
@@ -160,167 +192,103 @@ class LocalRuntime:
             raise RuntimeError(
                 f"another modelloader local is running with state dir {config.state_dir}"
             )
-        sources = ModelSources(
-            SourcePolicy(
-                roots=config.model_roots,
-                cache_dir=config.cache_dir,
-                max_bytes=config.max_model_bytes,
-                allow_hosts=config.allow_source_hosts,
-            )
-        )
-        started = time.perf_counter()
-        # On this thread: Ray wants the main thread for its signal handling. Nothing else is
-        # running yet, so blocking the loop for a few seconds costs nothing.
-        self._ray_temp = start_local_ray(config.num_cpus)
-        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
-        workers = RayWorkers(config.state_dir / "w", warm=config.warm_workers)
-        workers.fill_warm_pool()
-        self._sources = sources
-        self._pool = WorkerPool(workers, sources, self.metrics, self._wake.set)
-        self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
-        self._workers = workers
-
-        api = V2Api(
-            DataPlane(self.directory, self.clients),
-            GatewayMetrics(self.registry),
-            max_request_bytes=config.max_request_bytes,
-            ready=lambda: self._synced,
-            access=lambda: self.access,
-        )
-        self._gateway = serve_gateway(
-            api, idle_timeout=config.idle_timeout_seconds, body_timeout=config.body_timeout_seconds
-        )
-        await self._gateway.start(config.host, config.port)
-        if config.metrics_port:  # 0: no metrics endpoint
-            await self._serve(
-                metrics_app(self.registry), web.TCPSite, config.host, config.metrics_port
-            )
+        self._start_ray()
+        await self.gateway.start()
         control_socket = config.state_dir / control_channel.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             control_socket.unlink()
-        await self._serve(self._control_app(), None, str(control_socket))
+        await self._serve_unix(self._control_app(), str(control_socket))
         control_socket.chmod(0o600)
-        log.info(
-            "gateway on http://%s:%d, metrics on :%d/metrics",
-            config.host,
-            config.port,
-            config.metrics_port,
-        )
-        freeze_long_lived()  # the gateway shares this process: no 87 ms collections
 
-    async def _serve(self, app: web.Application, site: Any, *where: Any) -> web.AppRunner:
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            keepalive_timeout=self.config.idle_timeout_seconds,
+    def _start_ray(self) -> None:
+        """A private Ray, and a control loop with no workers yet."""
+        started = time.perf_counter()
+        # On this thread: Ray wants the main thread for its signal handling. Nothing else is
+        # being served, so blocking the loop for a few seconds costs nothing.
+        self._ray_temp = start_local_ray(self.config.num_cpus)
+        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
+        workers = RayWorkers(self.config.state_dir / "w", warm=self.config.warm_workers)
+        self.loop = ControlLoop(
+            self.source,
+            self.sink,
+            GatewayChannel(self.gateway, self.sink),
+            workers,
+            self.sources,
+            self.metrics,
+            self.config.loop,
+            health=local_ray_problem,
         )
+
+    async def _serve_unix(self, app: web.Application, path: str) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        if site is None:
-            await web.UnixSite(runner, where[0]).start()
-        else:
-            await site(runner, *where).start()
-        return runner
+        await web.UnixSite(runner, path).start()
 
     async def _serve_until_stopped(self) -> None:
-        liveness = asyncio.ensure_future(self._liveness_loop())
+        stopped = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
-                self._wake.clear()
-                if self._restart:
-                    self._restart = False
-                    await self._restart_control_loop()
-                await self.reconcile_once()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.interval_seconds)
+                assert self.loop is not None
+                running = asyncio.ensure_future(self.loop.run(adopt=False))
+                await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not running.done():
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+                    return
+                lost = running.result()
+                if lost is not None:
+                    await self._restart_ray(lost)
         finally:
-            liveness.cancel()
+            stopped.cancel()
 
-    async def _restart_control_loop(self) -> None:
-        assert self._pool is not None
-        await self._pool.abandon()
-        self._pool = WorkerPool(self._workers, self._sources, self.metrics, self._wake.set)
-        self._reconciler = Reconciler(self._pool, self.metrics, PlacementConfig())
-        adopted = await self._pool.adopt()
-        log.warning("control loop restarted: adopted %d running workers", adopted)
+    async def _restart_ray(self, problem: str) -> None:
+        """Ray is gone, and every worker with it: say so, start a fresh one, load again."""
+        now = time.monotonic()
+        self._losses = [t for t in self._losses if now - t < RAY_LOSS_WINDOW_SECONDS] + [now]
+        reason = f"{problem}; starting a new Ray and loading the models again"
+        self.gateway.unready(reason)
+        self.sink.ray_problem = reason
+        assert self.loop is not None
+        await self.loop.close(stop_workers=False)  # they died with Ray
+        self.gateway.clients.close()
+        await asyncio.to_thread(stop_ray)
+        self._remove_ray_temp()
+        if len(self._losses) >= RAY_LOSSES:
+            raise RuntimeError(
+                f"Ray was lost {len(self._losses)} times within "
+                f"{RAY_LOSS_WINDOW_SECONDS:.0f} s, most recently: {problem}"
+            )
+        try:
+            self._start_ray()  # ready again once its loop publishes routes (GatewayChannel)
+        except Exception as error:
+            raise RuntimeError(f"{problem}, and a new Ray could not be started: {error}") from None
 
-    async def _liveness_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.liveness_seconds)
-            if self._pool is not None:
-                try:
-                    await self._pool.check_liveness()
-                except Exception:
-                    log.exception("liveness check failed")
+    def _remove_ray_temp(self) -> None:
+        if self._ray_temp is not None:
+            shutil.rmtree(self._ray_temp, ignore_errors=True)
+            self._ray_temp = None
 
     async def shutdown(self) -> None:
-        if self._gateway is not None:
-            await self._gateway.close()
-            self._gateway = None
+        await self.gateway.close()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
-        self.clients.close()
-        if self._pool is not None:
-            await self._pool.close()
+        if self.loop is not None:
+            await self.loop.close(stop_workers=True)
         await asyncio.to_thread(stop_ray)
-        if self._ray_temp is not None:
-            shutil.rmtree(self._ray_temp, ignore_errors=True)
+        self._remove_ray_temp()
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / control_channel.SOCKET_NAME).unlink()
 
-    # One pass of the loop
-
-    async def reconcile_once(self) -> None:
-        assert self._pool is not None
-        started = time.perf_counter()
-        try:
-            manifests = await asyncio.to_thread(self.reader.read)
-            self._reconcile(manifests, await self._workers.recent_capacity())
-        except Exception:
-            self.metrics.reconcile_errors.inc()
-            log.exception("reconcile failed")
-        finally:
-            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
-
-    def _reconcile(self, manifests: ManifestSet, capacity: dict[str, float]) -> None:
-        assert self._reconciler is not None
-        models = self.generations.stamp(manifests.models)
-        known = local_policies(self.config.default_policy, manifests.policies)
-        outcome = self._reconciler.step(models, manifests.rejected, capacity, known)
-        self.access, problems = access_table(known, manifests.secrets, "default")
-        self.origins = outcome.origins
-        assert self._pool is not None
-        self.directory.publish(with_accelerators(outcome.entries, self._pool.views()))
-        self.clients.forget_except(self.directory.addresses())
-        self.listing = outcome.listing
-        self.file_errors = manifests.file_errors + tuple(
-            f"Secret {p.namespace}/{p.name}: {p.message}" for p in problems
-        )
-        self._synced = True
-
-    # HTTP apps besides the gateway
+    # The control channel, for `modelloader status`
 
     def _control_app(self) -> web.Application:
         async def status_handler(_: web.Request) -> web.Response:
-            return web.json_response(
-                {"items": self.listing, "errors": list(self.file_errors), "origins": self.origins}
-            )
+            return web.json_response(self.sink.report())
 
         app = web.Application()
         app.router.add_get("/status", status_handler)
         return app
-
-
-def with_accelerators(entries: list[ModelEntry], views: list[WorkerView]) -> list[ModelEntry]:
-    """Each served entry with the accelerator its worker runs on (cpu after a fallback), which
-    labels the model's busy time in the gateway's metrics."""
-    running_on = {
-        v.address: str((v.placement or {}).get("accelerator", "cpu")) for v in views if v.address
-    }
-    return [
-        dataclasses.replace(e, accelerator=running_on[e.address]) if e.address in running_on else e
-        for e in entries
-    ]

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from modelloader_workers.wire.identity import ModelKey
+
 from modelloader.policy import OriginPolicy, Policies
 from modelloader.resource import Accelerator, LoadedModel
 
@@ -43,7 +45,7 @@ class OriginUsage:
 
 @dataclass(frozen=True)
 class Admission:
-    decisions: Mapping[str, Admitted | Waiting] = field(default_factory=dict)  # model key ->
+    decisions: Mapping[ModelKey, Admitted | Waiting] = field(default_factory=dict)  # model key ->
     usage: Mapping[str, OriginUsage] = field(default_factory=dict)  # origin ->
 
 
@@ -83,9 +85,9 @@ _FIELD = {
 
 def admit(
     models: Sequence[LoadedModel],
-    running: Iterable[str],
+    running: Iterable[ModelKey],
     policies: Policies,
-    placed_on: Mapping[str, str] | None = None,
+    placed_on: Mapping[ModelKey, str] | None = None,
     schedulable: Callable[[str], bool] = lambda accelerator: accelerator == "cpu",
 ) -> Admission:
     """`models` in creation order; `running`: keys of models that have a worker now;
@@ -98,7 +100,7 @@ def admit(
     ]
     used: dict[str, dict[str, float]] = {}
     waiting: dict[str, int] = {}
-    decisions: dict[str, Admitted | Waiting] = {}
+    decisions: dict[ModelKey, Admitted | Waiting] = {}
     for model in ordered:
         origin = model.spec.origin
         policy = policies.of(origin)

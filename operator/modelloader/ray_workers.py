@@ -6,7 +6,7 @@ never share a process or a namespace); under perOrigin isolation, several of an 
 share one such actor, each with its own data-path listener. A worker's name derives from
 the LoadedModel's identity and spec, so a restarted operator finds ("adopts") the workers
 that are already serving instead of starting duplicates. Inference tensors do not pass
-through Ray (see `modelloader_workers.ipc`).
+through Ray (see `modelloader_workers.wire.ipc`).
 """
 
 from __future__ import annotations
@@ -19,35 +19,30 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from modelloader_workers.gateway.access import AccessBoard, AccessTable
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from modelloader.placement import fits_warm_process
-from modelloader.reconcile import SHARED_PROCESS_PREFIX
 from modelloader.resource import LoadedModel
+from modelloader.worker_names import ProcessName, is_ours, is_warm, warm_name
+from modelloader.worker_pool import WorkerStartError
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_PREFIX = "modelloader-origin-"
-ACTOR_PREFIX = "lm."
 # Pre-started worker processes, each handed to one model and never reused (see start()).
 WARM_NAMESPACE = "modelloader-warm"
-WARM_PREFIX = "lmw."
 # Unix socket paths are limited to 107 bytes; our names take 22.
 MAX_SOCKET_DIR = 80
-
-
-class WorkerStartError(RuntimeError):
-    """The worker could not be started or could not load its model; the message says why."""
 
 
 @dataclass
@@ -59,21 +54,9 @@ class WorkerHandle:
     process: str = ""  # the actor's name when shared by several models (perOrigin)
     warm_name: str = ""  # the actor's name when it came from the warm pool
 
-    @property
-    def shared(self) -> bool:
-        return bool(self.process)
-
 
 def origin_namespace(origin: str) -> str:
     return f"{NAMESPACE_PREFIX}{origin}"
-
-
-def worker_name(model: LoadedModel, restarts: int = 0) -> str:
-    """Deterministic: the same LoadedModel and spec give the same actor name, so a second
-    start finds the first. A restart after a death takes a new name: Ray may not have released
-    the dead actor's yet."""
-    suffix = f".r{restarts}" if restarts else ""
-    return f"{ACTOR_PREFIX}{model.namespace}.{model.name}.{model.fingerprint}{suffix}"
 
 
 def start_local_ray(num_cpus: int | None) -> str:
@@ -81,7 +64,7 @@ def start_local_ray(num_cpus: int | None) -> str:
     `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
     temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
     # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
-    # shares the cores with the gateway (about 1.8 ms on a busy 2-core machine, bench/).
+    # shares the cores with the gateway (bench/RESULTS.md, "Figures behind the code").
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
@@ -105,34 +88,24 @@ async def connect_ray(address: str | None, role: str) -> None:
         )
 
 
-ACCESS_BOARD_NAME = "access-table"
-SYSTEM_NAMESPACE = "modelloader-system"
-
-
-async def publish_access(table: AccessTable) -> None:
-    """Hand the gateways a new table of token digests and origin limits."""
-    board: Any = (
-        ray.remote(AccessBoard)
-        .options(
-            name=ACCESS_BOARD_NAME,
-            namespace=SYSTEM_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-        )
-        .remote()
-    )
-    await asyncio.wait_for(board.put.remote(table), 30)
-
-
-async def read_access() -> AccessTable | None:
-    """The table the operator published; None before it has published one."""
-    try:
-        board: Any = await asyncio.to_thread(ray.get_actor, ACCESS_BOARD_NAME, SYSTEM_NAMESPACE)
-        table: AccessTable | None = await asyncio.wait_for(board.get.remote(), 10)
-    except (ValueError, RayError, TimeoutError):
+def local_ray_problem() -> str | None:
+    """Why the Ray this process started is gone (its raylet or GCS exited), or None. Only
+    for a Ray started here (`start_local_ray`): its processes are this process's children."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not ray.is_initialized():
+        return "Ray is not running"
+    dead = node.dead_processes()
+    if not dead:
         return None
-    return table
+    return "Ray's " + ", ".join(
+        f"{kind} exited ({_exit(process.returncode)})" for kind, process in dead
+    )
+
+
+def _exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {-code}"
+    return f"code {code}"
 
 
 def stop_ray() -> None:
@@ -200,7 +173,7 @@ class RayWorkers:
     def fill_warm_pool(self) -> None:
         """Start warm processes up to the pool's size (non-blocking)."""
         while len(self._warm) < self._warm_target:
-            name = f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
+            name = warm_name()
             options: dict[str, Any] = {
                 "name": name,
                 "namespace": WARM_NAMESPACE,
@@ -227,7 +200,7 @@ class RayWorkers:
 
     async def start(
         self,
-        worker_id: str,
+        identity: WorkerIdentity,
         model: LoadedModel,
         model_path: Path,
         accelerator: str,
@@ -238,6 +211,7 @@ class RayWorkers:
     ) -> tuple[WorkerHandle, LoadedInfo]:
         """Start the model's worker, or with `process`, load it into that shared process
         (started by whichever of the origin's models comes first)."""
+        worker_id = identity.worker_id
         spec = model.spec
         namespace = origin_namespace(spec.origin)
         options: dict[str, Any] = {
@@ -262,31 +236,27 @@ class RayWorkers:
             options["lifetime"] = "detached"
         warm = self._take_warm(model, accelerator, process)
         if warm is not None:
-            warm_name, actor = warm
+            taken, actor = warm
         else:
-            warm_name = ""
+            taken = ""
             actor = self._remote.options(**options).remote()
             if not self._detached:
                 self._owned.setdefault(options["name"], actor)
         handle = WorkerHandle(
-            worker_id, namespace, actor, self._socket_path(worker_id), process, warm_name
+            worker_id, namespace, actor, self._socket_path(worker_id), process, taken
+        )
+        listen = (
+            Address("tcp", "0.0.0.0") if self._tcp else Address("unix", str(handle.socket_path))
         )
         request = LoadRequest(
             model_path=str(model_path),
-            listen="tcp:0.0.0.0" if self._tcp else f"unix:{handle.socket_path}",
+            listen=listen,
+            identity=identity,
             threads=spec.threads,
             accelerator=accelerator,
             delegation=spec.delegation,
             delegate=self._delegates.get(accelerator),
-            identity=(
-                ("key", model.key),
-                ("origin", spec.origin),
-                ("fingerprint", model.fingerprint),
-                ("generation", model.generation),
-                ("worker_id", worker_id),
-            ),
             memory_limit=memory_limit,
-            model_id=worker_id,
         )
         try:
             info: LoadedInfo = await actor.load.remote(request)
@@ -321,16 +291,17 @@ class RayWorkers:
         for handle, infos in (f for f in found if f is not None):
             if handle.worker_id in idle_warm:
                 continue  # this adapter's own idle warm processes
-            if not infos and _is_shared(handle.worker_id):
+            shared = ProcessName.parse(handle.worker_id) is not None
+            if not infos and shared:
                 # An empty shared process: the pool decides (one of its models may be loading).
                 out.append((dataclasses.replace(handle, process=handle.worker_id), None))
                 continue
             if not infos:
                 out.append((handle, None))
             for info in infos:
-                worker_id = str(info.identity.get("worker_id", handle.worker_id))
-                process = handle.worker_id if _is_shared(handle.worker_id) else ""
-                warm_name = handle.worker_id if _is_warm(handle.worker_id) else ""
+                worker_id = info.identity.worker_id
+                process = handle.worker_id if shared else ""
+                warm = handle.worker_id if is_warm(handle.worker_id) else ""
                 out.append(
                     (
                         WorkerHandle(
@@ -339,7 +310,7 @@ class RayWorkers:
                             handle.actor,
                             self._socket_path(worker_id),
                             process,
-                            warm_name,
+                            warm,
                         ),
                         info,
                     )
@@ -352,17 +323,9 @@ class RayWorkers:
         return [
             (e["name"], e["namespace"])
             for e in listed
-            if (
-                e["name"].startswith((ACTOR_PREFIX, SHARED_PROCESS_PREFIX))
-                and e["namespace"].startswith(NAMESPACE_PREFIX)
-            )
-            or (e["name"].startswith(WARM_PREFIX) and e["namespace"] == WARM_NAMESPACE)
+            if is_ours(e["name"])
+            and (e["namespace"].startswith(NAMESPACE_PREFIX) or e["namespace"] == WARM_NAMESPACE)
         ]
-
-    async def describe(self, name: str, namespace: str) -> list[LoadedInfo] | None:
-        """What the named worker process serves; None when it can't say (yet)."""
-        found = await self._describe(name, namespace)
-        return found[1] if found is not None and found[1] else None
 
     async def _describe(
         self, name: str, namespace: str
@@ -413,14 +376,6 @@ class RayWorkers:
             with contextlib.suppress(FileNotFoundError):
                 handle.socket_path.unlink()
         return remaining
-
-
-def _is_shared(name: str) -> bool:
-    return name.startswith(SHARED_PROCESS_PREFIX)
-
-
-def _is_warm(name: str) -> bool:
-    return name.startswith(WARM_PREFIX)
 
 
 def _short(error: BaseException) -> str:

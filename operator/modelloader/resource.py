@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from modelloader_workers.wire.identity import ModelKey
+
 from modelloader import API_GROUP, API_VERSION
 from modelloader.quantity import QuantityError, parse_quantity
 
@@ -73,8 +75,8 @@ class LoadedModel:
     base_dir: Path | None = None
 
     @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+    def key(self) -> ModelKey:
+        return ModelKey(self.namespace, self.name)
 
     @property
     def fingerprint(self) -> str:

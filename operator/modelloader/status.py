@@ -11,11 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelloader.manifests import Rejected
+from modelloader.planner import Condition, Conditions, ModelState
 from modelloader.quota import OriginUsage
-from modelloader.reconcile import ModelState
 from modelloader.resource import LoadedModel
-
-CONDITION_TYPES = ("Scheduled", "Loaded", "Ready", "Degraded", "QuotaExceeded")
 
 
 def timestamp(now: datetime) -> str:
@@ -28,16 +26,8 @@ def render(
     previous: Mapping[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
-    triples = dict(
-        zip(
-            CONDITION_TYPES,
-            (state.scheduled, state.loaded, state.ready, state.degraded, state.quota),
-            strict=True,
-        )
-    )
     conditions = [
-        _condition(kind, value, reason, message, previous, now)
-        for kind, (value, reason, message) in triples.items()
+        _condition(kind, condition, previous, now) for kind, condition in _by_type(state.conditions)
     ]
     status: dict[str, Any] = {
         "phase": state.phase,
@@ -47,13 +37,24 @@ def render(
     }
     shown = state.serving or state.current
     if shown is not None and shown.signature is not None:
-        status["inputs"] = list(shown.signature["inputs"])
-        status["outputs"] = list(shown.signature["outputs"])
+        signature = shown.signature.to_dict()
+        status["inputs"] = signature["inputs"]
+        status["outputs"] = signature["outputs"]
     if shown is not None and shown.placement is not None:
-        status["placement"] = dict(shown.placement)
+        status["placement"] = shown.placement.to_dict()
     if shown is not None and shown.load_seconds is not None:
         status["loadSeconds"] = round(shown.load_seconds, 4)
     return status
+
+
+def _by_type(conditions: Conditions) -> tuple[tuple[str, Condition], ...]:
+    return (
+        ("Scheduled", conditions.scheduled),
+        ("Loaded", conditions.loaded),
+        ("Ready", conditions.ready),
+        ("Degraded", conditions.degraded),
+        ("QuotaExceeded", conditions.quota_exceeded),
+    )
 
 
 def render_rejected(rejected: Rejected, now: datetime) -> dict[str, Any]:
@@ -77,12 +78,11 @@ def render_rejected(rejected: Rejected, now: datetime) -> dict[str, Any]:
 
 def _condition(
     kind: str,
-    value: bool | None,
-    reason: str,
-    message: str,
+    condition: Condition,
     previous: Mapping[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
+    value = condition.status
     text = "Unknown" if value is None else ("True" if value else "False")
     before = next(
         (c for c in (previous or {}).get("conditions", []) if c.get("type") == kind), None
@@ -95,8 +95,8 @@ def _condition(
     return {
         "type": kind,
         "status": text,
-        "reason": reason,
-        "message": message,
+        "reason": condition.reason,
+        "message": condition.message,
         "lastTransitionTime": since,
     }
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from modelloader_workers.gateway.access import AccessTable, OriginAccess, token_digest
+from modelloader_gateway.access import AccessTable, OriginAccess, token_digest
 
 from modelloader import API_GROUP
 from modelloader.policy import Policies

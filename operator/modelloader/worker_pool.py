@@ -1,8 +1,10 @@
-"""Carries out the reconcile core's effects on Ray and reports what it observes.
+"""Carries out the planner's effects on the workers and reports what it observes.
 
-It owns the workers' records: a `WorkerView` for the planner, the Ray handle, and the task that
-fetches and loads the model. Nothing here decides anything: starts and stops come from
-`reconcile.plan`, and every state change is an observation (loaded, failed, died).
+It owns the workers' records: a `WorkerView` for the planner, the runtime's handle, and the task
+that fetches and loads the model. Nothing here decides anything: starts and stops come from
+`planner.plan`, and every state change is an observation (loaded, failed, died). The runtime
+is reached through the `Workers` protocol only (the Ray adapter in production, a fake in unit
+tests, as Ray Serve tests its deployment state).
 """
 
 from __future__ import annotations
@@ -12,57 +14,126 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
+from modelloader_workers.wire.identity import ModelKey, WorkerIdentity
 from modelloader_workers.worker import LoadedInfo
 
 from modelloader.control_metrics import ControlMetrics
-from modelloader.ray_workers import RayWorkers, WorkerHandle, WorkerStartError, worker_name
-from modelloader.reconcile import Effect, StartWorker, StopWorker, WorkerView
-from modelloader.sources import ModelSources, SourceError
+from modelloader.planner import Effect, ProcessSlot, StartWorker, StopWorker, WorkerView
+from modelloader.resource import LoadedModel
+from modelloader.sources import FetchedModel, SourceError
+from modelloader.worker_names import ProcessName, WorkerName
 
 log = logging.getLogger(__name__)
 
 # Requests already sent to a replaced worker get this long to finish before it is killed.
 DRAIN_SECONDS = 2.0
-# Deaths of one spec's workers counted towards a crash loop (see reconcile.CRASH_LOOP_DEATHS).
+# Deaths of one spec's workers counted towards a crash loop (see planner.CRASH_LOOP_DEATHS).
 CRASH_WINDOW_SECONDS = 300.0
 
 
+class WorkerStartError(RuntimeError):
+    """The worker could not be started or could not load its model; the message says why."""
+
+
+class Handle(Protocol):
+    """What the pool needs of the runtime's handle on one hosted model."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def process(self) -> str:
+        """The shared process's actor name ("" for a process of its own)."""
+        ...
+
+
+H = TypeVar("H", bound=Handle)
+
+
+class Workers(Protocol[H]):
+    """The runtime the pool drives (`ray_workers.RayWorkers`)."""
+
+    async def start(
+        self,
+        identity: WorkerIdentity,
+        model: LoadedModel,
+        model_path: Path,
+        accelerator: str,
+        resources: dict[str, float],
+        *,
+        memory_limit: int = 0,
+        process: str = "",
+    ) -> tuple[H, LoadedInfo]:
+        """Start the worker (or load into the shared process named `process`); raises
+        `WorkerStartError` with a readable message."""
+        ...
+
+    async def running(self) -> Sequence[tuple[H, LoadedInfo | None]]:
+        """Every hosted model in the cluster (None: its process has loaded nothing)."""
+        ...
+
+    async def alive(self, handle: H) -> str | None:
+        """None while alive, else why not."""
+        ...
+
+    def stop(self, handle: H) -> None:
+        """Kill the process (for a shared one: every model in it)."""
+        ...
+
+    async def unload(self, handle: H) -> int:
+        """Unload one model of a shared process; how many it still hosts (-1: gone)."""
+        ...
+
+
+class Sources(Protocol):
+    def fetch(self, model: LoadedModel) -> FetchedModel: ...
+
+
 @dataclass
-class _Record:
+class _Record(Generic[H]):
     view: WorkerView
-    handle: WorkerHandle | None = None
+    handle: H | None = None
     task: asyncio.Task[None] | None = None
 
 
-class WorkerPool:
+class WorkerPool(Generic[H]):
     def __init__(
         self,
-        workers: RayWorkers,
-        sources: ModelSources,
+        workers: Workers[H],
+        sources: Sources,
         metrics: ControlMetrics,
         on_change: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self._workers = workers
         self._sources = sources
         self._metrics = metrics
-        self._on_change = on_change  # wake the reconcile loop: an observation changed
-        self._records: dict[str, _Record] = {}
+        self._on_change = on_change  # wake the control loop: an observation changed
+        self._clock = clock
+        self._drain_seconds = drain_seconds
+        self._records: dict[str, _Record[H]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._restarts: dict[tuple[str, str], int] = {}
-        self._deaths: dict[tuple[str, str], list[float]] = {}  # (key, fingerprint) -> times
+        self._restarts: dict[tuple[ModelKey, str, int], int] = {}  # (key, fp, replica) ->
+        self._deaths: dict[tuple[ModelKey, str], list[float]] = {}  # (key, fingerprint) ->
         # A shared process that died is started again under a new name (as for `.rN` workers:
         # Ray may not have released the dead one's yet).
-        self._process_epochs: dict[str, int] = {}
+        self._process_epochs: dict[ProcessSlot, int] = {}
         self._abandoned = False
 
     def views(self) -> list[WorkerView]:
         return [r.view for r in self._records.values()]
 
-    def apply(self, effects: tuple[Effect, ...]) -> None:
+    def serves(self, key: ModelKey) -> bool:
+        """Whether any worker of this LoadedModel is still known."""
+        return any(r.view.key == key for r in self._records.values())
+
+    def apply(self, effects: Sequence[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, StartWorker):
                 self._start(effect)
@@ -71,10 +142,10 @@ class WorkerPool:
 
     def _start(self, effect: StartWorker) -> None:
         model = effect.model
-        restarts = self._restarts.get((model.key, model.fingerprint), 0)
-        worker_id = worker_name(model, restarts)
+        restarts = self._restarts.get((model.key, model.fingerprint, effect.replica), 0)
+        name = WorkerName(model.key, model.fingerprint, effect.replica, restarts)
         view = WorkerView(
-            worker_id,
+            name.format(),
             model.key,
             model.fingerprint,
             model.generation,
@@ -82,14 +153,23 @@ class WorkerPool:
             origin=model.spec.origin,
             restarts=restarts,
             process=effect.process,
+            replica=effect.replica,
         )
-        record = _Record(view)
-        self._records[worker_id] = record
+        record: _Record[H] = _Record(view)
+        self._records[view.id] = record
         record.task = self._spawn(self._load(record, effect))
 
-    async def _load(self, record: _Record, effect: StartWorker) -> None:
+    async def _load(self, record: _Record[H], effect: StartWorker) -> None:
         model = effect.model
         started = time.perf_counter()
+        identity = WorkerIdentity(
+            model.key,
+            model.spec.origin,
+            model.fingerprint,
+            model.generation,
+            record.view.id,
+            effect.replica,
+        )
         try:
             fetched = await asyncio.to_thread(self._sources.fetch, model)
             if effect.max_model_bytes is not None and fetched.size > effect.max_model_bytes:
@@ -98,13 +178,13 @@ class WorkerPool:
                     f"{model.spec.origin!r}'s maxModelBytes of {effect.max_model_bytes}"
                 )
             handle, info = await self._workers.start(
-                record.view.id,
+                identity,
                 model,
                 fetched.path,
                 effect.accelerator,
                 dict(effect.resources),
                 memory_limit=effect.memory_limit,
-                process=self._actor_name(effect.process),
+                process=self._process_name(effect.process),
             )
         except (SourceError, WorkerStartError) as error:
             self._observe(record, state="failed", message=str(error))
@@ -118,9 +198,9 @@ class WorkerPool:
         self._metrics.load_duration.labels(
             model.spec.origin, model.name, effect.accelerator
         ).observe(seconds)
-        self._observe(record, **(_ready(info) | {"load_seconds": seconds}))
+        self._observe(record, **(_loaded(info) | {"load_seconds": seconds}))
 
-    def _observe(self, record: _Record, **changes: object) -> None:
+    def _observe(self, record: _Record[H], **changes: object) -> None:
         if record.view.id not in self._records:
             return  # stopped meanwhile
         record.view = dataclasses.replace(record.view, **changes)  # type: ignore[arg-type]
@@ -130,51 +210,54 @@ class WorkerPool:
         record = self._records.pop(effect.worker_id, None)
         if record is None:
             return
-        if record.view.state == "dead":
-            view = record.view
-            identity = (view.key, view.fingerprint)
-            self._restarts[identity] = self._restarts.get(identity, 0) + 1
-            self._metrics.worker_restarts.labels(view.origin, view.key.split("/", 1)[1]).inc()
+        view = record.view
+        if view.state == "dead":
+            restarted = (view.key, view.fingerprint, view.replica)
+            self._restarts[restarted] = self._restarts.get(restarted, 0) + 1
+            self._metrics.worker_restarts.labels(view.origin, view.key.name).inc()
         if record.task is not None and not record.task.done():
             record.task.cancel()
         if record.handle is not None:
             handle = record.handle
-            delay = DRAIN_SECONDS if record.view.state == "ready" else 0.0
+            delay = self._drain_seconds if view.state == "ready" else 0.0
             self._spawn(self._kill_later(handle, delay))
 
-    async def _kill_later(self, handle: WorkerHandle, delay: float) -> None:
+    async def _kill_later(self, handle: H, delay: float) -> None:
         try:
             await asyncio.sleep(delay)
         finally:  # cancelled at shutdown: kill now
             # Unless the same worker was asked for again meanwhile (a spec edited and reverted
             # within the drain time): then it was taken over, not left behind.
             if handle.worker_id not in self._records and not self._abandoned:
-                if handle.shared:
+                if handle.process:
                     await self._release_shared(handle)
                 else:
                     self._workers.stop(handle)
 
-    async def _release_shared(self, handle: WorkerHandle) -> None:
+    async def _release_shared(self, handle: H) -> None:
         """Unload one model from a shared process; the process goes when nobody uses it."""
         remaining = await self._workers.unload(handle)
         if remaining <= 0 and not self._in_use(handle.process):
             # A later model for this slot gets a new process name: Ray may still hand out the
             # dying actor under the old one.
-            base = _base_process(handle.process)
-            self._process_epochs[base] = self._process_epochs.get(base, 0) + 1
+            parsed = ProcessName.parse(handle.process)
+            if parsed is not None:
+                slot = parsed.slot
+                self._process_epochs[slot] = self._process_epochs.get(slot, 0) + 1
             self._workers.stop(handle)
 
     def _in_use(self, actor_name: str) -> bool:
         """Whether a model of this pool is loading or served in that shared process."""
         return any(
-            self._actor_name(r.view.process) == actor_name
+            self._process_name(r.view.process) == actor_name
             for r in self._records.values()
             if r.view.process and r.view.state in ("starting", "ready")
         )
 
-    def _actor_name(self, process: str) -> str:
-        epoch = self._process_epochs.get(process, 0)
-        return f"{process}.r{epoch}" if process and epoch else process
+    def _process_name(self, slot: ProcessSlot | None) -> str:
+        if slot is None:
+            return ""
+        return ProcessName(slot, self._process_epochs.get(slot, 0)).format()
 
     async def adopt(self) -> int:
         """Take over the workers a previous control plane left running (detached actors).
@@ -183,39 +266,38 @@ class WorkerPool:
         for handle, info in await self._workers.running():
             if handle.worker_id in self._records:
                 continue
-            if info is None and handle.shared:
-                if not self._in_use(handle.process):
+            if info is None:
+                if not (handle.process and self._in_use(handle.process)):
                     self._workers.stop(handle)
                 continue
-            identity = info.identity if info is not None else {}
-            if info is None or not {"key", "fingerprint", "generation"} <= identity.keys():
-                self._workers.stop(handle)
-                continue
+            process = ProcessName.parse(handle.process) if handle.process else None
+            identity = info.identity
             view = WorkerView(
                 handle.worker_id,
-                str(identity["key"]),
-                str(identity["fingerprint"]),
-                int(identity["generation"]),
-                origin=str(identity.get("origin", "")),
-                process=_base_process(handle.process),
-                **_ready(info),
+                identity.key,
+                identity.fingerprint,
+                identity.generation,
+                origin=identity.origin,
+                process=process.slot if process else None,
+                replica=identity.replica,
+                **_loaded(info),
             )
-            if handle.process:  # new models join the process adopted, not an older name
-                base, epoch = _split_epoch(handle.process)
-                self._process_epochs[base] = max(self._process_epochs.get(base, 0), epoch)
+            if process is not None:  # new models join the process adopted, not an older name
+                slot = process.slot
+                self._process_epochs[slot] = max(self._process_epochs.get(slot, 0), process.epoch)
             self._records[handle.worker_id] = _Record(view, handle)
             adopted += 1
             # A replacement must not reuse this worker's name (`.rN`): Ray may hold a dead
             # actor's name for a while.
-            _, restarts = _split_epoch(handle.worker_id)
-            if restarts:
-                identity_key = (view.key, view.fingerprint)
-                self._restarts[identity_key] = max(self._restarts.get(identity_key, 0), restarts)
+            name = WorkerName.parse(handle.worker_id)
+            if name is not None and name.restarts:
+                restarted = (view.key, view.fingerprint, view.replica)
+                self._restarts[restarted] = max(self._restarts.get(restarted, 0), name.restarts)
         return adopted
 
     async def check_liveness(self) -> None:
         """Observe deaths of ready workers (a crash, an OOM kill, a `kill -9`)."""
-        now = time.monotonic()
+        now = self._clock()
         self._deaths = {
             k: recent
             for k, v in self._deaths.items()
@@ -227,18 +309,23 @@ class WorkerPool:
         )
         for record, verdict in zip(ready, verdicts, strict=True):
             if verdict is not None:
-                if (record.view.placement or {}).get("sandbox"):
+                placement = record.view.placement
+                if placement is not None and placement.sandbox:
                     verdict += (
                         "; its model ran sandboxed, and the sandbox kills a process whose "
                         "model tries exec, fork or ptrace"
                     )
                 log.warning("worker %s died: %s", record.view.id, verdict)
-                identity = (record.view.key, record.view.fingerprint)
-                deaths = [*self._deaths.get(identity, []), now]  # pruned to the window above
-                self._deaths[identity] = deaths
-                process = record.view.process
-                if process and record.handle and record.handle.process == self._actor_name(process):
-                    self._process_epochs[process] = self._process_epochs.get(process, 0) + 1
+                spec = (record.view.key, record.view.fingerprint)
+                deaths = [*self._deaths.get(spec, []), now]  # pruned to the window above
+                self._deaths[spec] = deaths
+                slot = record.view.process
+                if (
+                    slot is not None
+                    and record.handle is not None
+                    and record.handle.process == self._process_name(slot)
+                ):
+                    self._process_epochs[slot] = self._process_epochs.get(slot, 0) + 1
                 self._observe(
                     record,
                     state="dead",
@@ -255,10 +342,7 @@ class WorkerPool:
             if record.task is not None:
                 record.task.cancel()
         self._records.clear()
-        for task in list(self._background):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._cancel_background()
 
     async def close(self) -> None:
         for record in self._records.values():
@@ -267,6 +351,9 @@ class WorkerPool:
             if record.handle is not None:
                 self._workers.stop(record.handle)
         self._records.clear()
+        await self._cancel_background()
+
+    async def _cancel_background(self) -> None:
         for task in list(self._background):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -279,36 +366,12 @@ class WorkerPool:
         return task
 
 
-def _split_epoch(actor_name: str) -> tuple[str, int]:
-    """A worker's or shared process's name without its restart suffix (`.rN`), and N (0 for
-    none): the planner's name, and how many were started under it before."""
-    base, dot, epoch = actor_name.rpartition(".")
-    if dot and epoch.startswith("r") and epoch[1:].isdigit():
-        return base, int(epoch[1:])
-    return actor_name, 0
-
-
-def _base_process(actor_name: str) -> str:
-    return _split_epoch(actor_name)[0]
-
-
-def _ready(info: LoadedInfo) -> dict[str, Any]:
+def _loaded(info: LoadedInfo) -> dict[str, Any]:
     """The observation of a loaded worker."""
-    placement = {
-        "node": info.host,
-        "nodeId": info.node_id,
-        "accelerator": info.accelerator,
-        "delegate": info.delegate,
-        "pid": info.pid,
-    }
-    if info.sandbox:
-        placement["sandbox"] = info.sandbox
-    if info.delegated_ops_share is not None:
-        placement["delegatedOpsShare"] = info.delegated_ops_share
     return {
         "state": "ready",
         "signature": info.signature,
-        "placement": placement,
+        "placement": info.placement,
         "address": info.address,
         "note": info.note,
         "load_seconds": info.load_seconds,

@@ -59,7 +59,7 @@ def infer(
 
 
 def _datatype(array: np.ndarray[Any, Any]) -> str:
-    from modelloader_workers.tensor_types import v2_datatype
+    from modelloader_workers.wire.tensor_types import v2_datatype
 
     return v2_datatype(array.dtype)
 

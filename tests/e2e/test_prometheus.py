@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from modelloader_workers.gateway.nvml_metrics import NvmlCollector
+from modelloader_gateway.nvml_metrics import NvmlCollector
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import EXAMPLE, REPO

@@ -6,10 +6,10 @@ zero-downtime updates, unschedulable models waiting for capacity, a killed worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,19 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
-from modelloader.cluster_gateway import ClusterGateway
+from modelloader.control_loop import LoopSettings
 from modelloader.operator_main import FINALIZER, OperatorConfig
 from modelloader.placement import PlacementConfig
 from modelloader.ray_workers import RayWorkers
-from modelloader_workers.gateway.errors import DataPlaneError
+from modelloader.sources import SourcePolicy
+from modelloader_gateway import route_board
+from modelloader_gateway.errors import DataPlaneError
+from modelloader_gateway.routes import RouteTable
+from modelloader_gateway.server import Gateway, GatewayConfig
 
 from tests.conftest import EXAMPLE
 from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
+from tests.support.calls import identity, infer
 from tests.support.cluster import EmulatorThread, OperatorThread, wait_until
 
 PIXELS = np.zeros((1, 64), dtype=np.float32)
@@ -63,13 +68,14 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> OperatorConfig:
     return OperatorConfig(
-        model_roots=(EXAMPLE,),
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        sources=SourcePolicy(roots=(EXAMPLE,), cache_dir=tmp_path_factory.mktemp("cache")),
         state_dir=Path(f"/tmp/mlop-{os.getpid()}"),
-        placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
-        interval_seconds=0.5,
-        liveness_seconds=0.5,
-        scan_seconds=1.0,
+        loop=LoopSettings(
+            placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
+            interval_seconds=0.5,
+            liveness_seconds=0.5,
+            scan_seconds=1.0,
+        ),
         # These tests follow workers by their names (lm.<ns>.<name>...); warm processes keep
         # names of their own, and are covered in tests/e2e/test_faults.py.
         warm_workers=0,
@@ -150,7 +156,7 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
     keeper = wait_until(lambda: ready(kube, "keeper"), what="keeper Ready")
     wait_until(lambda: ready(kube, "goner"), what="goner Ready")
     # Traffic throughout: the data plane must not notice the control plane going away.
-    client = GatewayThread(config.state_dir, "keeper")
+    client = GatewayThread("keeper")
     client.start()
     wait_until(lambda: client.ok > 20, what="traffic flowing")
     first.stop()
@@ -165,11 +171,23 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
     assert code == 200, body
     kube.delete("goner")
     assert any(".keeper." in w for w in worker_names())
+    # A gateway started now, with no operator running, serves the last published table.
+    late = GatewayThread("keeper")
+    late.start()
+    try:
+        wait_until(lambda: late.ok > 20, what="a gateway started while the operator is away")
+        assert late.errors == [] and late.tables
+    finally:
+        late.stop_flag.set()
+        late.join(10)
 
-    second = start_operator(config)
+    metrics_port = free_port()
+    second = start_operator(dataclasses.replace(config, metrics_port=metrics_port))
     try:
         wait_until(lambda: not [w for w in worker_names() if ".goner." in w], what="orphan gone")
-        time.sleep(2)
+        # Several passes of the new operator: none starts a second worker for `keeper`.
+        passes = reconcile_passes(metrics_port)
+        wait_until(lambda: reconcile_passes(metrics_port) >= passes + 3, what="3 more passes")
         keepers = [w for w in worker_names() if ".keeper." in w]
         assert len(keepers) == 1, keepers  # adopted, not duplicated
         assert status(kube, "keeper")["placement"]["pid"] == keeper["placement"]["pid"]
@@ -185,18 +203,27 @@ def test_restarted_operator_adopts_workers_and_removes_orphans(
         second.stop()
 
 
+def reconcile_passes(port: int) -> float:
+    """The operator's reconcile passes so far, from its /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith("modelloader_reconcile_duration_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_a_worker_nobody_asked_for_is_removed(
     kube: EmulatorThread, operator: OperatorThread, config: OperatorConfig
 ) -> None:
-    from modelloader.ray_workers import worker_name
     from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 
     stray = LoadedModel("default", "stray", LoadedModelSpec("default", Source("file://x")))
     workers = RayWorkers(config.state_dir, detached=True)
     asyncio.run(
-        workers.start(
-            worker_name(stray), stray, EXAMPLE / "digits.tflite", "cpu", {CPU_RESOURCE: 1.0}
-        )
+        workers.start(identity(stray), stray, EXAMPLE / "digits.tflite", "cpu", {CPU_RESOURCE: 1.0})
     )
     assert any(".stray." in w for w in worker_names())
     wait_until(
@@ -209,12 +236,8 @@ def test_a_worker_nobody_asked_for_is_removed(
 def test_unschedulable_waits_pending_then_runs_when_a_node_appears(
     kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
 ) -> None:
-    late = OperatorConfig(
-        **{
-            **config.__dict__,
-            "placement": PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource="late-npu"),
-        }
-    )
+    placement = PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource="late-npu")
+    late = dataclasses.replace(config, loop=dataclasses.replace(config.loop, placement=placement))
     operator = start_operator(late)
     try:
         kube.apply(manifest("waiting", "npu"))
@@ -234,37 +257,44 @@ def test_unschedulable_waits_pending_then_runs_when_a_node_appears(
 
 
 class GatewayThread(threading.Thread):
-    """`modelloader gateway`'s core, finding workers through Ray, with a client looping."""
+    """`modelloader gateway`'s core: a gateway routing from the table the operator publishes
+    through Ray, and a client sending it requests through the data plane (origin `default`)."""
 
-    def __init__(self, socket_dir: Path, model: str = "rolling") -> None:
+    def __init__(self, model: str = "rolling") -> None:
         super().__init__(daemon=True)
         self.model = model
-        self.gateway = ClusterGateway(socket_dir, refresh_seconds=0.2)
         self.ok = 0
         self.errors: list[str] = []
+        self.tables: list[RouteTable] = []
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        workers = RayWorkers(self.gateway._socket_dir)
-        plane = self.gateway
-        from modelloader_workers.gateway.dataplane import DataPlane
+        gateway = Gateway(GatewayConfig(port=0))
+        stop = asyncio.Event()
 
-        dataplane = DataPlane(plane.directory, plane.clients)
+        def publish(table: RouteTable) -> None:
+            self.tables.append(table)
+            gateway.publish(table)
+
+        following = asyncio.ensure_future(route_board.follow(publish, stop))
+        await gateway.start()
         while not self.stop_flag.is_set():
-            await plane.refresh_once(workers)
-            if plane.directory.lookup("default", self.model) is None:
+            route = gateway.routes.lookup("default", self.model)
+            if route is None or not route.ready:
                 await asyncio.sleep(0.1)
                 continue
             for _ in range(20):
                 try:
-                    await dataplane.infer("default", self.model, None, {"pixels": PIXELS}, [])
+                    await infer(gateway.dataplane, "default", self.model, {"pixels": PIXELS})
                     self.ok += 1
                 except DataPlaneError as error:
                     self.errors.append(error.message)
-        plane.clients.close()
+        stop.set()
+        await following
+        await gateway.close()
 
 
 def test_spec_update_switches_without_failed_requests(
@@ -272,7 +302,7 @@ def test_spec_update_switches_without_failed_requests(
 ) -> None:
     kube.apply(manifest("rolling", threads=1))
     first = wait_until(lambda: ready(kube, "rolling"), what="Ready")
-    client = GatewayThread(config.state_dir)
+    client = GatewayThread()
     client.start()
     try:
         wait_until(lambda: client.ok > 20, what="traffic flowing")
@@ -351,12 +381,10 @@ def admission_review(obj: dict[str, Any]) -> dict[str, Any]:
 def test_origin_policy_quota_tokens_and_the_admission_webhook(
     kube: EmulatorThread, ray_cluster: Nodes, config: OperatorConfig
 ) -> None:
-    import dataclasses
     import json
     import urllib.request
 
-    from modelloader.ray_workers import read_access
-    from modelloader_workers.gateway.access import token_digest
+    from modelloader_gateway.access import token_digest
 
     policies_path = "/apis/modelloader.dev/v1alpha1/originpolicies"
     policy = {
@@ -406,10 +434,20 @@ def test_origin_policy_quota_tokens_and_the_admission_webhook(
             "usage in the OriginPolicy's status",
         )
         assert usage["models"] == 1
-        # Tokens reach the gateways through Ray, as digests.
-        table = wait_until(lambda: asyncio.run(read_access()), 30, "the access table")
-        assert table.token_digests == {token_digest("a-token-for-default-0123456789"): "default"}
-        assert table.anonymous_origin is None
+        # Tokens reach the gateways through Ray, as digests, with the routes.
+        board = ray.get_actor(route_board.BOARD_NAME, route_board.SYSTEM_NAMESPACE)
+        table = wait_until(
+            lambda: (t := ray.get(board.get.remote())) and t.access.token_digests and t,
+            30,
+            "the access table",
+        )
+        access = table.access
+        assert access.token_digests == {token_digest("a-token-for-default-0123456789"): "default"}
+        assert access.anonymous_origin is None
+        assert {(r.origin, r.name, r.ready) for r in table.routes} == {
+            ("default", "quota-1", True),
+            ("default", "quota-2", False),
+        }
 
         def review(obj: dict[str, Any]) -> dict[str, Any]:
             request = urllib.request.Request(

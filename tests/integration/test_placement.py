@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from modelloader.placement import PlacementConfig, Scheduled, choose_accelerator
-from modelloader.ray_workers import RayWorkers, WorkerStartError, worker_name
+from modelloader.ray_workers import RayWorkers
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
+from modelloader.worker_pool import WorkerStartError
 
 from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
+from tests.support.calls import identity
 
 CONFIG = PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE)
 
@@ -42,16 +44,18 @@ def test_each_accelerator_lands_on_its_node(
 
     async def scenario() -> None:
         handle, info = await workers.start(
-            worker_name(m), m, digits_model, accelerator, dict(decision.resources)
+            identity(m), m, digits_model, accelerator, dict(decision.resources)
         )
-        assert info.node_id == getattr(ray_cluster, node)
+        assert info.placement.node_id == getattr(ray_cluster, node)
         if accelerator == "gpu":
             # No Vulkan adapter here: partitioned falls back to the CPU interpreter, says so.
-            assert info.accelerator == "cpu" and info.delegated_ops_share == 0.0
+            assert info.placement.accelerator == "cpu"
+            assert info.placement.delegated_ops_share == 0.0
             assert "running on the CPU instead" in info.note
         elif accelerator == "npu":
             # No vendor NPU runtime: NPU|CPU compiles, with the CPU taking what the NPU cannot.
-            assert info.accelerator == "npu" and info.delegated_ops_share is None
+            assert info.placement.accelerator == "npu"
+            assert info.placement.delegated_ops_share is None
             assert "runs the rest on the CPU" in info.note
         workers.stop(handle)
 
@@ -65,7 +69,7 @@ def test_whole_delegation_fails_without_the_accelerator(
 
     async def scenario() -> str:
         with pytest.raises(WorkerStartError) as caught:
-            await workers.start(worker_name(m), m, digits_model, "gpu", {"GPU": 1.0})
+            await workers.start(identity(m), m, digits_model, "gpu", {"GPU": 1.0})
         return str(caught.value)
 
     message = asyncio.run(scenario())
@@ -76,24 +80,17 @@ def test_a_new_control_plane_finds_running_workers(workers: RayWorkers, digits_m
     m = model("adoptable", "cpu")
 
     async def scenario() -> None:
-        handle, info = await workers.start(
-            worker_name(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0}
-        )
+        handle, info = await workers.start(identity(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})
         successor = RayWorkers(Path(f"/tmp/mlp-{os.getpid()}"), detached=True)
         found = {h.worker_id: i for h, i in await successor.running()}
-        assert worker_name(m) in found
-        again = found[worker_name(m)]
-        assert again is not None and again.pid == info.pid
-        assert again.identity == {
-            "key": m.key,
-            "origin": "placement",
-            "fingerprint": m.fingerprint,
-            "generation": 1,
-            "worker_id": worker_name(m),
-        }
+        name = identity(m).worker_id
+        assert name == f"lm.default.adoptable.{m.fingerprint}"
+        again = found[name]
+        assert again is not None and again.placement.pid == info.placement.pid
+        assert again.identity == identity(m)
         # Starting the same worker again takes over the running one: no duplicate process.
-        _, same = await successor.start(worker_name(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})
-        assert same.pid == info.pid
+        _, same = await successor.start(identity(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})
+        assert same.placement.pid == info.placement.pid
         workers.stop(handle)
 
     asyncio.run(scenario())

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from modelloader.ray_workers import RayWorkers, WorkerStartError
+from modelloader.ray_workers import RayWorkers
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
-from modelloader_workers.gateway.worker_client import WorkerClients
+from modelloader.worker_pool import WorkerStartError
+from modelloader_gateway.worker_client import WorkerClients
 from modelloader_workers.litert_runner import LiteRTRunner
 
 from tests.broken_models import write_broken_models
+from tests.support.calls import identity, infer_worker
 
 
 def model(name: str, origin: str = "default") -> LoadedModel:
@@ -30,10 +32,12 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
     workers: RayWorkers, dtypes_model: Path
 ) -> None:
     async def scenario() -> None:
-        handle, info = await workers.start("w-dtypes", model("dtypes"), dtypes_model, "cpu", {})
-        assert info.pid != os.getpid()
-        assert info.address.startswith("unix:")
-        assert {t["name"] for t in info.signature["inputs"]} >= {"f16", "flag", "dyn"}
+        handle, info = await workers.start(
+            identity(model("dtypes"), "w-dtypes"), model("dtypes"), dtypes_model, "cpu", {}
+        )
+        assert info.placement.pid != os.getpid()
+        assert info.address.kind == "unix"
+        assert {t.name for t in info.signature.inputs} >= {"f16", "flag", "dyn"}
         inputs = {
             "f32": np.ones((2, 3), np.float32),
             "f16": np.ones((2, 3), np.float16),
@@ -45,7 +49,7 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
             "dyn": np.ones((2, 9), np.float32),
         }
         clients = WorkerClients()
-        reply = await clients.infer(info.address, inputs, [])
+        reply = await infer_worker(clients, info.address, inputs, [])
         expected = LiteRTRunner(str(dtypes_model)).run(inputs)
         assert reply.outputs.keys() == expected.keys()
         for name, value in expected.items():
@@ -63,11 +67,13 @@ def test_a_worker_over_tcp_for_gateways_on_other_nodes(local_ray: str, digits_mo
     workers = RayWorkers(Path(f"/tmp/mlt-{os.getpid()}"), tcp=True)
 
     async def scenario() -> None:
-        handle, info = await workers.start("w-tcp", model("tcp"), digits_model, "cpu", {})
-        assert info.address.startswith("tcp:") and not info.address.startswith("tcp:0.0.0.0")
+        handle, info = await workers.start(
+            identity(model("tcp"), "w-tcp"), model("tcp"), digits_model, "cpu", {}
+        )
+        assert info.address.kind == "tcp" and info.address.where != "0.0.0.0"
         clients = WorkerClients()
         pixels = np.zeros((3, 64), np.float32)
-        reply = await clients.infer(info.address, {"pixels": pixels}, ["probabilities"])
+        reply = await infer_worker(clients, info.address, {"pixels": pixels}, ["probabilities"])
         expected = LiteRTRunner(str(digits_model)).run({"pixels": pixels})["probabilities"]
         np.testing.assert_array_equal(reply.outputs["probabilities"], expected)
         clients.close()
@@ -84,7 +90,7 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 
     async def scenario() -> str:
         with pytest.raises(WorkerStartError) as caught:
-            await workers.start(f"w-{kind}", model(kind), broken, "cpu", {})
+            await workers.start(identity(model(kind), f"w-{kind}"), model(kind), broken, "cpu", {})
         return str(caught.value)
 
     message = asyncio.run(scenario())
@@ -97,8 +103,10 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 
 def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Path) -> None:
     async def scenario() -> str | None:
-        handle, info = await workers.start("w-victim", model("victim"), digits_model, "cpu", {})
-        os.kill(info.pid, signal.SIGKILL)
+        handle, info = await workers.start(
+            identity(model("victim"), "w-victim"), model("victim"), digits_model, "cpu", {}
+        )
+        os.kill(info.placement.pid, signal.SIGKILL)
         for _ in range(50):
             verdict = await workers.alive(handle)
             if verdict is not None:

@@ -16,8 +16,10 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from modelloader.control_loop import LoopSettings
 from modelloader.operator_main import OperatorConfig
 from modelloader.placement import PlacementConfig
+from modelloader.sources import SourcePolicy
 
 from tests.conftest import EXAMPLE
 from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
@@ -187,13 +189,14 @@ def phase(kube: EmulatorThread, generation: int) -> bool:
 
 def operator_calls(kube: EmulatorThread, namespaces: tuple[str, ...], tmp_path: Path) -> list[Call]:
     config = OperatorConfig(
-        model_roots=(EXAMPLE,),
-        cache_dir=tmp_path / "cache",
+        sources=SourcePolicy(roots=(EXAMPLE,), cache_dir=tmp_path / "cache"),
         state_dir=Path(f"/tmp/mlrbac-{os.getpid()}"),
-        placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
-        interval_seconds=0.5,
-        liveness_seconds=0.5,
-        scan_seconds=1.0,
+        loop=LoopSettings(
+            placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
+            interval_seconds=0.5,
+            liveness_seconds=0.5,
+            scan_seconds=1.0,
+        ),
         namespaces=namespaces,
     )
     operator = OperatorThread(config)

@@ -1,12 +1,10 @@
-"""Pure parts of the cluster mode: the operator's desired state, the gateway's directory."""
+"""Pure parts of the cluster mode: the operator's desired state, the command line."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from modelloader.cluster_gateway import directory_entries
 from modelloader.operator_main import desired
-from modelloader_workers.worker import LoadedInfo
 
 
 def body(name: str, created: str, namespace: str = "team", **spec: Any) -> dict[str, Any]:
@@ -34,34 +32,6 @@ def test_desired_is_oldest_first_and_rejects_invalid_specs() -> None:
     assert [m.name for m in models] == ["a", "b"]
     assert models[0].generation == 3 and models[0].spec.origin == "team"
     assert rejected[0].name == "bad" and rejected[0].message.startswith("spec.accelerator")
-
-
-def info(origin: str, key: str, generation: int, address: str) -> LoadedInfo:
-    return LoadedInfo(
-        signature={"inputs": [], "outputs": []},
-        load_seconds=0.1,
-        address=address,
-        pid=1,
-        node_id="n",
-        host="h",
-        accelerator="cpu",
-        delegate="xnnpack",
-        delegated_ops_share=1.0,
-        note="",
-        identity={"key": key, "origin": origin, "fingerprint": "f", "generation": generation},
-    )
-
-
-def test_gateway_routes_to_the_newest_generation_per_origin() -> None:
-    entries = directory_entries(
-        [
-            info("a", "ns/m", 1, "unix:/old"),
-            info("a", "ns/m", 2, "unix:/new"),
-            info("b", "other/m", 1, "unix:/b"),
-        ]
-    )
-    routes = {(e.origin, e.name): e.address for e in entries}
-    assert routes == {("a", "m"): "unix:/new", ("b", "m"): "unix:/b"}
 
 
 def test_delegate_flags() -> None:

@@ -4,10 +4,8 @@ away with the models and origins they describe."""
 from __future__ import annotations
 
 from modelloader.control_metrics import ControlMetrics
-from modelloader.local_runtime import with_accelerators
-from modelloader.reconcile import StartWorker, StopWorker, WorkerView
+from modelloader.planner import StartWorker, StopWorker
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
-from modelloader_workers.gateway.directory import ModelEntry
 from prometheus_client import CollectorRegistry
 
 
@@ -92,18 +90,3 @@ def test_queue_depth_counts_models_waiting() -> None:
     metrics.count_phases(["Ready", "Pending", "Loading", "Failed", "Pending"])
     assert series(registry, "modelloader_reconcile_queue_depth") == {(): 3}
     assert series(registry, "modelloader_models")[(("phase", "Pending"),)] == 2
-
-
-def test_the_gateway_learns_which_accelerator_runs_each_model() -> None:
-    views = [
-        WorkerView(
-            "w1", "default/a", "f", 1, "ready", address="unix:/a", placement={"accelerator": "gpu"}
-        ),
-        WorkerView("w2", "default/b", "f", 1, "ready", address="unix:/b", placement={}),
-    ]
-    entries = [
-        ModelEntry("default", "a", True, address="unix:/a"),
-        ModelEntry("default", "b", True, address="unix:/b"),
-        ModelEntry("default", "c", False),
-    ]
-    assert [e.accelerator for e in with_accelerators(entries, views)] == ["gpu", "cpu", "cpu"]

@@ -11,8 +11,8 @@ from types import ModuleType
 from typing import Any
 
 from modelloader.control_metrics import ControlMetrics
-from modelloader_workers.gateway.metrics import GatewayMetrics
-from modelloader_workers.gateway.nvml_metrics import NvmlCollector
+from modelloader_gateway.metrics import GatewayMetrics
+from modelloader_gateway.nvml_metrics import NvmlCollector
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import REPO

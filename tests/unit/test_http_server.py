@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from modelloader_workers.gateway.errors import DataPlaneError
-from modelloader_workers.gateway.http_server import (
+from modelloader_gateway.http_server import (
     MAX_HEAD_BYTES,
+    HttpError,
     HttpServer,
     RequestHead,
     Response,
 )
 
 
-class Refused(DataPlaneError):
-    status = 401
+def refused(message: str) -> HttpError:
+    return HttpError(401, message)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Echo:
         else:
             respond(Response(200, text, "text/plain"))
 
-    def fail(self, error: DataPlaneError) -> None:
+    def fail(self, error: HttpError) -> None:
         self.failed.append(error.status)
 
 
@@ -54,7 +55,7 @@ class Router:
     def admit(self, head: RequestHead) -> Echo:
         self.heads.append(head)
         if head.headers.get("authorization") == "no":
-            raise Refused("who are you?")
+            raise refused("who are you?")
         if head.path == "/big":
             call = Big(self.max_body)
         else:
@@ -424,3 +425,61 @@ def test_an_answer_before_an_expected_body_closes_the_connection() -> None:
 
     answer, closed = serve(scenario)
     assert answer.status == 401 and answer.headers["connection"] == "close" and closed
+
+
+def test_a_graceful_close_answers_what_began_and_accepts_nothing_new() -> None:
+    """Shutdown (a rolling update of the gateway): stop accepting, close idle connections at
+    once, answer requests under way with `Connection: close`, then close."""
+
+    async def main() -> tuple[Answer, bool, bool, float]:
+        server = HttpServer(Router(), idle_timeout=5.0, body_timeout=5.0)
+        await server.start("127.0.0.1", 0)
+        port = server.port
+
+        def client() -> tuple[Answer, bool]:
+            with connect(port) as busy, connect(port) as idle:
+                busy.sendall(post("/slow", b"abc"))  # answered after 0.2 s
+                time.sleep(0.05)
+                closing.set()
+                answer = Reader(busy).answer()
+                return answer, Reader(idle).closed()
+
+        closing = threading.Event()
+        answered = asyncio.ensure_future(asyncio.to_thread(client))
+        await asyncio.to_thread(closing.wait)
+        started = time.monotonic()
+        await server.close(drain_seconds=5.0)
+        seconds = time.monotonic() - started
+        answer, idle_closed = await answered
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            refused = False
+        except OSError:
+            refused = True
+        return answer, idle_closed, refused, seconds
+
+    answer, idle_closed, refused, seconds = asyncio.run(main())
+    assert answer.status == 200 and answer.body == b"3:abc"
+    assert answer.headers["connection"] == "close"
+    assert idle_closed and refused
+    assert seconds < 2.0  # the drain ends with the last answer, not at its deadline
+
+
+def test_a_graceful_close_gives_up_on_a_request_past_its_deadline() -> None:
+    async def main() -> tuple[bool, float]:
+        server = HttpServer(Router(), idle_timeout=5.0, body_timeout=5.0)
+        await server.start("127.0.0.1", 0)
+        port = server.port
+        sock = await asyncio.to_thread(connect, port)
+        # A body that never comes whole: the request is under way until the drain's deadline.
+        await asyncio.to_thread(sock.sendall, post("/a", b"x" * 10)[:-5])
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await server.close(drain_seconds=0.3)
+        seconds = time.monotonic() - started
+        closed = await asyncio.to_thread(Reader(sock).closed)
+        sock.close()
+        return closed, seconds
+
+    closed, seconds = asyncio.run(main())
+    assert closed and 0.25 < seconds < 2.0

@@ -11,7 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from modelloader_workers import ipc
+from modelloader_workers.wire import ipc
+from modelloader_workers.wire.memo import Memo
+
+from tests.support.calls import infer_worker
 
 
 def echo_worker(sock: socket.socket, into_destinations: bool) -> None:
@@ -141,7 +144,7 @@ def test_memo_computes_once_per_key_and_stays_bounded() -> None:
             raise ValueError(key)
         return len(key)
 
-    memo = ipc.Memo(parse, size=2)
+    memo = Memo(parse, size=2)
     assert [memo(b"a"), memo(b"a"), memo(b"bb"), memo(b"a")] == [1, 1, 2, 1]
     assert calls == [b"a", b"bb"]
     for _ in range(2):  # errors are not remembered
@@ -155,8 +158,8 @@ def test_memo_computes_once_per_key_and_stays_bounded() -> None:
 def test_a_stale_link_is_retried_on_a_fresh_one_but_a_request_taken_whole_is_not(
     tmp_path: Any,
 ) -> None:
-    from modelloader_workers.gateway.errors import WorkerUnavailable
-    from modelloader_workers.gateway.worker_client import WorkerClients
+    from modelloader_gateway.errors import WorkerUnavailable
+    from modelloader_gateway.worker_client import WorkerClients
 
     path = str(tmp_path / "w.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,10 +196,12 @@ def test_a_stale_link_is_retried_on_a_fresh_one_but_a_request_taken_whole_is_not
 
     async def scenario() -> list[Any]:
         clients = WorkerClients()
-        first = await clients.infer(f"unix:{path}", x, [])
-        second = await clients.infer(f"unix:{path}", x, [])  # the stale link, then a fresh one
+        first = await infer_worker(clients, f"unix:{path}", x, [])
+        second = await infer_worker(
+            clients, f"unix:{path}", x, []
+        )  # the stale link, then a fresh one
         try:
-            await clients.infer(f"unix:{path}", x, [])
+            await infer_worker(clients, f"unix:{path}", x, [])
         except WorkerUnavailable as error:
             third: Any = error
         clients.close()

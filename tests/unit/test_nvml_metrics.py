@@ -6,7 +6,7 @@ import sys
 from types import ModuleType
 
 import pytest
-from modelloader_workers.gateway.nvml_metrics import NvmlCollector
+from modelloader_gateway.nvml_metrics import NvmlCollector
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.support.fake_nvml import GIB, FakeNvml

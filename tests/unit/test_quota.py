@@ -7,6 +7,7 @@ import itertools
 from typing import Any
 
 import pytest
+from modelloader.planner import ProcessSlot, StartWorker, WorkerView, plan
 from modelloader.policy import (
     OriginPolicy,
     Quota,
@@ -15,8 +16,9 @@ from modelloader.policy import (
     policies,
 )
 from modelloader.quota import DEFAULT_MODEL_MEMORY, Admitted, Waiting, admit
-from modelloader.reconcile import StartWorker, WorkerView, plan, shared_process_name
 from modelloader.resource import LoadedModel, LoadedModelSpec, ManifestError, Resources, Source
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.identity import ModelKey
 
 from tests.support.crd_schema import crd_schema, crd_validator
 
@@ -186,17 +188,20 @@ def test_origins_do_not_share_quota() -> None:
     )
     models = [lm("x", "a"), lm("y", "a"), lm("z", "b"), lm("w", "b")]
     result = admit(models, [], two)
-    assert isinstance(result.decisions["a/y"], Waiting)
-    assert isinstance(result.decisions["b/w"], Admitted)
+    assert isinstance(result.decisions[ModelKey("a", "y")], Waiting)
+    assert isinstance(result.decisions[ModelKey("b", "w")], Admitted)
 
 
 def test_the_planner_marks_waiting_models_and_unbound_claims() -> None:
     models = [lm("m0"), lm("m1"), lm("intruder", origin="a", namespace="b")]
     result = plan(models, [], CPU, policies=quota(maxModels=1))
     assert [type(e) for e in result.effects] == [StartWorker]
-    waiting = result.states["a/m1"]
-    assert waiting.phase == "Pending" and waiting.quota[:2] == (True, "maxModels")
-    unbound = result.states["b/intruder"]
+    waiting = result.states[ModelKey("a", "m1")]
+    assert waiting.phase == "Pending" and waiting.conditions.quota_exceeded[:2] == (
+        True,
+        "maxModels",
+    )
+    unbound = result.states[ModelKey("b", "intruder")]
     assert unbound.phase == "Failed" and "may not act for origin 'a'" in unbound.message
 
 
@@ -210,7 +215,7 @@ def test_per_origin_models_share_at_most_max_workers_processes() -> None:
     starts = [e for e in result.effects if isinstance(e, StartWorker)]
     assert len(starts) == 20
     processes = [s.process for s in starts]
-    assert set(processes) == {shared_process_name("a", i) for i in range(3)}
+    assert set(processes) == {ProcessSlot("a", i) for i in range(3)}
     assert max(processes.count(p) for p in set(processes)) == 7  # spread evenly
     # Models already hosted count: a new model goes to the least used process.
     views = [
@@ -220,7 +225,7 @@ def test_per_origin_models_share_at_most_max_workers_processes() -> None:
     newcomer = lm("m99")
     again = plan([*models, newcomer], views, CPU, policies=shared)
     (start,) = [e for e in again.effects if isinstance(e, StartWorker)]
-    assert start.process == shared_process_name("a", 2)  # hosting 7, 7 and 6
+    assert start.process == ProcessSlot("a", 2)  # hosting 7, 7 and 6
     assert start.memory_limit == DEFAULT_MODEL_MEMORY
 
 
@@ -250,14 +255,16 @@ def test_admission_never_exceeds_a_limit_it_started_under(running: int, limit: i
 
 def test_an_edit_is_admitted_again_and_the_old_generation_serves_meanwhile() -> None:
     running = lm("big", memory=256 << 20)
-    old = WorkerView("w0", running.key, running.fingerprint, 1, "ready", address="unix:/w0")
+    old = WorkerView(
+        "w0", running.key, running.fingerprint, 1, "ready", address=Address("unix", "/w0")
+    )
     edited = dataclasses.replace(
         lm("big", memory=64 << 30), generation=2
     )  # asks 64Gi under a 1Gi quota
     result = plan([edited], [old], CPU, policies=quota(memory=1 << 30))
     assert not any(isinstance(e, StartWorker) for e in result.effects)
     state = result.states[edited.key]
-    assert state.quota[:2] == (True, "memory") and state.serving == old
+    assert state.conditions.quota_exceeded[:2] == (True, "memory") and state.serving == old
     assert state.phase == "Ready" and "generation 1 keeps serving" in state.message
 
 
@@ -266,11 +273,11 @@ def test_per_origin_with_no_workers_admits_nothing() -> None:
         OriginPolicy(""), [OriginPolicy("a", quota=Quota(max_workers=0), isolation="perOrigin")]
     )
     result = admit([lm("m")], [], none)
-    assert isinstance(result.decisions["a/m"], Waiting)
+    assert isinstance(result.decisions[ModelKey("a", "m")], Waiting)
 
 
 def test_a_rate_of_zero_refuses_even_the_first_request() -> None:
-    from modelloader_workers.gateway.access import OriginAccess, OriginLimiter, TooManyRequests
+    from modelloader_gateway.access import OriginAccess, OriginLimiter, TooManyRequests
 
     with pytest.raises(TooManyRequests):
         OriginLimiter().enter("a", OriginAccess(requests_per_second=0))

@@ -25,7 +25,7 @@ def with_spec(**changes: Any) -> dict[str, Any]:
 
 def test_defaults_and_origin_from_namespace() -> None:
     model = parse_loaded_model(GOOD)
-    assert model.key == "team-a/digits"
+    assert str(model.key) == "team-a/digits"
     assert model.spec == LoadedModelSpec(origin="team-a", source=model.spec.source)
     assert (model.spec.accelerator, model.spec.delegation, model.spec.precision) == (
         "auto",

@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from modelloader_workers import ipc, worker_server
-from modelloader_workers.gateway.worker_client import WorkerClients
-from modelloader_workers.signature import Signature, TensorSpec
+from modelloader_gateway.worker_client import WorkerClients
+from modelloader_workers import worker_server
+from modelloader_workers.wire import ipc
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.signature import Signature, TensorSpec
 from modelloader_workers.worker_server import WorkerServer
+
+from tests.support.calls import infer_worker
 
 
 class Doubler:
@@ -46,16 +50,19 @@ class Doubler:
 
 
 @pytest.fixture
-def address(tmp_path: Path) -> Iterator[str]:
-    yield f"unix:{tmp_path / 'w.sock'}"
+def address(tmp_path: Path) -> Iterator[Address]:
+    yield Address("unix", str(tmp_path / "w.sock"))
 
 
-def test_a_burst_beyond_the_gateways_links_waits_its_turn(address: str) -> None:
+def test_a_burst_beyond_the_gateways_links_waits_its_turn(address: Address) -> None:
     server = WorkerServer(Doubler(seconds=0.005), address)
 
     async def burst() -> list[Any]:
         clients = WorkerClients(max_links_per_worker=4)
-        calls = [clients.infer(address, {"x": np.full(4, i, np.float32)}, ["y"]) for i in range(20)]
+        calls = [
+            infer_worker(clients, address, {"x": np.full(4, i, np.float32)}, ["y"])
+            for i in range(20)
+        ]
         replies = await asyncio.gather(*calls)
         clients.close()
         return [r.outputs["y"] for r in replies]
@@ -69,7 +76,7 @@ def test_a_burst_beyond_the_gateways_links_waits_its_turn(address: str) -> None:
 
 
 def test_connections_beyond_the_workers_cap_wait_for_one_to_close(
-    address: str, monkeypatch: pytest.MonkeyPatch
+    address: Address, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(worker_server, "MAX_CONNECTIONS", 2)
     server = WorkerServer(Doubler(), address)
@@ -77,7 +84,7 @@ def test_connections_beyond_the_workers_cap_wait_for_one_to_close(
         socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
         for i, sock in enumerate(socks):
             sock.settimeout(5)
-            sock.connect(address.removeprefix("unix:"))
+            sock.connect(address.where)
             sock.sendall(b"".join(_request([i, i, i, i])))
         for i, sock in enumerate(socks):  # each answered once those before it have closed
             got = _reply(sock)
@@ -104,13 +111,13 @@ def _reply(sock: socket.socket) -> np.ndarray[Any, Any] | None:
 
 
 def test_a_payload_that_comes_late_is_read_whole_and_a_stalled_one_ends_the_connection(
-    address: str, monkeypatch: pytest.MonkeyPatch
+    address: Address, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(worker_server, "FRAME_SECONDS", 0.5)
     server = WorkerServer(Doubler(), address)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(address.removeprefix("unix:"))
+            sock.connect(address.where)
             sock.settimeout(5)
             head, payload = _request([1, 2, 3, 4])
             sock.sendall(head + payload[:8])

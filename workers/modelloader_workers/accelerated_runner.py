@@ -27,7 +27,7 @@ from modelloader_workers.litert_runner import (
     check_identifier,
     delegated_whole_graph,
 )
-from modelloader_workers.tensor_types import numpy_dtype
+from modelloader_workers.wire.tensor_types import numpy_dtype
 
 SIGNATURE_INDEX = 0
 # What `ai_edge_litert.tensor_buffer.TensorBuffer` can hold (2.3.0: no INT64, no INT16).

@@ -1,10 +1,10 @@
 """Short garbage-collector pauses in the processes on the data path.
 
-A full collection walks every object the process holds. Measured here in a `modelloader local`
-process (Ray's driver, kopf, the control plane: about 100,000 objects), one took 87 ms, time
-in which the gateway answers nobody; after `gc.freeze()` it took 0.01 ms. Python runs a full
-collection rarely (when the objects that survived since the last one reach a quarter of the
-rest), so it shows at the 99th percentile and beyond, not at the median.
+A full collection walks every object the process holds, and a process that holds Ray's
+driver, kopf and the control plane holds many: the gateway answers nobody meanwhile
+(bench/RESULTS.md, "Figures behind the code"). Python runs a full collection rarely (when the
+objects that survived since the last one reach a quarter of the rest), so it shows at the
+99th percentile and beyond, not at the median.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The one adapter to LiteRT: load a .tflite file, describe it, run it.
 
 CPU inference goes through the classic `Interpreter`, which applies XNNPACK by default and takes
-an explicit thread count (measured here: 1.84 ms for MobileNetV2 uint8 with 2 threads, against
-3.49 ms for `CompiledModel` with default options).
+an explicit thread count: about twice as fast here as `CompiledModel` with default options
+(bench/RESULTS.md, "Figures behind the code").
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from modelloader_workers.signature import Signature, TensorSpec
-from modelloader_workers.tensor_types import UnsupportedDatatype, v2_datatype
+from modelloader_workers.wire.signature import Signature, TensorSpec
+from modelloader_workers.wire.tensor_types import UnsupportedDatatype, v2_datatype
 
 
 class ModelLoadError(RuntimeError):

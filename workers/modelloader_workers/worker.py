@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import ray
 
@@ -25,6 +25,10 @@ from modelloader_workers import process_limits, sandbox
 from modelloader_workers.accelerated_runner import load_runner
 from modelloader_workers.gc_pauses import freeze_long_lived
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.identity import WorkerIdentity
+from modelloader_workers.wire.placement import Placement
+from modelloader_workers.wire.signature import Signature
 from modelloader_workers.worker_server import WorkerServer
 
 log = logging.getLogger(__name__)
@@ -33,30 +37,30 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadRequest:
     model_path: str
-    listen: str  # "unix:/path" or "tcp:HOST" (see WorkerServer)
+    listen: Address  # a Unix socket's path, or a TCP host (the port is chosen at listen)
+    identity: WorkerIdentity  # whom it serves: reported back, for adoption
     threads: int = 1
     accelerator: str = "cpu"  # where the control plane placed it: cpu, gpu or npu
     delegation: str = "partitioned"
-    identity: tuple[tuple[str, Any], ...] = ()  # key, fingerprint, generation: for adoption
     delegate: ExternalDelegate | None = None  # a delegate library for this accelerator class
     memory_limit: int = 0  # bytes this model may add to the process; 0: unlimited
-    model_id: str = ""  # which of the process's models this is (its worker id)
+
+    @property
+    def model_id(self) -> str:
+        """Which of the process's models this is."""
+        return self.identity.worker_id
 
 
 @dataclass(frozen=True)
 class LoadedInfo:
-    signature: dict[str, Any]
+    """What a worker reports of a model it loaded."""
+
+    identity: WorkerIdentity
+    signature: Signature
+    address: Address  # where the data path answers
+    placement: Placement
     load_seconds: float
-    address: str  # where the data path answers: "unix:/path" or "tcp:host:port"
-    pid: int
-    node_id: str  # the Ray node
-    host: str
-    accelerator: str  # what runs it (cpu after a fallback)
-    delegate: str
-    delegated_ops_share: float | None
-    note: str
-    identity: dict[str, Any]
-    sandbox: str = ""  # what confines the model's threads ("": nothing)
+    note: str = ""  # e.g. the accelerator fell back to the CPU
 
 
 def _node_id() -> str:
@@ -66,16 +70,11 @@ def _node_id() -> str:
         return ""
 
 
-def _reachable(address: str) -> str:
-    """A TCP listener on every interface is reached at this node's address."""
-    prefix = "tcp:0.0.0.0:"
-    if not address.startswith(prefix):
-        return address
+def _node_ip() -> str:
     try:
-        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     except Exception:
-        host = "127.0.0.1"
-    return f"tcp:{host}:{address[len(prefix) :]}"
+        return "127.0.0.1"
 
 
 T = TypeVar("T")
@@ -158,18 +157,20 @@ class ModelWorker:
                 )
             raise ModelLoadError(text) from None
         info = LoadedInfo(
-            signature=runner.signature.to_dict(),
+            identity=request.identity,
+            signature=runner.signature,
+            address=server.address.reachable_at(_node_ip()),
+            placement=Placement(
+                node=socket.gethostname(),
+                node_id=_node_id(),
+                accelerator=execution.accelerator,
+                delegate=execution.delegate,
+                pid=os.getpid(),
+                sandbox=sandbox.describe() if confined else "",
+                delegated_ops_share=execution.delegated_ops_share,
+            ),
             load_seconds=runner.load_seconds,
-            address=_reachable(server.address),
-            pid=os.getpid(),
-            node_id=_node_id(),
-            host=socket.gethostname(),
-            accelerator=execution.accelerator,
-            delegate=execution.delegate,
-            delegated_ops_share=execution.delegated_ops_share,
             note=execution.note,
-            identity=dict(request.identity),
-            sandbox=sandbox.describe() if confined else "",
         )
         # A collection must not stall a serving thread mid-request; the first load may
         # collect first, later ones have models serving beside them.
@@ -186,7 +187,7 @@ class ModelWorker:
         return process_limits.limit_memory(process_limits.MemoryBudget(self._baseline, total))
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
-    # keeps an event record of each call (measured: +49 MiB in 30 minutes of 10 workers).
+    # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).
     @ray.method(enable_task_events=False)
     def info(self) -> list[LoadedInfo]:
         """What this process serves, one entry per hosted model."""
@@ -203,8 +204,3 @@ class ModelWorker:
     @ray.method(enable_task_events=False)
     def ping(self) -> int:
         return os.getpid()
-
-    def stop(self) -> None:
-        for hosted in self._hosted.values():
-            hosted.server.close()
-        self._hosted.clear()

@@ -3,11 +3,11 @@
 Runs in the worker process (the Ray actor), in a thread of its own, so requests never queue
 behind Ray's task machinery. One thread serves every connection to a model: it waits for any
 of them to have a frame, reads it, runs the interpreter and answers, then looks again. Nothing
-else in the process wakes while the interpreter runs: measured on 2 cores, each time another
-thread is scheduled beside the interpreter's two, an invoke stalls for far longer than that
-thread runs (a thread per connection, waking for its request and again for a lock, cost about
-a quarter of the throughput under load). Requests that arrive meanwhile wait in their sockets,
-and the gateway counts that wait (`queue_seconds`).
+else in the process wakes while the interpreter runs: on a small machine every other thread
+scheduled beside the interpreter's stalls an invoke for far longer than it runs itself (a
+thread per connection cost about a quarter of the throughput under load: bench/RESULTS.md).
+Requests that arrive meanwhile wait in their sockets, and the gateway counts that wait
+(`queue_seconds`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modelloader_workers import ipc
 from modelloader_workers.litert_runner import InPlaceRunner, Runner
-from modelloader_workers.signature import InvalidRequest, check_inputs, check_outputs
+from modelloader_workers.wire import ipc
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.memo import Memo
+from modelloader_workers.wire.signature import InvalidRequest, check_inputs, check_outputs
 
 log = logging.getLogger(__name__)
 
 # Ray starts worker processes at niceness 15 (`worker_niceness`), which is right for batch tasks
 # and wrong for a data path: anything else runnable on the node at the default priority, the
-# gateway included, then gets the cores first, and measured on a busy 2-core machine that added
-# about 1.8 ms to a MobileNetV2 request. The threads that answer requests and run the
+# gateway included, then gets the cores first (bench/RESULTS.md). The threads that answer
+# requests and run the
 # interpreter (its XNNPACK pool threads too) go back to the default where the process may.
 SERVING_NICENESS = 0
 
@@ -73,38 +75,35 @@ FRAME_SECONDS = 10
 
 class WorkerServer:
     def __init__(
-        self, runner: Runner, listen: str, thread_setup: Callable[[], object] | None = None
+        self, runner: Runner, listen: Address, thread_setup: Callable[[], object] | None = None
     ) -> None:
-        """`listen` is "unix:/path" (one machine: `modelloader local`, tests) or "tcp:HOST"
-        (a cluster: the gateway runs on another node; the port is chosen here, and network
-        policy lets only the gateway in). `thread_setup` runs first in the serving thread
-        (the sandbox)."""
+        """`listen` is a Unix socket's path (one machine: `modelloader local`, tests) or a
+        TCP host (a cluster: the gateway runs on another node; the port is chosen here, and
+        network policy lets only the gateway in). `thread_setup` runs first in the serving
+        thread (the sandbox)."""
         self._runner = runner
         # Decided once: a check against a runtime protocol costs tens of microseconds.
         self._in_place = runner if isinstance(runner, InPlaceRunner) else None
         self._thread_setup = thread_setup
         self.socket_path: str | None = None
-        kind, _, where = listen.partition(":")
-        if kind == "unix":
-            self.socket_path = where
+        if listen.kind == "unix":
+            self.socket_path = where = listen.where
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(where)  # a stale socket of a worker that died before us
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._listener.bind(where)
             os.chmod(where, 0o600)  # only our user: the gateway runs as the same user
             self.address = listen
-        elif kind == "tcp":
-            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind((where, 0))
-            host, port = self._listener.getsockname()[:2]
-            self.address = f"tcp:{host}:{port}"
         else:
-            raise ValueError(f"cannot listen on {listen!r}: use unix:/path or tcp:HOST")
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind((listen.where, listen.port))
+            host, port = self._listener.getsockname()[:2]
+            self.address = Address("tcp", host, port)
         self._listener.listen(128)
         if not serve_at_default_priority():
             log.info("the data path keeps Ray's worker niceness: no permission to raise it")
-        self._plans = ipc.Memo(self._plan)
-        self._replies: ipc.Memo[tuple[Any, ...], bytes] = ipc.Memo()
+        self._plans = Memo(self._plan)
+        self._replies: Memo[tuple[Any, ...], bytes] = Memo()
         self._readers: dict[socket.socket, ipc.FrameReader] = {}
         self._closed = False
         threading.Thread(target=self._serve, name="ipc-serve", daemon=True).start()

@@ -10,30 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from modelloader_workers.gateway.errors import DataPlaneError
-
-
-class Unauthorized(DataPlaneError):
-    status = 401
-
-    def headers(self) -> dict[str, str] | None:
-        return {"WWW-Authenticate": 'Bearer realm="modelloader"'}
-
-
-class TooManyRequests(DataPlaneError):
-    status = 429
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+from modelloader_gateway.errors import TooManyRequests, Unauthorized
 
 
 @dataclass(frozen=True)
@@ -147,18 +128,3 @@ class OriginLimiter:
             self._in_flight[origin] = left
         else:
             self._in_flight.pop(origin, None)
-
-
-class AccessBoard:
-    """Holds the current AccessTable in the Ray cluster (a detached actor): the operator
-    writes it as Secrets and OriginPolicies change, every gateway reads it. Gateways need no
-    Kubernetes API access at all."""
-
-    def __init__(self) -> None:
-        self._table: AccessTable | None = None
-
-    def put(self, table: AccessTable) -> None:
-        self._table = table
-
-    def get(self) -> AccessTable | None:
-        return self._table

@@ -1,12 +1,11 @@
 """The gateway's HTTP/1.1 server: asyncio and llhttp (through `httptools`), nothing in between.
 
-Why not a framework: the data path's budget is about a millisecond, and measured on the 2-core
-development machine aiohttp alone took 0.5 ms (150 KB body) to 1.2 ms (600 KB) of it. It copies a
-body three times (socket read, parser, joining chunks) and runs a stack of Python layers per
-request. Here a request's head is parsed by llhttp, the same parser uvicorn and Node.js use, and
-a `Content-Length` body goes from the kernel straight into its final buffer, one `recv_into`
-per arrival, with no parser, chunk or stream object in between. The buffer is the connection's
-and is reused by its next request: no allocation and no page faults per request.
+Why not a framework: the data path's budget is about a millisecond, and a framework's layers
+and copies take a large share of it. Here a request's head is parsed by llhttp, the same parser
+uvicorn and Node.js use, and a `Content-Length` body goes from the kernel straight into its
+final buffer, one `recv_into` per arrival, with no parser, chunk or stream object in between.
+The buffer is the connection's and is reused by its next request. `bench/data_path.py` keeps
+it measured against uvicorn on the same parser and core (bench/RESULTS.md).
 
 What it does, as an HTTP/1.1 origin server must: keep-alive and HTTP/1.0, requests pipelined on
 one connection (answered in order, one at a time), `Expect: 100-continue`, chunked request
@@ -18,7 +17,7 @@ client sees the answer instead of a reset; then the connection stays open when t
 known, small length, or closes.
 
 What a route does is not decided here: a `Router` admits each request from its head (raising a
-`DataPlaneError` answers at once, the body unread) and the admitted `Call` answers with the body.
+`HttpError` answers at once, the body unread) and the admitted `Call` answers with the body.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
-
-from modelloader_workers.gateway.errors import BadRequest, DataPlaneError, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +92,19 @@ def json_response(
     return Response(status, json.dumps(document, separators=(",", ":")).encode(), headers=headers)
 
 
-def error_response(error: DataPlaneError) -> Response:
-    return json_response({"error": error.message}, error.status, error.headers())
+class HttpError(Exception):
+    """An answer with an error status and a reason: raised by a router to answer a request
+    at the door, or made here for what the protocol itself refuses."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def error_response(error: HttpError) -> Response:
+    return json_response({"error": error.message}, error.status, error.headers)
 
 
 class Call(Protocol):
@@ -109,26 +117,18 @@ class Call(Protocol):
 
     def start(self, body: memoryview, respond: Callable[[Response], None]) -> None:
         """Work out the answer and hand it to `respond`, once, now or later (errors too: a
-        `DataPlaneError` becomes its status). `body` is valid until then."""
+        `HttpError` becomes its status). `body` is valid until then."""
         ...
 
-    def fail(self, error: DataPlaneError) -> None:
+    def fail(self, error: HttpError) -> None:
         """The body never came whole (408, 413, 400) or the client left: account for it."""
         ...
 
 
 class Router(Protocol):
     def admit(self, head: RequestHead) -> Call:
-        """The call for this head, or raise a `DataPlaneError` to answer before the body."""
+        """The call for this head, or raise a `HttpError` to answer before the body."""
         ...
-
-
-class RequestTimeout(DataPlaneError):
-    status = 408
-
-
-class HeadersTooLarge(DataPlaneError):
-    status = 431
 
 
 class _HeadParser:
@@ -183,9 +183,9 @@ class _HeadParser:
 
     def on_body(self, chunk: bytes) -> None:
         if self.body is None:
-            raise BadRequest("the request has a body where none was expected")
+            raise HttpError(400, "the request has a body where none was expected")
         if len(self.body) + len(chunk) > self.limit:
-            raise PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
+            raise HttpError(413, f"request body is over the limit of {self.limit} bytes")
         self.body += chunk
 
     def on_message_complete(self) -> None:
@@ -248,7 +248,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._call is not None and self._state in (_BODY, _CHUNKED):
-            self._call.fail(BadRequest("the client went away before its body arrived"))
+            self._call.fail(HttpError(400, "the client went away before its body arrived"))
             self._call = None
         self._state = _CLOSED
         self._answering = None
@@ -328,7 +328,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._head, self._head_view = bigger, memoryview(bigger)
                 return
             over = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
-            self._early_answer(HeadersTooLarge(over), keep=False)
+            self._early_answer(HttpError(431, over), keep=False)
             return
         end += len(HEAD_END)
         callbacks = _HeadParser()
@@ -339,12 +339,12 @@ class _Connection(asyncio.BufferedProtocol):
         except httptools.HttpParserUpgrade:
             pass  # an Upgrade we do not take: the request is answered as plain HTTP/1.1
         except httptools.HttpParserError as error:
-            self._early_answer(BadRequest(f"malformed HTTP request: {error}"), keep=False)
+            self._early_answer(HttpError(400, f"malformed HTTP request: {error}"), keep=False)
             return
         finally:
             callbacks.parser = None  # no cycle left for the garbage collector to find
         if not callbacks.headers_done:
-            self._early_answer(BadRequest("malformed HTTP request head"), keep=False)
+            self._early_answer(HttpError(400, "malformed HTTP request head"), keep=False)
             return
         headers = callbacks.headers
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
@@ -353,7 +353,7 @@ class _Connection(asyncio.BufferedProtocol):
             length = None if chunked else int(headers.get("content-length") or 0)
             segments = _segments(callbacks.url)
         except (ValueError, httptools.HttpParserError) as error:
-            self._early_answer(BadRequest(f"malformed HTTP request: {error}"), keep=False)
+            self._early_answer(HttpError(400, f"malformed HTTP request: {error}"), keep=False)
             return
         head = RequestHead(
             method=callbacks.method,
@@ -368,15 +368,15 @@ class _Connection(asyncio.BufferedProtocol):
         leftover = self._head_end - end  # body bytes, or a pipelined request, that came along
         try:
             call = self._server.router.admit(head)
-        except DataPlaneError as error:
+        except HttpError as error:
             self._discard_body_then_answer(head, error, end, leftover)
             return
         except Exception:
             log.exception("admitting a request failed")
-            self._discard_body_then_answer(head, DataPlaneError("internal error"), end, leftover)
+            self._discard_body_then_answer(head, HttpError(500, "internal error"), end, leftover)
             return
         if length is not None and length > call.max_body:
-            too_large = PayloadTooLarge(f"request body is over the limit of {call.max_body} bytes")
+            too_large = HttpError(413, f"request body is over the limit of {call.max_body} bytes")
             call.fail(too_large)
             self._discard_body_then_answer(head, too_large, end, leftover)
             return
@@ -411,8 +411,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _wake_after(self, nbytes: int) -> None:
         """Have the kernel wake us when `nbytes` have arrived (SO_RCVLOWAT; Linux grows the
-        receive buffer to fit), not at every 64 KB segment: measured on 2 cores, each wake-up
-        of the event loop costs tens of microseconds, and a 600 KB body came in about ten."""
+        receive buffer to fit), not at every 64 KB segment: each wake-up of the event loop
+        costs more than the read it does (bench/RESULTS.md)."""
         low_water = min(nbytes, MAX_LOW_WATER_BYTES)
         if self._socket is not None and low_water != self._low_water:
             try:
@@ -446,10 +446,10 @@ class _Connection(asyncio.BufferedProtocol):
         except httptools.HttpParserError as error:
             cause = error.__context__
             if not callbacks.complete:
-                if isinstance(cause, DataPlaneError):
+                if isinstance(cause, HttpError):
                     self._fail_body(cause)
                 else:
-                    self._fail_body(BadRequest(f"malformed chunked body: {error}"))
+                    self._fail_body(HttpError(400, f"malformed chunked body: {error}"))
                 return
         if callbacks.complete:
             body = callbacks.body or bytearray()
@@ -457,7 +457,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._body, self._got = memoryview(body), len(body)
             self._dispatch()
 
-    def _fail_body(self, error: DataPlaneError) -> None:
+    def _fail_body(self, error: HttpError) -> None:
         """The body cannot be taken: answer now and close."""
         if self._call is not None:
             self._call.fail(error)
@@ -483,7 +483,7 @@ class _Connection(asyncio.BufferedProtocol):
             call.start(body, self._answered)
         except Exception:
             log.exception("answering %s %s failed", head.method, head.path)
-            self._answered(error_response(DataPlaneError("internal error")))
+            self._answered(error_response(HttpError(500, "internal error")))
 
     def _answered(self, response: Response) -> None:
         """The call's answer: write it, then go on to the connection's next request."""
@@ -491,7 +491,7 @@ class _Connection(asyncio.BufferedProtocol):
         if head is None:
             return  # the connection closed meanwhile
         self._answering = None
-        keep = head.keep_alive and not self._eof
+        keep = head.keep_alive and not self._eof and not self._server.draining
         self._respond(head, response, keep=keep)
         self._after_answer(keep)
 
@@ -522,7 +522,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._take_head()
 
     def _discard_body_then_answer(
-        self, head: RequestHead, error: DataPlaneError, end: int, leftover: int
+        self, head: RequestHead, error: HttpError, end: int, leftover: int
     ) -> None:
         """Answer before reading the body; keep the connection when the body is known and
         small enough to read and drop, else answer, linger and close."""
@@ -546,7 +546,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._keep_after_discard = True
         self.deadline = time.monotonic() + self._server.body_timeout
 
-    def _early_answer(self, error: DataPlaneError, keep: bool) -> None:
+    def _early_answer(self, error: HttpError, keep: bool) -> None:
         """An answer with no head to go by (malformed, too large, timed out)."""
         head = self._head_info or RequestHead("GET", [], {}, "1.1", False, 0, False)
         self._respond(head, error_response(error), keep=keep)
@@ -615,7 +615,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.abort()  # idle, a head dripping in, lingering, or not reading its answer
         elif state in (_BODY, _CHUNKED):
             seconds = self._server.body_timeout
-            error = RequestTimeout(f"the request body did not arrive within {seconds:g} s")
+            error = HttpError(408, f"the request body did not arrive within {seconds:g} s")
             self._fail_body(error)
 
     def abort(self) -> None:
@@ -623,6 +623,26 @@ class _Connection(asyncio.BufferedProtocol):
         that does not read)."""
         if self._transport is not None:
             self._transport.abort()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a request has begun and its answer is not yet out: a head or body
+        arriving, an answer being made or still being sent. Lingering does not count."""
+        state = self._state
+        transport = self._transport
+        unsent = transport is not None and transport.get_write_buffer_size() > 0
+        return (
+            unsent
+            or state in (_BODY, _CHUNKED)
+            or (state == _BUSY and self._answering is not None)
+            or (state == _HEAD and self._head_end > 0)
+        )
+
+    def drain(self) -> None:
+        """The server is shutting down: an idle connection closes now; one with a request
+        under way answers it (with `Connection: close`) and then closes."""
+        if self._state == _HEAD and self._head_end == 0:
+            self.abort()
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -640,6 +660,7 @@ class HttpServer:
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.connections: set[_Connection] = set()
+        self.draining = False  # shutting down: every answer closes its connection
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._date_second = 0
@@ -676,14 +697,23 @@ class HttpServer:
                 if connection.deadline and connection.deadline <= now:
                     connection.expire()
 
-    async def close(self) -> None:
+    async def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop accepting, let requests under way be answered for up to `drain_seconds`
+        (a rolling update of the gateway then drops none), then close what is left."""
+        for server in self._servers:
+            server.close()
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_seconds
+        while any(c.in_flight for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        for server in self._servers:
-            server.close()
         for connection in list(self.connections):
             connection.abort()
         for server in self._servers:

@@ -6,7 +6,8 @@ drops itself. The request's tensors go from the HTTP body to the socket without 
 (`ipc.WorkerLink` writes them with one gather write).
 
 `submit` takes a completion callback, so a reply is turned into an answer in the same pass of
-the event loop that read it; `infer` is the same as a coroutine.
+the event loop that read it. Each worker's requests in flight are counted, so the data plane
+can send the next request to the least busy replica.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+from modelloader_workers.wire import ipc
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.memo import Memo
 
-from modelloader_workers import ipc
-from modelloader_workers.gateway.errors import (
+from modelloader_gateway.errors import (
     BadRequest,
     DataPlaneError,
     InferenceFailed,
@@ -54,16 +57,35 @@ class WorkerClients:
     queue into its sockets, and a worker must not be opened unbounded connections."""
 
     def __init__(self, max_links_per_worker: int = 64) -> None:
-        self._idle: dict[str, list[ipc.WorkerLink]] = {}
-        self._links: dict[str, int] = {}  # open or opening, per worker
-        self._waiting: dict[str, deque[_Waiting]] = {}
+        self._idle: dict[Address, list[ipc.WorkerLink]] = {}
+        self._links: dict[Address, int] = {}  # open or opening, per worker
+        self._waiting: dict[Address, deque[_Waiting]] = {}
+        self._in_flight: dict[Address, int] = {}  # submitted and not yet done, per worker
         self._max_links = max_links_per_worker
         self._connecting: set[asyncio.Task[None]] = set()
 
-    def submit(self, address: str, prefix: bytes, buffers: Sequence[Any], done: Done) -> None:
+    def in_flight(self, address: Address) -> int:
+        """Requests sent to (or waiting for) the worker at `address` and not yet answered."""
+        return self._in_flight.get(address, 0)
+
+    def submit(self, address: Address, prefix: bytes, buffers: Sequence[Any], done: Done) -> None:
         """Send a request frame (`request_prefix`, then the tensors' buffers in its order) to
         the worker at `address`; `done` gets the reply or the error, exactly once, possibly
         before this returns. The buffers must stay as they are until then."""
+        in_flight = self._in_flight
+        in_flight[address] = in_flight.get(address, 0) + 1
+
+        def counted(outcome: WorkerReply | DataPlaneError) -> None:
+            left = in_flight.get(address, 1) - 1
+            if left > 0:
+                in_flight[address] = left
+            else:
+                in_flight.pop(address, None)
+            done(outcome)
+
+        self._submit(address, prefix, buffers, counted)
+
+    def _submit(self, address: Address, prefix: bytes, buffers: Sequence[Any], done: Done) -> None:
         link = self._take_idle(address)
         if link is not None:
             self._send(address, link, _Waiting(prefix, buffers, done, 0.0), retry=True)
@@ -73,17 +95,7 @@ class WorkerClients:
             waiting = _Waiting(prefix, buffers, done, time.perf_counter())
             self._waiting.setdefault(address, deque()).append(waiting)
 
-    async def infer(
-        self,
-        address: str,
-        inputs: Mapping[str, np.ndarray[Any, Any]],
-        outputs: Sequence[str],
-    ) -> WorkerReply:
-        entries, buffers = ipc.describe(inputs)
-        prefix = request_prefix(entries, outputs)
-        return await completion(lambda done: self.submit(address, prefix, buffers, done))
-
-    def _take_idle(self, address: str) -> ipc.WorkerLink | None:
+    def _take_idle(self, address: Address) -> ipc.WorkerLink | None:
         idle = self._idle.get(address)
         while idle:
             link = idle.pop()
@@ -91,7 +103,7 @@ class WorkerClients:
                 return link
         return None
 
-    def _send(self, address: str, link: ipc.WorkerLink, request: _Waiting, retry: bool) -> None:
+    def _send(self, address: Address, link: ipc.WorkerLink, request: _Waiting, retry: bool) -> None:
         def on_reply(outcome: ipc.Outcome) -> None:
             if not isinstance(outcome, ipc.Reply):
                 if retry and not link.sent:
@@ -100,22 +112,24 @@ class WorkerClients:
                     # then died on is not sent again: it may be what killed it.
                     self._connect_then_send(address, request)
                     return
-                request.done(WorkerUnavailable(f"the model's worker went away: {outcome}"))
+                # Taken whole by the worker or not: a request it never took may go elsewhere.
+                request.done(
+                    WorkerUnavailable(
+                        f"the model's worker went away: {outcome}", accepted=link.sent
+                    )
+                )
                 return
             self._release(address, link)
             request.done(_reply(outcome))
 
         link.exchange(request.prefix, request.buffers, on_reply, request.since)
 
-    def _connect_then_send(self, address: str, request: _Waiting) -> None:
+    def _connect_then_send(self, address: Address, request: _Waiting) -> None:
         self._links[address] = self._links.get(address, 0) + 1
 
         async def connect() -> None:
             try:
                 link = await ipc.WorkerLink.connect(address, lambda: self._lost(address))
-            except ValueError:
-                self._lost(address)
-                request.done(WorkerUnavailable(f"unsupported worker address {address!r}"))
             except OSError as error:
                 self._lost(address)
                 request.done(WorkerUnavailable(f"cannot reach the model's worker: {error}"))
@@ -126,7 +140,7 @@ class WorkerClients:
         self._connecting.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._connecting.discard)
 
-    def _release(self, address: str, link: ipc.WorkerLink) -> None:
+    def _release(self, address: Address, link: ipc.WorkerLink) -> None:
         """A link whose exchange is over: the next waiting request's, or idle."""
         if link.closed:
             return
@@ -140,7 +154,7 @@ class WorkerClients:
         else:
             link.close()
 
-    def _lost(self, address: str) -> None:
+    def _lost(self, address: Address) -> None:
         """A link to `address` closed (or never opened): a waiting request may open one."""
         left = self._links.get(address, 1) - 1
         if left > 0:
@@ -153,7 +167,7 @@ class WorkerClients:
         elif waiting is not None:
             del self._waiting[address]
 
-    def forget_except(self, addresses: set[str]) -> None:
+    def forget_except(self, addresses: set[Address]) -> None:
         """Close pooled links to workers no longer published."""
         for address in list(self._idle):
             if address not in addresses:
@@ -189,7 +203,7 @@ def _reply_layout(header: bytes) -> tuple[ipc.TensorSlot, ...]:
         raise _WorkerError(InferenceFailed(f"the worker's reply is malformed: {error}")) from None
 
 
-_reply_layouts = ipc.Memo(_reply_layout)  # errors are not remembered
+_reply_layouts = Memo(_reply_layout)  # errors are not remembered
 
 
 def _reply(reply: ipc.Reply) -> WorkerReply | DataPlaneError:
@@ -200,21 +214,3 @@ def _reply(reply: ipc.Reply) -> WorkerReply | DataPlaneError:
     except ipc.FrameError as error:
         return InferenceFailed(f"the worker's reply is malformed: {error}")
     return WorkerReply(outputs, reply.queue_seconds, reply.invoke_seconds)
-
-
-T = TypeVar("T")
-
-
-async def completion(start: Callable[[Callable[[T | DataPlaneError], None]], None]) -> T:
-    """What a callback-taking call (`start(done)`) gives `done`, awaited; its error raised."""
-    future: asyncio.Future[T | DataPlaneError] = asyncio.get_running_loop().create_future()
-
-    def settle(got: T | DataPlaneError) -> None:
-        if not future.done():  # cancelled meanwhile: the result has nobody to go to
-            future.set_result(got)
-
-    start(settle)
-    got = await future
-    if isinstance(got, DataPlaneError):
-        raise got
-    return got

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from modelloader_workers.wire.memo import Memo
+from modelloader_workers.wire.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
-from modelloader_workers.gateway.errors import BadRequest
-from modelloader_workers.ipc import Memo
-from modelloader_workers.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
+from modelloader_gateway.errors import BadRequest
 
 
 @dataclass(frozen=True)

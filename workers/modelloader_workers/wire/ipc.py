@@ -1,7 +1,7 @@
 """The framing of tensors between the gateway and a worker: direct IPC over a stream socket.
 
-Tenant tensors never go through Ray's shared-memory object store (see ARCHITECTURE.md). A frame
-is a fixed prefix, a small JSON header, then the raw tensor bytes back to back:
+Tenant tensors never go through Ray's object store, which is memory shared across a node. A
+frame is a fixed prefix, a small JSON header, then the raw tensor bytes back to back:
 
     <u32 header length> <u32 payload length> <f64 service s> <f64 invoke s> <header JSON> <payload>
 
@@ -13,9 +13,9 @@ The two timings are the worker's, set in replies (zero in requests): how long it
 reading the request to answering it, and how long of that the interpreter ran; the gateway
 counts the rest of the round trip as queueing (`Reply.queue_seconds`). Kept out of the JSON, a
 header is the same bytes from one request to the next of the same shapes, so each side parses
-and checks it once and looks it up after that (`Memo`): on this 2-core machine every piece of
-Python on the data path costs several times its quiet-loop price, because each request arrives
-at a process whose caches the interpreter's last invoke has just flushed.
+and checks it once and looks it up after that (`memo.Memo`): Python on the data path costs
+several times its quiet-loop price, because each request arrives at a process whose caches
+the interpreter's last invoke has just flushed (bench/RESULTS.md).
 
 Tensors are read with `numpy.frombuffer` over the received payload, or received straight into
 their destination (the worker reads them into the interpreter's own input buffers): no
@@ -31,13 +31,14 @@ import math
 import socket
 import struct
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
-from modelloader_workers.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
 PREFIX = struct.Struct("<IIdd")
 MAX_HEADER_BYTES = 1 << 20
@@ -148,35 +149,6 @@ def _parse_prefix(prefix: bytes | bytearray | memoryview) -> tuple[int, int, flo
     if header_len > MAX_HEADER_BYTES:
         raise FrameError(f"frame header of {header_len} bytes is over the limit")
     return header_len, payload_len, queued, invoked
-
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class Memo(Generic[K, V]):
-    """A bounded memo of a pure function (of a header's bytes, mostly). Cleared when full:
-    the working set is a few shapes per model, and a client cycling through more only loses
-    the memo, never correctness. Exceptions are not remembered."""
-
-    def __init__(self, compute: Callable[[K], V] | None = None, size: int = 256) -> None:
-        self._compute = compute
-        self._size = size
-        self._known: dict[K, V] = {}
-
-    def __call__(self, key: K) -> V:
-        assert self._compute is not None, "a memo without a function: use get"
-        return self.get(key, self._compute)
-
-    def get(self, key: K, compute: Callable[[K], V]) -> V:
-        """The value for `key`, computed by `compute` when not remembered (for a function
-        that needs more than the key, which the key must then stand for)."""
-        known = self._known.get(key)
-        if known is None:
-            if len(self._known) >= self._size:
-                self._known.clear()
-            known = self._known[key] = compute(key)
-        return known
 
 
 # Socket buffers: big enough that a request of a few MB goes out in one gather write (one
@@ -371,20 +343,18 @@ class WorkerLink:
         loop.add_reader(self._fd, self._readable)
 
     @classmethod
-    async def connect(cls, address: str, on_close: Callable[[], None] | None = None) -> WorkerLink:
-        """`address` is "unix:/path" or "tcp:host:port"; raises OSError or ValueError."""
+    async def connect(
+        cls, address: Address, on_close: Callable[[], None] | None = None
+    ) -> WorkerLink:
+        """Connect to a worker's data-path listener; raises OSError."""
         loop = asyncio.get_running_loop()
-        kind, _, where = address.partition(":")
-        if kind == "unix":
+        if address.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = where
-        elif kind == "tcp":
-            host, _, port = where.rpartition(":")
-            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            target: Any = address.where
+        else:
+            infos = await loop.getaddrinfo(address.where, address.port, type=socket.SOCK_STREAM)
             family, _, _, _, target = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
-        else:
-            raise ValueError(f"unsupported worker address {address!r}")
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, target)

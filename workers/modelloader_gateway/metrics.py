@@ -1,14 +1,14 @@
 """The gateway's Prometheus series. Workers report their queue and invoke times in each reply,
 so one scrape of the gateway sees the data plane's numbers, workers included.
 
-Labels stay bounded: `origin` and `model` come from the directory (a name that is not served is
+Labels stay bounded: `origin` and `model` come from the route table (a name that is not served is
 counted under `model=""`), `accelerator` is cpu, gpu or npu, `code` an HTTP status.
 
 The counts live in plain per-model records (`ModelSeries`) that a request updates with a few
-additions, and become Prometheus families only when scraped (`collect`). Measured on the 2-core
-machine, `prometheus_client`'s own histograms (a lock and a linear bucket search per
-observation, seven observations per request) were about a tenth of the gateway's time per
-request. Everything runs on the gateway's event loop, scrapes included, so nothing is locked.
+additions, and become Prometheus families only when scraped (`collect`): `prometheus_client`'s
+own histograms take a lock and search their buckets on every observation, seven per request
+(bench/RESULTS.md). Everything runs on the gateway's event loop, scrapes included, so nothing is
+locked.
 """
 
 from __future__ import annotations

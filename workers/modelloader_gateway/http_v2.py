@@ -3,34 +3,38 @@
 
 An inference request is admitted from its head alone (who calls, which model, within its
 origin's limits) before a byte of its body is read: a caller without a token, a model that is
-not there or not ready, and an origin over its rate get their answer at the door.
+not there, and an origin over its rate get their answer at the door.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
-from modelloader_workers.gateway import codec, openapi
-from modelloader_workers.gateway.access import (
-    AccessTable,
-    OriginAccess,
-    OriginLimiter,
-    authenticate,
-    open_table,
+from modelloader_gateway import codec, openapi
+from modelloader_gateway.dataplane import MODEL_VERSION, DataPlane, InferResult
+from modelloader_gateway.errors import (
+    BadRequest,
+    DataPlaneError,
+    InferenceFailed,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    WorkerUnavailable,
 )
-from modelloader_workers.gateway.dataplane import MODEL_VERSION, DataPlane, InferResult
-from modelloader_workers.gateway.errors import DataPlaneError, ModelNotFound
-from modelloader_workers.gateway.http_server import (
+from modelloader_gateway.http_server import (
     Call,
-    HttpServer,
+    HttpError,
     RequestHead,
     Response,
     error_response,
     json_response,
 )
-from modelloader_workers.gateway.metrics import GatewayMetrics, ModelSeries
+from modelloader_gateway.metrics import GatewayMetrics, ModelSeries
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +48,35 @@ BODY_TIMEOUT_SECONDS = 30.0
 IGNORED_BODY_BYTES = 64 << 10
 
 
-class MethodNotAllowed(DataPlaneError):
-    status = 405
+# The data plane's errors as HTTP answers: one table (gRPC has its own).
+HTTP_STATUS: dict[type[DataPlaneError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    TooManyRequests: 429,
+    InferenceFailed: 500,
+    ModelNotReady: 503,
+    WorkerUnavailable: 503,
+}
 
-    def __init__(self, method: str, allowed: str) -> None:
-        super().__init__(f"method {method} is not allowed here; use {allowed}")
-        self.allowed = allowed
 
-    def headers(self) -> dict[str, str] | None:
-        return {"Allow": self.allowed}
+def http_error(error: DataPlaneError) -> HttpError:
+    status = next((s for kind, s in HTTP_STATUS.items() if isinstance(error, kind)), 500)
+    headers: dict[str, str] = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="modelloader"'
+    return HttpError(status, error.message, headers or None)
 
 
-class RouteNotFound(DataPlaneError):
-    status = 404
+def method_not_allowed(method: str, allowed: str) -> HttpError:
+    return HttpError(405, f"method {method} is not allowed here; use {allowed}", {"Allow": allowed})
+
+
+def route_not_found() -> HttpError:
+    return HttpError(404, "Not Found")
 
 
 class _Answered:
@@ -72,10 +92,10 @@ class _Answered:
         try:
             response = self._make()
         except DataPlaneError as error:
-            response = error_response(error)
+            response = error_response(http_error(error))
         respond(response)
 
-    def fail(self, error: DataPlaneError) -> None:
+    def fail(self, error: HttpError) -> None:
         pass
 
 
@@ -83,7 +103,6 @@ class _Infer:
     """One admitted inference request: its origin holds a slot until the answer."""
 
     __slots__ = (
-        "_accelerator",
         "_api",
         "_entered",
         "_header_length",
@@ -101,12 +120,10 @@ class _Infer:
         name: str,
         version: str | None,
         header_length: str | None,
-        accelerator: str,
         series: ModelSeries | None,
         started: float,
     ) -> None:
         self._api, self._origin, self._name, self._version = api, origin, name, version
-        self._accelerator = accelerator  # what runs the model: labels its busy time
         self._header_length = header_length
         self._series, self._started = series, started
         self._entered = True
@@ -119,15 +136,15 @@ class _Infer:
         def finish(result: InferResult | DataPlaneError) -> None:
             try:
                 response = (
-                    error_response(result)
+                    error_response(http_error(result))
                     if isinstance(result, DataPlaneError)
                     else self._ok(decoded, result)
                 )
             except DataPlaneError as error:
-                response = error_response(error)
+                response = error_response(http_error(error))
             except Exception:
                 log.exception("answering an inference request failed")
-                response = error_response(DataPlaneError("internal error"))
+                response = error_response(HttpError(500, "internal error"))
             try:
                 respond(response)
             finally:
@@ -138,7 +155,7 @@ class _Infer:
                         len(response.body),
                         result.queue_seconds,
                         result.invoke_seconds,
-                        self._accelerator,
+                        result.accelerator,
                     )
                 self._done(response.status)
 
@@ -162,21 +179,20 @@ class _Infer:
         headers = {HEADER_LENGTH: str(header_length)}
         return Response(200, payload, "application/octet-stream", headers)
 
-    def fail(self, error: DataPlaneError) -> None:
+    def fail(self, error: HttpError) -> None:
         self._done(error.status)
 
     def _done(self, status: int) -> None:
         if self._entered:
             self._entered = False
-            self._api.limiter.leave(self._origin)
+            self._api.dataplane.leave(self._origin)
         if self._series is not None:
             self._series.observe_request(status, time.perf_counter() - self._started)
 
 
 class V2Api:
-    """The v2 routes. `access` returns the current table of tokens and origin limits (the
-    control plane replaces it as Secrets and OriginPolicies change); without one, every caller
-    acts for the `default` origin."""
+    """The v2 routes, as a `Router` for `HttpServer`: each request is admitted from its head
+    (who calls, which model, within the origin's limits) and answered by the data plane."""
 
     def __init__(
         self,
@@ -184,44 +200,38 @@ class V2Api:
         metrics: GatewayMetrics | None = None,
         *,
         max_request_bytes: int = 64 << 20,
-        ready: Callable[[], bool] = lambda: True,
-        access: Callable[[], AccessTable] = open_table,
-        limiter: OriginLimiter | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
-        self.limiter = limiter or OriginLimiter()
-        self._ready = ready
-        self._access = access
         self._server_routes: dict[tuple[str, ...], Callable[[], Response]] = {
             (): lambda: json_response(dataplane.server_metadata()),
             ("openapi.json",): lambda: json_response(openapi.OPENAPI),
-            ("health", "live"): lambda: json_response({"live": True}),
+            ("health", "live"): lambda: json_response({"live": dataplane.live()}),
             ("health", "ready"): self._server_ready,
         }
 
-    def _caller(self, head: RequestHead) -> tuple[str, OriginAccess]:
-        """The caller's origin and its limits, from one reading of the access table."""
-        table = self._access()
-        origin = authenticate(table, head.headers.get("authorization"))
-        return origin, table.of(origin)
-
     def admit(self, head: RequestHead) -> Call:
+        try:
+            return self._admit(head)
+        except DataPlaneError as error:
+            raise http_error(error) from None
+
+    def _admit(self, head: RequestHead) -> Call:
         segments = head.segments
         if not segments or segments[0] != "v2":
-            raise RouteNotFound("Not Found")
+            raise route_not_found()
         rest = segments[1:]
         if len(rest) >= 2 and rest[0] == "models" and rest[1]:
             return self._model_route(head, rest[1], rest[2:])
         make = self._server_routes.get(tuple(rest))
         if make is None:
-            raise RouteNotFound("Not Found")
+            raise route_not_found()
         _only(head, "GET")
         return _Answered(make)
 
     def _server_ready(self) -> Response:
-        ok = self._ready()
+        ok = self.dataplane.ready()
         return json_response({"ready": ok}, 200 if ok else 503)
 
     def _model_route(self, head: RequestHead, name: str, rest: list[str]) -> Call:
@@ -231,59 +241,46 @@ class V2Api:
         if rest == ["infer"]:
             _only(head, "POST")
             return self._admit_infer(head, name, version)
+        dataplane = self.dataplane
         if rest == []:
             _only(head, "GET")
-            origin, limits = self._caller(head)
+            origin, limits = dataplane.caller(head.headers.get("authorization"))
             details = limits.expose_accelerator_details
             return _Answered(
-                lambda: json_response(self.dataplane.model_metadata(origin, name, version, details))
+                lambda: json_response(dataplane.model_metadata(origin, name, version, details))
             )
         if rest == ["ready"]:
             _only(head, "GET")
-            origin = self._caller(head)[0]
+            origin = dataplane.caller(head.headers.get("authorization"))[0]
 
             def ready() -> Response:
-                ok = self.dataplane.model_ready(origin, name, version)
+                ok = dataplane.model_ready(origin, name, version)
                 return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
             return _Answered(ready)
-        raise RouteNotFound("Not Found")
+        raise route_not_found()
 
     def _admit_infer(self, head: RequestHead, name: str, version: str | None) -> Call:
         started = time.perf_counter()
         metrics = self.metrics
         series = metrics.unknown if metrics is not None else None  # who: unknown until known
+        dataplane = self.dataplane
         try:
-            origin, limits = self._caller(head)
-            entry = self.dataplane.directory.lookup(origin, name)
+            origin, limits = dataplane.caller(head.headers.get("authorization"))
             if metrics is not None:  # unknown names must not grow the series
-                series = metrics.series(origin, name if entry is not None else "")
-            if entry is None:
-                # Refused before the body is read; `DataPlane.infer` checks again, later,
-                # for requests that get that far.
-                raise ModelNotFound(f"model {name!r} not found")
-            self.limiter.enter(origin, limits)
+                known = dataplane.routes.lookup(origin, name) is not None
+                series = metrics.series(origin, name if known else "")
+            # Refused before the body is read: an unknown model, an origin over its limits.
+            dataplane.admit(origin, limits, name)
         except DataPlaneError as error:
             if series is not None:
-                series.observe_request(error.status, time.perf_counter() - started)
+                series.observe_request(http_error(error).status, time.perf_counter() - started)
             raise
         header_length = head.headers.get(_HEADER_LENGTH_KEY)
-        return _Infer(
-            self, origin, name, version, header_length, entry.accelerator, series, started
-        )
+        return _Infer(self, origin, name, version, header_length, series, started)
 
 
 def _only(head: RequestHead, method: str) -> None:
     allowed = (method, "HEAD") if method == "GET" else (method,)
     if head.method not in allowed:
-        raise MethodNotAllowed(head.method, ", ".join(allowed))
-
-
-def serve_gateway(
-    api: V2Api,
-    *,
-    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
-    body_timeout: float = BODY_TIMEOUT_SECONDS,
-) -> HttpServer:
-    """The gateway's server; `await server.start(host, port)` listens."""
-    return HttpServer(api, idle_timeout=idle_timeout, body_timeout=body_timeout)
+        raise method_not_allowed(head.method, ", ".join(allowed))

@@ -1,8 +1,10 @@
-"""The reconcile core: desired LoadedModels + observed workers -> effects and per-model state.
+"""The planner: desired LoadedModels + observed workers -> effects, per-model state and routes.
 
-Pure and level-triggered (after crate-operator's `transition`): the same inputs give the same
-plan, nothing is remembered between calls, and a state only advances on what is observed, never
-on an effect having been issued. `modelloader local` and the Kubernetes operator both feed it.
+Pure and level-triggered: the same inputs give the same plan, nothing is remembered between
+calls, and a state only advances on what is observed, never on an effect having been issued
+(the rule of the pure `transition(state, desired, observed)` step drafted for CrateDB's kopf
+operator, github.com/crate/crate-operator). `modelloader local` and the Kubernetes operator
+both run it, through `control_loop`.
 
 Updates never interrupt service: a changed spec starts a new worker beside the old one; traffic
 moves when the new one is ready, and the old one is stopped only then. A new version that fails
@@ -13,7 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Literal, NamedTuple, cast
+
+from modelloader_gateway.routes import Endpoint, Route
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.identity import ModelKey
+from modelloader_workers.wire.placement import Placement
+from modelloader_workers.wire.signature import Signature
 
 from modelloader.placement import PlacementConfig, Scheduled, Unschedulable, choose_accelerator
 from modelloader.policy import Policies
@@ -26,32 +34,39 @@ DEFAULT_POLICIES = Policies()
 # (Failed, reason CrashLoop) until the spec changes: a model that kills its process on every
 # request must not burn a process start per request forever.
 CRASH_LOOP_DEATHS = 3
-# A perOrigin origin's shared worker processes: one Ray actor per slot, hosting many models.
-SHARED_PROCESS_PREFIX = "lmp."
 WorkerState = Literal["starting", "ready", "failed", "dead"]
 Phase = Literal["Pending", "Loading", "Ready", "Failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSlot:
+    """One of a perOrigin origin's shared worker processes."""
+
+    origin: str
+    index: int
 
 
 @dataclass(frozen=True)
 class WorkerView:
     """What the runtime observes of one worker (a Ray actor and its load result)."""
 
-    id: str
-    key: str  # namespace/name of its LoadedModel
+    id: str  # the runtime's name for it; opaque here
+    key: ModelKey  # of its LoadedModel
     fingerprint: str
     generation: int
     state: WorkerState
     message: str = ""
-    signature: Mapping[str, Any] | None = None
+    signature: Signature | None = None
     load_seconds: float | None = None
-    placement: Mapping[str, Any] | None = None
-    address: str | None = None
+    placement: Placement | None = None
+    address: Address | None = None
     note: str = ""  # e.g. the accelerator fell back to the CPU
     origin: str = ""
     restarts: int = 0  # how many workers for this spec died before this one
-    process: str = ""  # the shared process hosting it (perOrigin isolation); "" its own
+    process: ProcessSlot | None = None  # the shared process hosting it (perOrigin)
     # Deaths of this spec's workers within the crash window, this one included (when dead).
     recent_deaths: int = 0
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,8 @@ class StartWorker:
     resources: Mapping[str, float]
     memory_limit: int = 0  # bytes the worker may grow by for this model; 0: no limit
     max_model_bytes: int | None = None  # the origin's limit on the model file's size
-    process: str = ""  # a shared process to load into (perOrigin); "" a process of its own
+    process: ProcessSlot | None = None  # a shared process to load into (perOrigin)
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,17 +89,33 @@ class StopWorker:
 Effect = StartWorker | StopWorker
 
 
+class Condition(NamedTuple):
+    status: bool | None  # None: Unknown
+    reason: str
+    message: str = ""
+
+
+WITHIN_QUOTA = Condition(False, "WithinQuota")
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """The resource's conditions, by type (`status.py` renders them in this order)."""
+
+    scheduled: Condition
+    loaded: Condition
+    ready: Condition
+    degraded: Condition
+    quota_exceeded: Condition = WITHIN_QUOTA
+
+
 @dataclass(frozen=True)
 class ModelState:
     """The outcome for one LoadedModel; `status.py` renders it as the resource's status."""
 
     phase: Phase
     message: str
-    scheduled: tuple[bool, str, str]  # (status, reason, message)
-    loaded: tuple[bool | None, str, str]
-    ready: tuple[bool, str, str]
-    degraded: tuple[bool, str, str]
-    quota: tuple[bool, str, str] = (False, "WithinQuota", "")
+    conditions: Conditions
     serving: WorkerView | None = None  # where requests go
     current: WorkerView | None = None  # the worker for the current spec, if any
 
@@ -91,8 +123,9 @@ class ModelState:
 @dataclass(frozen=True)
 class Plan:
     effects: tuple[Effect, ...]
-    states: Mapping[str, ModelState] = field(default_factory=dict)
+    states: Mapping[ModelKey, ModelState] = field(default_factory=dict)
     admission: Admission = field(default_factory=Admission)
+    routes: tuple[Route, ...] = ()  # what every gateway routes by
 
 
 def plan(
@@ -105,11 +138,11 @@ def plan(
     """`models` in creation order: on a name clash within an origin, the earlier one wins,
     and within an origin's quota, the earlier one runs."""
     effects: list[Effect] = []
-    states: dict[str, ModelState] = {}
-    by_key: dict[str, list[WorkerView]] = {}
+    states: dict[ModelKey, ModelState] = {}
+    by_key: dict[ModelKey, list[WorkerView]] = {}
     for worker in workers:
         by_key.setdefault(worker.key, []).append(worker)
-    served_names: dict[tuple[str, str], str] = {}
+    served_names: dict[tuple[str, str], ModelKey] = {}
 
     bound: list[LoadedModel] = []
     for model in models:
@@ -172,13 +205,31 @@ def plan(
 
     for leftover in by_key.values():  # workers whose LoadedModel is gone
         effects += [StopWorker(w.id, "LoadedModel removed") for w in leftover]
-    return Plan(tuple(effects), states, admission)
+    routes = tuple(route(m, states[m.key]) for m in models if m.key in states)
+    return Plan(tuple(effects), states, admission, routes)
+
+
+def route(model: LoadedModel, state: ModelState) -> Route:
+    """What a gateway needs of a model: the endpoints that serve it, or why none does."""
+    serving = state.serving
+    endpoints: tuple[Endpoint, ...] = ()
+    if serving is not None and serving.address is not None:
+        accelerator = serving.placement.accelerator if serving.placement else "cpu"
+        endpoints = (Endpoint(serving.address, serving.id, accelerator=accelerator),)
+    return Route(
+        origin=model.spec.origin,
+        name=model.name,
+        endpoints=endpoints,
+        message=state.message,
+        signature=serving.signature if serving is not None else None,
+        placement=serving.placement.to_dict() if serving and serving.placement else None,
+    )
 
 
 def _placed(workers: Sequence[WorkerView]) -> str:
     for worker in workers:
-        if worker.placement and worker.placement.get("accelerator"):
-            return str(worker.placement["accelerator"])
+        if worker.placement and worker.placement.accelerator:
+            return worker.placement.accelerator
     return ""
 
 
@@ -186,20 +237,18 @@ class _SlotCounter:
     """Spreads a perOrigin origin's models over its process slots: the least used slot."""
 
     def __init__(self, workers: Sequence[WorkerView]) -> None:
-        self._count: dict[str, int] = {}
+        self._count: dict[ProcessSlot, int] = {}
         for worker in workers:
             if worker.process and worker.state in ("starting", "ready"):
                 self._count[worker.process] = self._count.get(worker.process, 0) + 1
 
-    def take(self, origin: str, slots: int) -> str:
-        names = [shared_process_name(origin, i) for i in range(slots)]
-        chosen = min(names, key=lambda n: (self._count.get(n, 0), names.index(n)))
+    def take(self, origin: str, slots: int) -> ProcessSlot:
+        chosen = min(
+            (ProcessSlot(origin, i) for i in range(slots)),
+            key=lambda slot: (self._count.get(slot, 0), slot.index),
+        )
         self._count[chosen] = self._count.get(chosen, 0) + 1
         return chosen
-
-
-def shared_process_name(origin: str, slot: int) -> str:
-    return f"{SHARED_PROCESS_PREFIX}{origin}.{slot}"
 
 
 @dataclass
@@ -218,7 +267,7 @@ class _Starts:
         decision = choose_accelerator(self.admitted.accelerator, self.capacity, self.config)
         if isinstance(decision, Unschedulable):
             return decision
-        process = ""
+        process = None
         # Shared processes are CPU processes: an accelerator model gets a process of its own,
         # reserving its accelerator in Ray.
         if self.slots is not None and decision.accelerator == "cpu":
@@ -245,6 +294,7 @@ def _plan_one(
     fallback = max(
         (w for w in older if w.state == "ready"), key=lambda w: w.generation, default=None
     )
+    scheduled = Condition(True, "Scheduled")
 
     if (
         current is not None
@@ -260,10 +310,12 @@ def _plan_one(
         state = ModelState(
             "Ready" if fallback else "Failed",
             message + _still_serving(fallback),
-            (True, "Scheduled", ""),
-            (False, "CrashLoop", message),
-            _ready_tuple(fallback),
-            (True, "CrashLoop", message),
+            Conditions(
+                scheduled=scheduled,
+                loaded=Condition(False, "CrashLoop", message),
+                ready=_ready(fallback),
+                degraded=Condition(True, "CrashLoop", message),
+            ),
             serving=fallback,
             current=current,
         )
@@ -276,12 +328,13 @@ def _plan_one(
         state = ModelState(
             "Ready" if fallback else "Loading",
             f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
-            (True, "Restarting", ""),
-            (None, "Restarting", ""),
-            (fallback is not None, "Restarting", current.message),
-            (True, "WorkerDied", current.message),
+            Conditions(
+                scheduled=Condition(True, "Restarting"),
+                loaded=Condition(None, "Restarting"),
+                ready=Condition(fallback is not None, "Restarting", current.message),
+                degraded=Condition(True, "WorkerDied", current.message),
+            ),
             serving=fallback,
-            current=None,
         )
     elif current is None:
         started = start()
@@ -290,10 +343,12 @@ def _plan_one(
             state = ModelState(
                 "Ready" if fallback else "Pending",
                 f"waiting for capacity: {reason}" + _still_serving(fallback),
-                (False, "Unschedulable", reason),
-                (None, "Pending", ""),
-                _ready_tuple(fallback),
-                (fallback is not None, "UpdatePending", reason),
+                Conditions(
+                    scheduled=Condition(False, "Unschedulable", reason),
+                    loaded=Condition(None, "Pending"),
+                    ready=_ready(fallback),
+                    degraded=Condition(fallback is not None, "UpdatePending", reason),
+                ),
                 serving=fallback,
             )
         else:
@@ -305,23 +360,31 @@ def _plan_one(
         state = ModelState(
             "Ready" if fallback else "Failed",
             current.message + _still_serving(fallback),
-            (True, "Scheduled", ""),
-            (False, "LoadFailed", current.message),
-            _ready_tuple(fallback),
-            (fallback is not None, "UpdateFailed", current.message),
+            Conditions(
+                scheduled=scheduled,
+                loaded=Condition(False, "LoadFailed", current.message),
+                ready=_ready(fallback),
+                degraded=Condition(fallback is not None, "UpdateFailed", current.message),
+            ),
             serving=fallback,
             current=current,
         )
     else:  # ready: it serves, and every older worker goes
         effects += [StopWorker(w.id, "replaced by a newer generation") for w in older]
-        fallback_note = (True, "AcceleratorFallback", current.note)
+        degraded = (
+            Condition(True, "AcceleratorFallback", current.note)
+            if current.note
+            else Condition(False, "Serving")
+        )
         return effects, ModelState(
             "Ready",
             current.note,
-            (True, "Scheduled", ""),
-            (True, "Loaded", ""),
-            (True, "Serving", ""),
-            fallback_note if current.note else (False, "Serving", ""),
+            Conditions(
+                scheduled=scheduled,
+                loaded=Condition(True, "Loaded"),
+                ready=Condition(True, "Serving"),
+                degraded=degraded,
+            ),
             serving=current,
             current=current,
         )
@@ -336,27 +399,29 @@ def _loading(
     model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None
 ) -> ModelState:
     message = f"loading generation {model.generation}" + _still_serving(fallback)
-    degraded = (fallback is not None, "Updating", message)
+    degraded = Condition(fallback is not None, "Updating", message)
     if current is not None and current.restarts:
         # A replacement for a worker that died: degraded until it serves again.
         message = f"the worker died; a new one is loading (restart {current.restarts})"
-        degraded = (True, "WorkerRestarting", message)
+        degraded = Condition(True, "WorkerRestarting", message)
     return ModelState(
         "Ready" if fallback else "Loading",
         message,
-        (True, "Scheduled", ""),
-        (None, "Loading", ""),
-        _ready_tuple(fallback),
-        degraded,
+        Conditions(
+            scheduled=Condition(True, "Scheduled"),
+            loaded=Condition(None, "Loading"),
+            ready=_ready(fallback),
+            degraded=degraded,
+        ),
         serving=fallback,
         current=current,
     )
 
 
-def _ready_tuple(fallback: WorkerView | None) -> tuple[bool, str, str]:
+def _ready(fallback: WorkerView | None) -> Condition:
     if fallback is None:
-        return (False, "NotLoaded", "")
-    return (True, "ServingPreviousGeneration", f"serving generation {fallback.generation}")
+        return Condition(False, "NotLoaded")
+    return Condition(True, "ServingPreviousGeneration", f"serving generation {fallback.generation}")
 
 
 def _still_serving(fallback: WorkerView | None) -> str:
@@ -376,11 +441,13 @@ def _waiting(decision: Waiting, fallback: WorkerView | None) -> ModelState:
     return ModelState(
         "Ready" if fallback else "Pending",
         decision.message + _still_serving(fallback),
-        (False, "QuotaExceeded", decision.message),
-        (None, "Pending", ""),
-        _ready_tuple(fallback),
-        (fallback is not None, "UpdatePending", decision.message),
-        quota=(True, decision.limit, decision.message),
+        Conditions(
+            scheduled=Condition(False, "QuotaExceeded", decision.message),
+            loaded=Condition(None, "Pending"),
+            ready=_ready(fallback),
+            degraded=Condition(fallback is not None, "UpdatePending", decision.message),
+            quota_exceeded=Condition(True, decision.limit, decision.message),
+        ),
         serving=fallback,
     )
 
@@ -389,8 +456,10 @@ def _failed(message: str, reason: str) -> ModelState:
     return ModelState(
         "Failed",
         message,
-        (False, reason, message),
-        (None, reason, ""),
-        (False, reason, message),
-        (False, reason, ""),
+        Conditions(
+            scheduled=Condition(False, reason, message),
+            loaded=Condition(None, reason),
+            ready=Condition(False, reason, message),
+            degraded=Condition(False, reason),
+        ),
     )

@@ -1,4 +1,4 @@
-"""The reconcile core, without Ray: every combination of worker observations for one model,
+"""The planner, without Ray: every combination of worker observations for one model,
 plus the cases that involve several models."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from modelloader.placement import PlacementConfig
+from modelloader.planner import StartWorker, StopWorker, WorkerState, WorkerView, plan
 from modelloader.policy import OriginPolicy, policies
 from modelloader.quota import DEFAULT_MODEL_MEMORY
-from modelloader.reconcile import StartWorker, StopWorker, WorkerState, WorkerView, plan
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.status import render
+from modelloader_workers.wire.address import Address
+from modelloader_workers.wire.placement import Placement
+from modelloader_workers.wire.signature import Signature, TensorSpec
 
 CPU_ONLY = {"CPU": 2.0}
 STATES: tuple[WorkerState | None, ...] = (None, "starting", "ready", "failed", "dead")
@@ -46,8 +49,8 @@ def view(
         generation=generation or m.generation,
         state=state,
         message="boom" if state in ("failed", "dead") else "",
-        signature={"inputs": [], "outputs": []} if state == "ready" else None,
-        address=f"unix:/{wid}" if state == "ready" else None,
+        signature=Signature((), ()) if state == "ready" else None,
+        address=Address("unix", f"/{wid}") if state == "ready" else None,
     )
 
 
@@ -103,9 +106,9 @@ def test_a_replacement_after_a_death_is_degraded_until_it_serves() -> None:
     m = model()
     replacement = dataclasses.replace(view(m, "starting", "w.r1"), restarts=1)
     state = plan([m], [replacement], CPU_ONLY).states[m.key]
-    assert state.phase == "Loading" and state.degraded[:2] == (True, "WorkerRestarting")
+    assert state.phase == "Loading" and state.conditions.degraded[:2] == (True, "WorkerRestarting")
     serving = dataclasses.replace(view(m, "ready", "w.r1"), restarts=1)
-    assert plan([m], [serving], CPU_ONLY).states[m.key].degraded[0] is False
+    assert plan([m], [serving], CPU_ONLY).states[m.key].conditions.degraded.status is False
 
 
 def test_removed_model_stops_its_workers() -> None:
@@ -145,7 +148,9 @@ def test_gpu_without_gpu_nodes_waits_pending_then_starts() -> None:
     assert waiting.effects == ()
     state = waiting.states[m.key]
     assert state.phase == "Pending"
-    assert state.scheduled[0] is False and "GPU" in state.scheduled[2]
+    assert (
+        state.conditions.scheduled.status is False and "GPU" in state.conditions.scheduled.message
+    )
     later = plan([m], [], {**CPU_ONLY, "GPU": 1.0})
     assert later.effects == (
         StartWorker(m, "gpu", {"GPU": 1.0}, memory_limit=DEFAULT_MODEL_MEMORY),
@@ -198,8 +203,8 @@ def test_status_shows_signature_and_placement_of_the_serving_worker() -> None:
     m = model()
     w = dataclasses.replace(
         view(m, "ready", "w"),
-        signature={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}], "outputs": []},
-        placement={"node": "n", "accelerator": "cpu", "delegate": "xnnpack"},
+        signature=Signature((TensorSpec("x", "FP32", (1,)),), ()),
+        placement=Placement("n", "id", "cpu", "xnnpack", 7),
         load_seconds=0.25,
     )
     status = render(m, plan([m], [w], CPU_ONLY).states[m.key], None, datetime.now(UTC))
@@ -217,8 +222,29 @@ def test_a_crash_loop_stops_restarts_until_the_spec_changes() -> None:
     result = plan([m], [looping], CPU_ONLY)
     assert result.effects == ()  # kept, not restarted
     state = result.states[m.key]
-    assert state.phase == "Failed" and state.loaded[1] == "CrashLoop"
+    assert state.phase == "Failed" and state.conditions.loaded.reason == "CrashLoop"
     assert "the worker process exited" in state.message
     edited = model(uri="file:///other.tflite")
     fixed = plan([edited], [dataclasses.replace(looping, key=edited.key)], CPU_ONLY)
     assert {type(e) for e in fixed.effects} == {StartWorker, StopWorker}
+
+
+def test_routes_carry_the_serving_workers_endpoint_and_accelerator() -> None:
+    on_gpu, waiting = model("a", accelerator="gpu"), model("b")
+    serving = dataclasses.replace(
+        view(on_gpu, "ready", "wa"), placement=Placement("n", "id", "gpu", "gpu", 7)
+    )
+    result = plan([on_gpu, waiting], [serving], {**CPU_ONLY, "GPU": 1.0})
+    routes = {r.name: r for r in result.routes}
+    assert [(e.address, e.replica, e.accelerator) for e in routes["a"].endpoints] == [
+        (Address("unix", "/wa"), "wa", "gpu")
+    ]
+    assert routes["a"].ready and routes["a"].placement == {
+        "node": "n",
+        "nodeId": "id",
+        "accelerator": "gpu",
+        "delegate": "gpu",
+        "pid": 7,
+    }
+    assert not routes["b"].ready and routes["b"].endpoints == ()
+    assert "loading" in routes["b"].message

@@ -1,0 +1,262 @@
+"""The control loop, one for both modes: `modelloader local` and `modelloader operator` differ
+only in where the desired state comes from (files, or the Kubernetes API: a `DesiredSource`)
+and where statuses go (memory for `modelloader status`, or status patches and Events: a
+`StatusSink`). Each pass reads the desired state, plans against what the pool observes, applies
+the plan's effects, renders statuses and publishes the route table every gateway routes by.
+
+Level-triggered: a pass runs on every observation (a worker loaded, died, a manifest changed)
+and at least every `interval_seconds`; nothing a pass decides depends on an earlier pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, Protocol
+
+from modelloader_gateway.routes import RouteTable
+from modelloader_workers.wire.identity import ModelKey
+
+from modelloader import status
+from modelloader.control_metrics import ControlMetrics, quota_limits
+from modelloader.manifests import Rejected
+from modelloader.placement import PlacementConfig
+from modelloader.planner import DEFAULT_POLICIES, plan
+from modelloader.policy import Policies
+from modelloader.resource import LoadedModel
+from modelloader.tenancy import TokenSecret, access_table
+from modelloader.worker_pool import H, Sources, WorkerPool, Workers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What should run, as one source read it."""
+
+    models: Sequence[LoadedModel]  # in creation order
+    rejected: Sequence[Rejected] = ()
+    policies: Policies = DEFAULT_POLICIES
+    secrets: Sequence[TokenSecret] = ()
+    # Who a call without a token acts for, where that origin's policy allows it.
+    anonymous_origin: str | None = None
+    problems: tuple[str, ...] = ()  # the source's own warnings (a file that does not parse)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    statuses: Mapping[ModelKey, dict[str, Any]]  # LoadedModels and rejected manifests
+    listing: list[dict[str, Any]]  # namespace, name, origin, status: what `status` shows
+    origins: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # OriginPolicy status
+    problems: tuple[str, ...] = ()
+
+
+class DesiredSource(Protocol):
+    async def read(self) -> Desired | None:
+        """The desired state now; None while the source has not seen everything once."""
+        ...
+
+
+class StatusSink(Protocol):
+    async def publish(self, outcome: Outcome, desired: Desired) -> None: ...
+
+
+class RouteChannel(Protocol):
+    async def publish(self, table: RouteTable) -> None: ...
+
+
+class Runtime(Workers[H], Protocol[H]):
+    """The Ray adapter, as the loop uses it besides the pool."""
+
+    async def recent_capacity(self) -> dict[str, float]: ...
+
+    def fill_warm_pool(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    interval_seconds: float = 0.5
+    liveness_seconds: float = 1.0
+    # How often Ray is searched for workers this loop did not start (a second operator's, or
+    # one a crash left behind); None: never (local mode owns its private Ray).
+    scan_seconds: float | None = None
+
+
+class ControlLoop(Generic[H]):
+    def __init__(
+        self,
+        source: DesiredSource,
+        sink: StatusSink,
+        channel: RouteChannel,
+        runtime: Runtime[H],
+        sources: Sources,
+        metrics: ControlMetrics,
+        settings: LoopSettings,
+        health: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.channel = channel
+        self.runtime = runtime
+        self.sources = sources
+        self.metrics = metrics
+        self.settings = settings
+        # Whether the cluster the workers live in is still there; a problem ends `run`.
+        self._health = health
+        self.lost: str | None = None
+        self._wake = asyncio.Event()
+        self.pool = self._new_pool()
+        self.synced = False  # a pass has published routes
+        self._statuses: dict[ModelKey, dict[str, Any]] = {}
+        self._published: RouteTable | None = None
+        self._revision = 0
+        self._restart_requested = False
+
+    def _new_pool(self) -> WorkerPool[H]:
+        return WorkerPool(self.runtime, self.sources, self.metrics, self.wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, adopt: bool = True) -> str | None:
+        """Pass after pass until cancelled, or until the workers' cluster is gone: then
+        returns why."""
+        if adopt:
+            adopted = await self.pool.adopt()
+            log.info("adopted %d running workers", adopted)
+        self.runtime.fill_warm_pool()
+        liveness = asyncio.ensure_future(self._liveness())
+        try:
+            while self.lost is None:
+                self._wake.clear()
+                if self._restart_requested:
+                    self._restart_requested = False
+                    adopted = await self.restart()
+                    log.warning("control loop restarted: adopted %d running workers", adopted)
+                await self.reconcile_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.interval_seconds)
+        finally:
+            liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await liveness
+        return self.lost
+
+    def request_restart(self) -> None:
+        """Restart before the next pass (`restart`)."""
+        self._restart_requested = True
+        self.wake()
+
+    async def restart(self) -> int:
+        """Start afresh, as after a crash: forget every worker without stopping any, then
+        adopt what runs. Returns how many were adopted."""
+        await self.pool.abandon()
+        self.pool = self._new_pool()
+        return await self.pool.adopt()
+
+    async def close(self, stop_workers: bool) -> None:
+        """Stop the workers (local mode), or leave them serving for a successor (the
+        operator: they are detached)."""
+        if stop_workers:
+            await self.pool.close()
+        else:
+            await self.pool.abandon()
+
+    async def _liveness(self) -> None:
+        settings = self.settings
+        last_scan = time.monotonic()
+        while True:
+            await asyncio.sleep(settings.liveness_seconds)
+            try:
+                problem = self._health() if self._health is not None else None
+                if problem is not None:
+                    log.error("the workers' Ray is gone: %s", problem)
+                    self.lost = problem
+                    self.wake()
+                    return
+                await self.pool.check_liveness()
+                # Drift the other way: workers in Ray that this loop did not start. Taken in,
+                # then the planner keeps what is desired and stops the rest.
+                scan = settings.scan_seconds
+                if scan is not None and time.monotonic() - last_scan > scan:
+                    last_scan = time.monotonic()
+                    if await self.pool.adopt():
+                        self.wake()
+            except Exception:
+                log.exception("liveness check failed")
+
+    async def reconcile_once(self) -> None:
+        started = time.perf_counter()
+        try:
+            desired = await self.source.read()
+            if desired is not None:
+                await self._pass(desired)
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            log.exception("reconcile failed")
+        finally:
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def _pass(self, desired: Desired) -> None:
+        capacity = await self.runtime.recent_capacity()
+        policies = desired.policies
+        result = plan(
+            desired.models, self.pool.views(), capacity, self.settings.placement, policies
+        )
+        self.pool.apply(result.effects)
+
+        now = datetime.now(UTC)
+        statuses: dict[ModelKey, dict[str, Any]] = {}
+        listing: list[dict[str, Any]] = []
+        for model in desired.models:
+            rendered = status.render(
+                model, result.states[model.key], self._statuses.get(model.key), now
+            )
+            statuses[model.key] = rendered
+            listing.append(_item(model.key, model.spec.origin, rendered))
+        for reject in desired.rejected:
+            rendered = status.render_rejected(reject, now)
+            key = ModelKey(reject.namespace, reject.name)
+            statuses[key] = rendered
+            listing.append(_item(key, "", rendered))
+        self._statuses = statuses
+
+        self.metrics.count_phases([item["status"]["phase"] for item in listing])
+        self.metrics.observe_pass([(m.spec.origin, m.name) for m in desired.models], result.effects)
+        usage = result.admission.usage  # per origin; a limit of None is unlimited: no series
+        self.metrics.publish_quotas(
+            {o: (u.used, quota_limits(u.limits, policies.of(o).quota)) for o, u in usage.items()}
+        )
+        origins = {
+            origin: status.render_origin(u, policies.of(origin).explicit)
+            for origin, u in usage.items()
+        }
+
+        access, secret_problems = access_table(policies, desired.secrets, desired.anonymous_origin)
+        for problem in secret_problems:
+            log.warning("Secret %s/%s: %s", problem.namespace, problem.name, problem.message)
+        table = RouteTable(result.routes, access)
+        if self._published is None or (table.routes, table.access) != (
+            self._published.routes,
+            self._published.access,
+        ):
+            self._revision += 1
+            table = RouteTable(table.routes, table.access, self._revision)
+            await self.channel.publish(table)
+            self._published = table
+        self.synced = True
+
+        problems = desired.problems + tuple(
+            f"Secret {p.namespace}/{p.name}: {p.message}" for p in secret_problems
+        )
+        await self.sink.publish(Outcome(statuses, listing, origins, problems), desired)
+
+
+def _item(key: ModelKey, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:
+    return {"namespace": key.namespace, "name": key.name, "origin": origin, "status": rendered}
