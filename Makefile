@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator workers tests tools bench examples
 	$(BIN)/ruff format --check operator workers tests tools bench examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
