@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,23 @@ class LocalServer:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def reconcile_passes(self) -> float:
+        """The control loop's passes so far, from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("modelloader_reconcile_duration_seconds_count"):
+                    return float(line.split()[-1])
+        return 0.0
+
+    def wait_passes(self, count: int, timeout: float = 30.0) -> None:
+        """Until the control loop has made `count` more passes: for a test that checks that
+        something does not happen, a wait on what would have made it happen."""
+        target = self.reconcile_passes() + count
+        deadline = time.monotonic() + timeout
+        while self.reconcile_passes() < target:
+            assert time.monotonic() < deadline, f"fewer than {count} passes in {timeout} s"
+            time.sleep(0.05)
 
     def ray_temp_dir(self) -> str:
         match = re.search(r"local Ray started in \S+ \((\S+)\)", self.log())

@@ -14,6 +14,7 @@ import pytest
 import tritonclient.http as triton
 
 from tests.e2e.conftest import LocalServer, manifest
+from tests.support.cluster import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +78,8 @@ def test_a_new_manifest_is_loaded_an_edit_rolls_out_without_errors_and_removal_u
             if status["observedGeneration"] == 2 and status["placement"]["pid"] != first_pid:
                 break
             time.sleep(0.2)
-        time.sleep(3)  # past the old worker's drain time
+        # Traffic goes on until the old worker has drained and gone.
+        wait_until(lambda: not _alive(first_pid), timeout=30, what="the old worker stopped")
     assert status["observedGeneration"] == 2 and status["phase"] == "Ready"
     assert traffic.ok > 10 and traffic.errors == []
 
