@@ -1,15 +1,18 @@
-"""The data path alone: the gateway and a worker, without Ray or the control plane.
+"""The data path alone: a worker and the gateway, without Ray or the control plane, and the
+same gateway core behind uvicorn.
 
-    .venv/bin/python bench/data_path.py [--variant uint8] [--stand-in] [--calls 1000]
+    .venv/bin/python bench/data_path.py [--variant uint8] [--stand-in] [--calls 1000] [--write]
 
-Two processes made of the product's own parts: a worker (`WorkerServer` over `LiteRTRunner`,
-on a Unix socket) and a gateway (`V2Api` + `HttpServer`, with a directory entry pointing at the
-worker), driven by the benchmark's thin HTTP client. `--stand-in` replaces the interpreter by
-one that answers at once (same input buffers, same outputs), so what is left is the path's own
-cost. Printed, not written to RESULTS.md: latency at concurrency 1 against raw calls
-interleaved, throughput at concurrency 4 against raw in alternating windows, and CPU per
-request of the client, the gateway and the worker. `bench/dataplane.py` is the benchmark of
-record; this one takes Ray's and the control loop's noise away, to see what the path costs.
+Processes made of the product's own parts: a worker (`WorkerServer` over `LiteRTRunner`, on a
+Unix socket) and two gateways routing to it: ours (`modelloader_gateway.server.Gateway`: the
+hand-written HTTP/1.1 server on llhttp) and uvicorn (`--http httptools`, the maintained standard
+on the same parser) serving a bare ASGI callable over the same transport-free core
+(`DataPlane`), so the two differ in their HTTP layer only. Driven by the benchmark's thin HTTP
+client: latency at concurrency 1 against raw calls interleaved, throughput at concurrency 4
+against raw in alternating windows, and CPU per request of the client, each gateway and the
+worker. `--stand-in` replaces the interpreter by one that answers at once (same input
+buffers, same outputs), so what is left is the path's own cost. `--write` puts the table in
+`bench/RESULTS.md`: the standing check that the hand-written server still earns its lines.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from modelloader_gateway.access import open_table
 from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers.wire.address import Address
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mobilenet
@@ -42,8 +47,10 @@ from dataplane import (
     binary_request,
     free_port,
     latencies,
+    machine,
     paired_throughput,
     variants,
+    write_results,
 )
 
 
@@ -81,42 +88,97 @@ def worker(model: str, socket_path: str, stand_in: bool) -> None:
     from modelloader_workers.worker_server import WorkerServer
 
     runner = StandIn(model) if stand_in else LiteRTRunner(model, threads=THREADS)
-    WorkerServer(runner, f"unix:{socket_path}")
+    WorkerServer(runner, Address("unix", str(socket_path)))
     print(json.dumps(runner.signature.to_dict()), flush=True)
     threading.Event().wait()  # until SIGTERM
 
 
-def gateway(socket_path: str, signature: str, port: int) -> None:
-    from modelloader_workers.gateway.dataplane import DataPlane
-    from modelloader_workers.gateway.directory import ModelDirectory, ModelEntry
-    from modelloader_workers.gateway.http_v2 import V2Api, serve_gateway
-    from modelloader_workers.gateway.metrics import GatewayMetrics
-    from modelloader_workers.gateway.worker_client import WorkerClients
-    from modelloader_workers.signature import Signature
-    from prometheus_client import CollectorRegistry
+def gateway(socket_path: str, signature: str, port: int, http: str) -> None:
+    from modelloader_gateway.routes import Endpoint, Route, RouteTable
+    from modelloader_gateway.server import Gateway, GatewayConfig
+    from modelloader_workers.wire.signature import Signature
 
-    directory = ModelDirectory()
-    entry = ModelEntry(
-        "default", "m", True, "", Signature.from_dict(json.loads(signature)), f"unix:{socket_path}"
+    route = Route(
+        "default",
+        "m",
+        endpoints=(Endpoint(Address("unix", socket_path), "w"),),
+        signature=Signature.from_dict(json.loads(signature)),
     )
-    directory.publish([entry])
-    api = V2Api(DataPlane(directory, WorkerClients()), GatewayMetrics(CollectorRegistry()))
+    table = RouteTable((route,), open_table())
+    served = Gateway(GatewayConfig(port=port))
+    served.publish(table)
+    if http == "uvicorn":
+        return uvicorn_gateway(served, port)
 
     async def serve() -> None:
-        server = serve_gateway(api)
-        await server.start("127.0.0.1", port)
+        await served.start()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
-        await server.close()
+        await served.close()
 
     asyncio.run(serve())
+
+
+def uvicorn_gateway(served: Any, port: int) -> None:
+    """The same `DataPlane` behind uvicorn: a bare ASGI callable for v2 inference with binary
+    tensors (no framework), as lean as an ASGI app can be."""
+    import uvicorn
+    from modelloader_gateway import codec
+    from modelloader_gateway.errors import DataPlaneError
+    from modelloader_gateway.http_v2 import http_error
+
+    dataplane = served.dataplane
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        header_length = dict(scope["headers"]).get(b"inference-header-content-length")
+        try:
+            decoded = codec.decode_request(body, header_length.decode() if header_length else None)
+            future = asyncio.get_running_loop().create_future()
+            dataplane.submit(
+                "default", "m", None, decoded.inputs, decoded.outputs, future.set_result
+            )
+            result = await future
+            if isinstance(result, DataPlaneError):
+                raise result
+            payload, length = codec.encode_response("m", "1", decoded, result.outputs)
+            headers = [(b"content-type", b"application/octet-stream")]
+            if length is not None:
+                headers.append((b"inference-header-content-length", str(length).encode()))
+            status = 200
+        except DataPlaneError as error:
+            failed = http_error(error)
+            status, payload = failed.status, json.dumps({"error": failed.message}).encode()
+            headers = [(b"content-type", b"application/json")]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": bytes(payload)})
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http="httptools",
+        loop="asyncio",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+TITLE = "# Data path alone: our HTTP layer against uvicorn's, same core and worker"
 
 
 def main() -> None:
@@ -128,15 +190,17 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--window", type=float, default=2.0)
+    parser.add_argument("--write", action="store_true", help="put the table in RESULTS.md")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
     parser.add_argument("--signature", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--http", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "worker":
         return worker(args.model, args.socket, args.stand_in)
     if args.role == "gateway":
-        return gateway(args.socket, args.signature, args.port)
+        return gateway(args.socket, args.signature, args.port, args.http)
 
     paths = mobilenet.build(MODEL_CACHE)
     variant = variants({args.variant: paths[args.variant]})[0]
@@ -151,57 +215,79 @@ def main() -> None:
     )
     assert worker_process.stdout is not None
     signature = worker_process.stdout.readline().strip()
-    port = free_port()
-    gateway_process = subprocess.Popen(
-        [*me, "gateway", "--socket", socket_path, "--signature", signature, "--port", str(port)]
-    )
+    ports = {"ours": free_port(), "uvicorn": free_port()}
+    gateways = {}
+    for http, port in ports.items():
+        command = [*me, "gateway", "--socket", socket_path, "--signature", signature]
+        gateways[http] = subprocess.Popen([*command, "--port", str(port), "--http", http])
     try:
         body, header_length = binary_request(variant.input_name, variant.datatype, variant.x)
         headers = {"Inference-Header-Content-Length": header_length}
 
-        def served() -> Poster:
-            return Poster(port, "/v2/models/m/infer", body, headers)
+        def poster(http: str) -> Callable[[], Poster]:
+            return lambda: Poster(ports[http], "/v2/models/m/infer", body, headers)
 
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                served().close()
-                break
-            time.sleep(0.1)
+        for http in ports:
+            for _ in range(100):
+                with contextlib.suppress(OSError):
+                    poster(http)().close()
+                    break
+                time.sleep(0.1)
         raw = RawRunner(variant.path, variant.input_name, variant.x)
-        calls: dict[str, Any] = {"served": served()}
+        calls: dict[str, Any] = {http: poster(http)() for http in ports}
         if not args.stand_in:
             calls = {"raw": raw, **calls}
         timings = latencies(calls, args.calls, warmup=100)
-        print(f"MobileNetV2 {variant.name}{' (stand-in interpreter)' if args.stand_in else ''}")
+        kind = " (stand-in interpreter)" if args.stand_in else ""
+        rows = [
+            "| path | p50 ms | p99 ms | p50 over raw | CPU ms per request: gateway / worker /"
+            " client | c=4 req/s (raw) / raw |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for name, values in timings.items():
             p50, p99 = np.percentile(values, 50), np.percentile(values, 99)
-            print(f"  {name:7s} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms")
-        if not args.stand_in:
-            over = {
-                q: np.percentile(timings["served"], q) - np.percentile(timings["raw"], q)
-                for q in (50, 99)
-            }
-            print(f"  served over raw: p50 {over[50]:+.3f} ms, p99 {over[99]:+.3f} ms")
-        pids = {"gateway": gateway_process.pid, "worker": worker_process.pid}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        client_before = time.process_time()
-        latencies({"served": calls["served"]}, args.calls, warmup=0)
-        per_call = 1000 / args.calls
-        cpu = {name: (cpu_seconds(pid) - before[name]) * per_call for name, pid in pids.items()}
-        cpu["client"] = (time.process_time() - client_before) * per_call
-        print("  CPU ms per request: " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
-        if not args.stand_in:
-            got = paired_throughput({"raw": lambda: raw, "served": served}, 4, args.window, 4)
-            ratio = got["served"] / got["raw"]
-            print(
-                f"  concurrency 4: raw {got['raw']:.1f}/s, served {got['served']:.1f}/s, "
-                f"ratio {ratio:.3f}"
+            if name == "raw":
+                rows.append(f"| raw | {p50:.3f} | {p99:.3f} | | | |")
+                continue
+            over = f"{p50 - np.percentile(timings['raw'], 50):+.3f}" if "raw" in timings else ""
+            pids = {"gateway": gateways[name].pid, "worker": worker_process.pid}
+            before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            client_before = time.process_time()
+            fresh = poster(name)()  # the interleaved run's connection may have idled out
+            latencies({name: fresh}, args.calls, warmup=0)
+            fresh.close()
+            per_call = 1000 / args.calls
+            cpu = {k: (cpu_seconds(pid) - before[k]) * per_call for k, pid in pids.items()}
+            cpu["client"] = (time.process_time() - client_before) * per_call
+            rate = ""
+            if not args.stand_in:
+                got = paired_throughput({"raw": lambda: raw, name: poster(name)}, 4, args.window, 4)
+                rate = f"{got[name]:.1f} ({got['raw']:.1f}) / {got[name] / got['raw']:.2f}"
+            rows.append(
+                f"| {name} | {p50:.3f} | {p99:.3f} | {over} | {cpu['gateway']:.3f} / "
+                f"{cpu['worker']:.3f} / {cpu['client']:.3f} | {rate} |"
             )
+        command = f".venv/bin/python bench/data_path.py --variant {variant.name}"
+        command += f" --calls {args.calls}" + (" --stand-in" if args.stand_in else "") + " --write"
+        section = f"""{TITLE}
+
+Machine: {machine()}. Date: {time.strftime("%Y-%m-%d %H:%M %Z")}. Command: `{command}`.
+uvicorn {_version("uvicorn")} (`--http httptools`, a bare ASGI callable), httptools
+{_version("httptools")}. MobileNetV2 {variant.name}{kind}, batch 1, {THREADS} interpreter threads;
+one worker process and two gateway processes routing to it (ours, uvicorn), over the same
+`DataPlane`; the client interleaves raw, ours and uvicorn at concurrency 1, then measures
+throughput at concurrency 4 in alternating windows of {args.window:g} s against raw.
+
+{chr(10).join(rows)}
+"""
+        print(section)
+        if args.write:
+            write_results(section, TITLE)
         for call in calls.values():
             if isinstance(call, Poster):
                 call.close()
     finally:
-        for process in (gateway_process, worker_process):
+        for process in (*gateways.values(), worker_process):
             process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
@@ -210,6 +296,12 @@ def main() -> None:
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
             os.rmdir(folder)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
 
 
 if __name__ == "__main__":

@@ -711,15 +711,15 @@ controller and replica are Ray worker processes. Raw inference itself costs abou
 """
 
 
-def write_results(section: str) -> None:
-    """Replace this benchmark's section (and the old first-numbers one), keep the others."""
+def write_results(section: str, title: str = TITLE) -> None:
+    """Replace a benchmark's section of RESULTS.md (by its title), keep the others."""
     path = REPO / "bench" / "RESULTS.md"
     text = path.read_text() if path.exists() else ""
     kept: list[str] = []
     skipping = False
     for line in text.splitlines(keepends=True):
         if line.startswith("# "):
-            skipping = line.startswith((TITLE, "# First numbers"))
+            skipping = line.startswith(title)
         if not skipping:
             kept.append(line)
     rest = "".join(kept).strip()
