@@ -2,13 +2,20 @@
 health, model metadata, readiness and inference, with typed errors. REST (and gRPC) are thin
 layers on top: one place for lookup, access, limits and errors.
 
-Requests go to the ready replica with the fewest requests in flight; one that a replica never
-took (it died, or could not be reached) goes to another, so a replica lost under load costs its
-clients nothing but the requests it had already taken.
+Requests go to the ready replica with the fewest requests in flight. One that a replica never
+took (it died, or could not be reached) goes to another, and so does, once, one it took and
+died on: a replica lost under load costs its clients nothing. A request that killed its replica
+may kill the one it is retried on too, and no more: the control plane sees each death, and a
+model whose replicas keep dying is stopped (crash loop).
+
+A model scaled to zero has no endpoint: its requests are held (counted as load, which wakes it)
+until a route table with a ready replica arrives, or for at most `hold_seconds`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,11 +40,19 @@ from modelloader_gateway.errors import (
     ModelNotReady,
     WorkerUnavailable,
 )
+from modelloader_gateway.load import LoadMeter
 from modelloader_gateway.routes import MODEL_VERSION, Endpoint, Route, Routes
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply, request_prefix
 
 SERVER_NAME = "modelloader"
 PLATFORM = "tensorflow_lite"
+# How long a request waits for a model scaled to zero to have a replica again.
+HOLD_SECONDS = 30.0
+# A replica that could not be reached gets no new request for this long, while others can
+# take it (the next route table drops it, if it died).
+SUSPECT_SECONDS = 2.0
+
+Done = Callable[["InferResult | DataPlaneError"], None]
 
 
 def server_version() -> str:
@@ -55,6 +70,17 @@ class InferResult:
     accelerator: str  # what ran it: labels its busy time
 
 
+@dataclass
+class _Held:
+    """A request for a model scaled to zero, waiting for a replica."""
+
+    version: str | None
+    inputs: Mapping[str, np.ndarray[Any, Any]]
+    outputs: Sequence[str]
+    done: Done
+    timer: asyncio.TimerHandle | None = None
+
+
 @dataclass(frozen=True)
 class _Prepared:
     signature: Signature  # of the model it was checked against
@@ -68,11 +94,20 @@ class DataPlane:
         clients: WorkerClients,
         limiter: OriginLimiter | None = None,
         ready: Callable[[], bool] = lambda: True,
+        hold_seconds: float = HOLD_SECONDS,
+        on_hold: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.routes = routes
         self.clients = clients
         self.limiter = limiter or OriginLimiter()
+        self.load = LoadMeter(clock)
         self._ready = ready
+        self._hold_seconds = hold_seconds
+        self._on_hold = on_hold  # a request waits for a model to wake: tell the control plane
+        self._clock = clock
+        self._held: dict[tuple[str, str], list[_Held]] = {}
+        self._suspect: dict[Any, float] = {}  # endpoint address -> until when
         self._version = server_version()
         self._turn = 0  # where the search for the least busy replica starts: ties rotate
         # Requests checked and framed, per model, input shapes and outputs.
@@ -139,10 +174,12 @@ class DataPlane:
         within its limits (raises `TooManyRequests`); pair with `leave` once answered."""
         route = self.route(origin, name, None)
         self.limiter.enter(origin, access)
+        self.load.enter((origin, name))
         return route
 
-    def leave(self, origin: str) -> None:
+    def leave(self, origin: str, name: str) -> None:
         self.limiter.leave(origin)
+        self.load.leave((origin, name))
 
     def submit(
         self,
@@ -151,14 +188,18 @@ class DataPlane:
         version: str | None,
         inputs: Mapping[str, np.ndarray[Any, Any]],
         outputs: Sequence[str],
-        done: Callable[[InferResult | DataPlaneError], None],
+        done: Done,
     ) -> None:
-        """Check the request and send it to a replica of the model. A request that cannot go
-        raises its `DataPlaneError` here; once sent, `done` gets the result or the error,
-        exactly once (possibly before this returns). `inputs` must stay as they are until
-        then: they are sent from where they lie."""
+        """Check the request and send it to a replica of the model (or hold it while the
+        model wakes from zero). A request that cannot go raises its `DataPlaneError` here;
+        once sent or held, `done` gets the result or the error, exactly once (possibly before
+        this returns). `inputs` must stay as they are until then: they are sent from where
+        they lie."""
         route = self.route(origin, name, version)
-        ready = [e for e in route.endpoints if e.state == "ready"]
+        ready = self._ready_endpoints(route)
+        if not ready and route.wakes:
+            self._hold((origin, name), _Held(version, inputs, outputs, done))
+            return
         if not ready or route.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {route.message or 'loading'}")
         signature = route.signature
@@ -170,14 +211,23 @@ class DataPlane:
             lambda _: self._prepare(signature, inputs, outputs),
         )
         buffers = [np.ascontiguousarray(a) for a in inputs.values()]
-        self._send(ready, prepared.prefix, buffers, done)
+        self._send(ready, prepared.prefix, buffers, done, retried=False)
+
+    def _ready_endpoints(self, route: Route) -> list[Endpoint]:
+        ready = [e for e in route.endpoints if e.state == "ready"]
+        if self._suspect and len(ready) > 1:
+            now = self._clock()
+            trusted = [e for e in ready if self._suspect.get(e.address, 0.0) <= now]
+            return trusted or ready
+        return ready
 
     def _send(
         self,
         candidates: list[Endpoint],
         prefix: bytes,
         buffers: list[Any],
-        done: Callable[[InferResult | DataPlaneError], None],
+        done: Done,
+        retried: bool,
     ) -> None:
         endpoint = self._least_busy(candidates)
 
@@ -193,9 +243,12 @@ class DataPlane:
                 )
                 return
             others = [e for e in candidates if e is not endpoint]
-            if isinstance(reply, WorkerUnavailable) and not reply.accepted and others:
-                self._send(others, prefix, buffers, done)  # it never took the request
-                return
+            if isinstance(reply, WorkerUnavailable) and others:
+                self._suspect[endpoint.address] = self._clock() + SUSPECT_SECONDS
+                # Never taken: any other replica. Taken and died on: one other, once.
+                if not reply.accepted or not retried:
+                    self._send(others, prefix, buffers, done, retried or reply.accepted)
+                    return
             done(reply)
 
         self.clients.submit(endpoint.address, prefix, buffers, replied)
@@ -212,6 +265,46 @@ class DataPlane:
             (candidates[(start + i) % count] for i in range(count)),
             key=lambda e: in_flight(e.address) / (e.weight or 1.0),
         )
+
+    # Holding requests for a model scaled to zero
+
+    def _hold(self, key: tuple[str, str], held: _Held) -> None:
+        waiting = self._held.setdefault(key, [])
+        waiting.append(held)
+        loop = asyncio.get_running_loop()
+        held.timer = loop.call_later(self._hold_seconds, self._expire, key, held)
+        if len(waiting) == 1:
+            self._on_hold()
+
+    def _expire(self, key: tuple[str, str], held: _Held) -> None:
+        waiting = self._held.get(key, [])
+        if held in waiting:
+            waiting.remove(held)
+            if not waiting:
+                del self._held[key]
+            error = ModelNotReady(
+                f"model {key[1]!r} was scaled to zero and no replica was ready within "
+                f"{self._hold_seconds:g} s"
+            )
+            held.done(error)
+
+    def release_held(self) -> None:
+        """A new route table arrived: send what was held for models that now have a ready
+        replica; answer what was held for models gone or no longer waking."""
+        for key in list(self._held):
+            route = self.routes.lookup(*key)
+            if route is not None and route.wakes and not self._ready_endpoints(route):
+                continue  # still waking
+            for held in self._held.pop(key):
+                if held.timer is not None:
+                    held.timer.cancel()
+                try:
+                    self.submit(key[0], key[1], held.version, held.inputs, held.outputs, held.done)
+                except DataPlaneError as error:
+                    held.done(error)
+
+    def held(self) -> int:
+        return sum(len(w) for w in self._held.values())
 
     @staticmethod
     def _prepare(

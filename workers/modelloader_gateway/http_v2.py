@@ -185,7 +185,7 @@ class _Infer:
     def _done(self, status: int) -> None:
         if self._entered:
             self._entered = False
-            self._api.dataplane.leave(self._origin)
+            self._api.dataplane.leave(self._origin, self._name)
         if self._series is not None:
             self._series.observe_request(status, time.perf_counter() - self._started)
 

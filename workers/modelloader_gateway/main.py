@@ -54,10 +54,11 @@ def config_from(args: argparse.Namespace) -> GatewayConfig:
 async def serve(config: GatewayConfig, ray_address: str | None, stop: asyncio.Event) -> None:
     """Serve from the published table until `stop` is set, then drain."""
     await route_board.connect(ray_address, "gateway")
-    gateway = Gateway(config)
+    urgent = asyncio.Event()  # a request waits for a model to wake: report the load now
+    gateway = Gateway(config, on_hold=urgent.set)
     await gateway.start()
     try:
-        await route_board.follow(gateway.publish, stop)
+        await route_board.follow(gateway.publish, stop, gateway.dataplane.load.report, urgent)
     finally:
         await gateway.close()
 

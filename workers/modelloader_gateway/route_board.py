@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray.exceptions import RayError
 
+from modelloader_gateway.load import Key, Load
 from modelloader_gateway.routes import RouteTable
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,9 @@ BOARD_NAME = "route-table"
 SYSTEM_NAMESPACE = "modelloader-system"
 # A gateway's long poll returns at least this often, so a board that went away is noticed.
 POLL_SECONDS = 10.0
+# How often a gateway reports its load, and how old a report may be and still count.
+REPORT_SECONDS = 1.0
+STALE_REPORT_SECONDS = 10.0
 
 
 class RouteBoard:
@@ -35,6 +40,34 @@ class RouteBoard:
     def __init__(self) -> None:
         self._table: RouteTable | None = None
         self._changed = asyncio.Event()
+        # gateway -> when it last reported, its models' mean in flight, requests not yet read
+        self._in_flight: dict[str, tuple[float, dict[Key, float]]] = {}
+        self._requests: dict[Key, int] = {}
+        self._reported = asyncio.Event()
+
+    async def report(self, gateway: str, loads: dict[Key, Load]) -> None:
+        self._in_flight[gateway] = (time.monotonic(), {k: v.in_flight for k, v in loads.items()})
+        for key, load in loads.items():
+            self._requests[key] = self._requests.get(key, 0) + load.requests
+        self._reported.set()
+
+    async def load(self) -> dict[Key, Load]:
+        """Every fresh gateway's last report summed, and the requests since the last read."""
+        now = time.monotonic()
+        summed: dict[Key, float] = {}
+        for gateway, (at, loads) in list(self._in_flight.items()):
+            if now - at > STALE_REPORT_SECONDS:
+                del self._in_flight[gateway]
+                continue
+            for key, value in loads.items():
+                summed[key] = summed.get(key, 0.0) + value
+        out = {
+            key: Load(summed.get(key, 0.0), self._requests.get(key, 0))
+            for key in {*summed, *self._requests}
+        }
+        self._requests.clear()
+        self._reported.clear()
+        return out
 
     async def put(self, table: RouteTable) -> int:
         revision = max(time.time_ns(), (self._table.revision + 1) if self._table else 0)
@@ -86,42 +119,93 @@ def _board(create: bool) -> Any:
 
 
 class RayRouteChannel:
-    """The operator's side: publish a table for every gateway of the cluster."""
+    """The operator's side: publish a table for every gateway of the cluster, and read the
+    load they report."""
 
     def __init__(self) -> None:
         self._board: Any = None
 
-    async def publish(self, table: RouteTable) -> None:
+    async def _call(self, method: str, *args: Any) -> Any:
         if self._board is None:
             self._board = await asyncio.to_thread(_board, True)
         try:
-            await asyncio.wait_for(self._board.put.remote(table), 30)
+            return await asyncio.wait_for(getattr(self._board, method).remote(*args), 30)
         except (RayError, TimeoutError):
             self._board = None  # looked up again next time (its node may have gone)
             raise
 
+    async def publish(self, table: RouteTable) -> None:
+        await self._call("put", table)
 
-async def follow(publish: Callable[[RouteTable], None], stop: asyncio.Event) -> None:
-    """A gateway's side: hand every new table to `publish` until `stop` is set."""
+    async def load(self) -> dict[Key, Load]:
+        loads: dict[Key, Load] = await self._call("load")
+        return loads
+
+
+async def follow(
+    publish: Callable[[RouteTable], None],
+    stop: asyncio.Event,
+    report: Callable[[], dict[Key, Load]] | None = None,
+    urgent: asyncio.Event | None = None,
+) -> None:
+    """A gateway's side: hand every new table to `publish` until `stop` is set; with
+    `report`, send the gateway's load to the board every `REPORT_SECONDS`, and at once
+    when `urgent` is set (a request held for a model scaled to zero)."""
+    reporting = (
+        asyncio.ensure_future(_report(report, stop, urgent or asyncio.Event()))
+        if report is not None
+        else None
+    )
     board: Any = None
     revision: int | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if board is None:
+                    board = await asyncio.to_thread(_board, False)
+                newer = asyncio.ensure_future(
+                    asyncio.wait_for(board.newer.remote(revision, POLL_SECONDS), POLL_SECONDS + 20)
+                )
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({newer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not newer.done():
+                    newer.cancel()
+                    break
+                table = newer.result()
+            except (ValueError, RayError, TimeoutError) as error:
+                # No board yet (no operator has published), or it went away: keep the table.
+                if board is not None:
+                    log.warning("the route table's board is unreachable: %s", error)
+                board = None
+                await _pause(stop, 1.0)
+                continue
+            if table is not None:
+                revision = table.revision
+                publish(table)
+    finally:
+        if reporting is not None:
+            reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporting
+
+
+async def _report(
+    report: Callable[[], dict[Key, Load]], stop: asyncio.Event, urgent: asyncio.Event
+) -> None:
+    name = f"gateway-{uuid.uuid4().hex[:12]}"
+    board: Any = None
     while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(urgent.wait(), REPORT_SECONDS)
+        urgent.clear()
+        loads = report()
         try:
             if board is None:
                 board = await asyncio.to_thread(_board, False)
-            table = await asyncio.wait_for(
-                board.newer.remote(revision, POLL_SECONDS), POLL_SECONDS + 20
-            )
-        except (ValueError, RayError, TimeoutError) as error:
-            # No board yet (no operator has published), or it went away: keep the last table.
-            if board is not None:
-                log.warning("the route table's board is unreachable: %s", error)
-            board = None
-            await _pause(stop, 1.0)
-            continue
-        if table is not None:
-            revision = table.revision
-            publish(table)
+            await asyncio.wait_for(board.report.remote(name, loads), 10)
+        except (ValueError, RayError, TimeoutError):
+            board = None  # no operator yet: its load is of no use to anyone
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -48,6 +48,8 @@ class Route:
     signature: Signature | None = None
     # Where it runs (node, accelerator, delegate): shown only to origins whose policy says so.
     placement: Mapping[str, Any] | None = None
+    # Scaled to zero: a request is held while a replica starts, not refused.
+    wakes: bool = False
 
     @property
     def ready(self) -> bool:

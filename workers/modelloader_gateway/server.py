@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from modelloader_workers.gc_pauses import freeze_long_lived
 from prometheus_client import CollectorRegistry
 
-from modelloader_gateway.dataplane import DataPlane
+from modelloader_gateway.dataplane import HOLD_SECONDS, DataPlane
 from modelloader_gateway.http_server import HttpServer
 from modelloader_gateway.http_v2 import BODY_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, V2Api
 from modelloader_gateway.metrics import GatewayMetrics
@@ -37,10 +38,17 @@ class GatewayConfig:
     idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS
     body_timeout_seconds: float = BODY_TIMEOUT_SECONDS
     drain_seconds: float = DRAIN_SECONDS
+    hold_seconds: float = HOLD_SECONDS  # a request for a model scaled to zero waits this long
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: CollectorRegistry | None = None,
+        on_hold: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`on_hold`: a request waits for a model scaled to zero (wake the control plane)."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(NvmlCollector())  # GPU series only where NVML finds a GPU
@@ -48,7 +56,13 @@ class Gateway:
         self.clients = WorkerClients()
         # Ready once a route table has arrived, and while nothing says otherwise.
         self.problem: str | None = None
-        self.dataplane = DataPlane(self.routes, self.clients, ready=self.ready)
+        self.dataplane = DataPlane(
+            self.routes,
+            self.clients,
+            ready=self.ready,
+            hold_seconds=config.hold_seconds,
+            on_hold=on_hold,
+        )
         self.http = HttpServer(
             V2Api(
                 self.dataplane,
@@ -67,6 +81,7 @@ class Gateway:
         """Route from `table` now; links to workers it no longer names are closed."""
         self.routes.publish(table)
         self.clients.forget_except(self.routes.addresses())
+        self.dataplane.release_held()
 
     def unready(self, problem: str | None) -> None:
         """Fail readiness with a reason (the serving cluster is gone), or clear it."""
