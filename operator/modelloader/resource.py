@@ -26,6 +26,7 @@ ACCELERATORS: tuple[Accelerator, ...] = ("auto", "cpu", "gpu", "npu")
 DELEGATIONS: tuple[Delegation, ...] = ("whole", "partitioned")
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
 MAX_THREADS = 64
+MAX_REPLICAS = 100
 
 # Kubernetes object names (DNS-1123 subdomain) and origins (DNS-1123 label).
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
@@ -55,6 +56,18 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Autoscaling:
+    """Replicas follow the requests in flight (Knative's and Ray Serve's signal): about
+    `target_in_flight` per replica, within [min_replicas, max_replicas]."""
+
+    max_replicas: int
+    min_replicas: int = 1  # 0: scaled to zero when idle, woken by the next request
+    target_in_flight: float = 2.0
+    scale_down_delay_seconds: float = 30.0  # lower load must last this long to scale down
+    scale_to_zero_after_seconds: float = 60.0  # idle this long: zero replicas (min 0 only)
+
+
+@dataclass(frozen=True)
 class LoadedModelSpec:
     origin: str
     source: Source
@@ -63,6 +76,14 @@ class LoadedModelSpec:
     precision: Precision = "fp32"
     threads: int = 1
     resources: Resources = Resources()
+    replicas: int = 1  # a fixed count (`kubectl scale`, an HPA); ignored with `autoscaling`
+    autoscaling: Autoscaling | None = None
+
+    def loaded_as(self) -> dict[str, Any]:
+        """What a worker must load: the spec less how many replicas run it."""
+        loaded = asdict(self)
+        del loaded["replicas"], loaded["autoscaling"]
+        return loaded
 
 
 @dataclass(frozen=True)
@@ -81,7 +102,7 @@ class LoadedModel:
     @property
     def fingerprint(self) -> str:
         """Changes exactly when what the worker must load changes."""
-        data = {"spec": asdict(self.spec), "base": str(self.base_dir)}
+        data = {"spec": self.spec.loaded_as(), "base": str(self.base_dir)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -113,7 +134,17 @@ def parse_loaded_model(
 def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
     _no_unknown(
         spec,
-        {"origin", "source", "accelerator", "delegation", "precision", "threads", "resources"},
+        {
+            "origin",
+            "source",
+            "accelerator",
+            "delegation",
+            "precision",
+            "threads",
+            "resources",
+            "replicas",
+            "autoscaling",
+        },
         "spec",
     )
     origin = _string(spec.get("origin", namespace), "spec.origin")
@@ -149,6 +180,15 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
             "spec.delegation: 'whole' puts the whole graph on an accelerator; with accelerator "
             "'cpu' use 'partitioned'"
         )
+    if "replicas" in spec and "autoscaling" in spec:  # the CRD's CEL rule says the same
+        raise ManifestError(
+            "spec.replicas: a fixed count and spec.autoscaling are exclusive; remove one "
+            "(kubectl scale sets spec.replicas)"
+        )
+    replicas = _whole(spec, "replicas", 0, MAX_REPLICAS, 1, "spec")
+    autoscaling = None
+    if "autoscaling" in spec:
+        autoscaling = _autoscaling(_mapping(spec["autoscaling"], "spec.autoscaling"))
     return LoadedModelSpec(
         origin=origin,
         source=Source(uri, sha256),
@@ -157,7 +197,69 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
         precision=cast(Precision, _enum(spec, "precision", PRECISIONS, "fp32")),
         threads=threads,
         resources=resources,
+        replicas=replicas,
+        autoscaling=autoscaling,
     )
+
+
+def _autoscaling(raw: Mapping[str, Any]) -> Autoscaling:
+    where = "spec.autoscaling"
+    _no_unknown(
+        raw,
+        {
+            "minReplicas",
+            "maxReplicas",
+            "targetInFlight",
+            "scaleDownDelaySeconds",
+            "scaleToZeroAfterSeconds",
+        },
+        where,
+    )
+    if "maxReplicas" not in raw:
+        raise ManifestError(f"{where}.maxReplicas: required")
+    maximum = _whole(raw, "maxReplicas", 1, MAX_REPLICAS, 1, where)
+    minimum = _whole(raw, "minReplicas", 0, MAX_REPLICAS, 1, where)
+    if minimum > maximum:
+        raise ManifestError(f"{where}.minReplicas: {minimum} is more than maxReplicas ({maximum})")
+    target = _number(raw, "targetInFlight", 2.0, where, low=0.0, high=10000.0, open_low=True)
+    return Autoscaling(
+        max_replicas=maximum,
+        min_replicas=minimum,
+        target_in_flight=target,
+        scale_down_delay_seconds=_number(
+            raw, "scaleDownDelaySeconds", 30.0, where, low=0.0, high=3600.0
+        ),
+        scale_to_zero_after_seconds=_number(
+            raw, "scaleToZeroAfterSeconds", 60.0, where, low=0.0, high=86400.0
+        ),
+    )
+
+
+def _whole(raw: Mapping[str, Any], key: str, low: int, high: int, default: int, where: str) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ManifestError(f"{where}.{key}: must be a whole number from {low} to {high}")
+    return value
+
+
+def _number(
+    raw: Mapping[str, Any],
+    key: str,
+    default: float,
+    where: str,
+    *,
+    low: float,
+    high: float,
+    open_low: bool = False,
+) -> float:
+    value = raw.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and (value <= low if open_low else value < low):
+        ok = False
+    if not ok or value > high:
+        bound = f"more than {low:g}" if open_low else f"from {low:g}"
+        raise ManifestError(f"{where}.{key}: must be a number {bound} to {high:g}")
+    return float(value)
 
 
 def _mapping(value: Any, field: str) -> Mapping[str, Any]:

@@ -13,7 +13,7 @@ import yaml
 from modelloader import resource
 from modelloader.quantity import QUANTITY_PATTERN
 
-from tests.support.crd_schema import crd_validator
+from tests.support.crd_schema import cel_failures, crd_validator
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((REPO / "crds" / "loadedmodel.yaml").read_text())
@@ -39,7 +39,14 @@ def test_shape_of_the_resource() -> None:
     assert CRD["spec"]["group"] == "modelloader.dev"
     assert CRD["spec"]["scope"] == "Namespaced"
     assert CRD["spec"]["names"]["shortNames"] == ["lm"]
-    assert VERSION["name"] == "v1alpha1" and VERSION["subresources"] == {"status": {}}
+    assert VERSION["name"] == "v1alpha1" and VERSION["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
     columns = {c["name"] for c in VERSION["additionalPrinterColumns"]}
     assert columns == {"Origin", "Accelerator", "Phase", "Ready", "Age"}
     assert SCHEMA["properties"]["spec"]["x-kubernetes-validations"]
@@ -53,6 +60,10 @@ def test_enums_and_patterns_match_the_parser() -> None:
     assert SPEC["source"]["properties"]["sha256"]["pattern"] == resource.SHA256_PATTERN
     assert SPEC["source"]["properties"]["uri"]["pattern"] == resource.URI_PATTERN
     assert SPEC["threads"]["maximum"] == resource.MAX_THREADS
+    assert SPEC["replicas"]["maximum"] == resource.MAX_REPLICAS
+    scaling = SPEC["autoscaling"]["properties"]
+    assert scaling["maxReplicas"]["maximum"] == scaling["minReplicas"]["maximum"]
+    assert scaling["maxReplicas"]["maximum"] == resource.MAX_REPLICAS
     for key in ("memory", "cpu"):
         assert SPEC["resources"]["properties"][key]["pattern"] == QUANTITY_PATTERN
 
@@ -84,3 +95,45 @@ def test_the_schema_rejects_invalid_manifests(change: Any, path: str) -> None:
     assert errors, f"{path} should have been rejected"
     with pytest.raises(resource.ManifestError):
         resource.parse_loaded_model(doc)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"replicas": 2, "autoscaling": {"maxReplicas": 3}}, "spec.replicas"),
+        ({"autoscaling": {"minReplicas": 4, "maxReplicas": 3}}, "spec.autoscaling.minReplicas"),
+        ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
+        ({"autoscaling": {"maxReplicas": 3, "targetInFlight": 0}}, "targetInFlight"),
+        ({"autoscaling": {"maxReplicas": 3, "scaleDownDelaySeconds": -1}}, "scaleDownDelay"),
+        ({"replicas": -1}, "spec.replicas"),
+        ({"replicas": 101}, "spec.replicas"),
+        ({"replicas": True}, "spec.replicas"),
+    ],
+)
+def test_replicas_and_autoscaling_are_checked_alike_by_crd_cel_and_parser(
+    spec: dict[str, Any], field: str
+) -> None:
+    doc = copy.deepcopy(example_manifests()[0])
+    doc["spec"].update(spec)
+    broken = list(validator().iter_errors(doc)) + cel_failures("loadedmodel.yaml", doc)
+    assert broken, f"the CRD accepted {spec}"
+    with pytest.raises(resource.ManifestError) as caught:
+        resource.parse_loaded_model(doc)
+    assert field in str(caught.value)
+
+
+def test_a_fixed_count_or_autoscaling_parse_and_leave_the_fingerprint_alone() -> None:
+    doc = copy.deepcopy(example_manifests()[0])
+    base = resource.parse_loaded_model(doc)
+    assert base.spec.replicas == 1 and base.spec.autoscaling is None
+    doc["spec"]["replicas"] = 3
+    three = resource.parse_loaded_model(doc)
+    assert three.spec.replicas == 3 and three.fingerprint == base.fingerprint
+    del doc["spec"]["replicas"]
+    doc["spec"]["autoscaling"] = {"minReplicas": 0, "maxReplicas": 4, "targetInFlight": 1.5}
+    assert not list(validator().iter_errors(doc)) and not cel_failures("loadedmodel.yaml", doc)
+    scaled = resource.parse_loaded_model(doc)
+    assert scaled.spec.autoscaling == resource.Autoscaling(
+        max_replicas=4, min_replicas=0, target_in_flight=1.5
+    )
+    assert scaled.fingerprint == base.fingerprint
