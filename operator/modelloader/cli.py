@@ -354,20 +354,22 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def format_table(items: Sequence[dict[str, Any]]) -> str:
-    rows = [("NAMESPACE", "NAME", "ORIGIN", "PHASE", "MESSAGE")]
+    """As `kubectl get lm` shows them: READY is replicas serving / wanted."""
+    rows = [("NAMESPACE", "NAME", "ORIGIN", "PHASE", "READY", "MESSAGE")]
     rows += [
         (
             i["namespace"],
             i["name"],
             i["origin"],
             i["status"].get("phase", ""),
+            i["status"].get("ready", ""),
             i["status"].get("message", ""),
         )
         for i in items
     ]
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
     return "\n".join(
-        "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:4])) + "  " + row[4]
+        "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:5])) + "  " + row[5]
         for row in rows
     )
 

@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol
 
+from modelloader_gateway.load import Load
 from modelloader_gateway.routes import RouteTable
 from modelloader_workers.wire.identity import ModelKey
 
 from modelloader import status
 from modelloader.control_metrics import ControlMetrics, quota_limits
 from modelloader.manifests import Rejected
-from modelloader.placement import PlacementConfig
+from modelloader.placement import Node, PlacementConfig
 from modelloader.planner import DEFAULT_POLICIES, plan
 from modelloader.policy import Policies
 from modelloader.resource import LoadedModel
+from modelloader.scaling import Scaled, Scaler
 from modelloader.tenancy import TokenSecret, access_table
 from modelloader.worker_pool import H, Sources, WorkerPool, Workers
 
@@ -46,6 +48,8 @@ class Desired:
     # Who a call without a token acts for, where that origin's policy allows it.
     anonymous_origin: str | None = None
     problems: tuple[str, ...] = ()  # the source's own warnings (a file that does not parse)
+    # The desired replicas a previous control plane published (status.desiredReplicas).
+    scale_hints: Mapping[ModelKey, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Outcome:
     listing: list[dict[str, Any]]  # namespace, name, origin, status: what `status` shows
     origins: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # OriginPolicy status
     problems: tuple[str, ...] = ()
+    scaled: tuple[Scaled, ...] = ()  # the autoscaler's changes in this pass
 
 
 class DesiredSource(Protocol):
@@ -69,11 +74,17 @@ class StatusSink(Protocol):
 class RouteChannel(Protocol):
     async def publish(self, table: RouteTable) -> None: ...
 
+    async def load(self) -> Mapping[tuple[str, str], Load]:
+        """The gateways' load per (origin, model) since the last call."""
+        ...
+
 
 class Runtime(Workers[H], Protocol[H]):
     """The Ray adapter, as the loop uses it besides the pool."""
 
     async def recent_capacity(self) -> dict[str, float]: ...
+
+    async def recent_nodes(self) -> list[Node]: ...
 
     def fill_warm_pool(self) -> None: ...
 
@@ -117,6 +128,7 @@ class ControlLoop(Generic[H]):
         self._published: RouteTable | None = None
         self._revision = 0
         self._restart_requested = False
+        self.scaler = Scaler()  # kept across `restart`: a restarted loop in this process
 
     def _new_pool(self) -> WorkerPool[H]:
         return WorkerPool(self.runtime, self.sources, self.metrics, self.wake)
@@ -205,11 +217,35 @@ class ControlLoop(Generic[H]):
 
     async def _pass(self, desired: Desired) -> None:
         capacity = await self.runtime.recent_capacity()
+        nodes = await self.runtime.recent_nodes()
         policies = desired.policies
+        views = self.pool.views()
+        loads = await self.channel.load()
+        running: dict[ModelKey, int] = {}
+        for view in views:
+            if view.state in ("starting", "ready"):
+                running[view.key] = running.get(view.key, 0) + 1
+        scale, scaled = self.scaler.update(
+            desired.models, loads, running, time.monotonic(), desired.scale_hints
+        )
         result = plan(
-            desired.models, self.pool.views(), capacity, self.settings.placement, policies
+            desired.models,
+            views,
+            capacity,
+            self.settings.placement,
+            policies,
+            scale=scale,
+            nodes=nodes,
+            signatures=self.pool.signatures,
         )
         self.pool.apply(result.effects)
+        self.pool.forget_signatures({(m.key, m.fingerprint) for m in desired.models})
+        for change in scaled:
+            direction = "up" if change.after > change.before else "down"
+            self.metrics.scaling_decisions.labels(change.origin, change.key.name, direction).inc()
+            log.info(
+                "%s: %d -> %d replicas (%s)", change.key, change.before, change.after, change.reason
+            )
 
         now = datetime.now(UTC)
         statuses: dict[ModelKey, dict[str, Any]] = {}
@@ -228,6 +264,17 @@ class ControlLoop(Generic[H]):
         self._statuses = statuses
 
         self.metrics.count_phases([item["status"]["phase"] for item in listing])
+        self.metrics.publish_replicas(
+            {
+                (m.spec.origin, m.name): (
+                    state.desired,
+                    sum(1 for w in state.replicas if w.state in ("starting", "ready")),
+                    len(state.serving),
+                )
+                for m in desired.models
+                if (state := result.states[m.key]) is not None
+            }
+        )
         self.metrics.observe_pass([(m.spec.origin, m.name) for m in desired.models], result.effects)
         usage = result.admission.usage  # per origin; a limit of None is unlimited: no series
         self.metrics.publish_quotas(
@@ -255,7 +302,8 @@ class ControlLoop(Generic[H]):
         problems = desired.problems + tuple(
             f"Secret {p.namespace}/{p.name}: {p.message}" for p in secret_problems
         )
-        await self.sink.publish(Outcome(statuses, listing, origins, problems), desired)
+        outcome = Outcome(statuses, listing, origins, problems, tuple(scaled))
+        await self.sink.publish(outcome, desired)
 
 
 def _item(key: ModelKey, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:

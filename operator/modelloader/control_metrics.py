@@ -37,6 +37,7 @@ RECONCILE_BUCKETS = (
     10.0,
 )
 REPAIR_ACTIONS = ("start", "stop")
+REPLICA_STATES = ("desired", "current", "ready")
 
 
 class ControlMetrics:
@@ -93,8 +94,22 @@ class ControlMetrics:
             ["origin", "resource"],
             registry=registry,
         )
+        self.replicas = Gauge(
+            "modelloader_replicas",
+            "A model's replicas: desired (the fixed count or the autoscaler's), current (of "
+            "its current spec, starting or serving) and ready (serving).",
+            ["origin", "model", "state"],
+            registry=registry,
+        )
+        self.scaling_decisions = Counter(
+            "modelloader_autoscaler_decisions",
+            "Changes of a model's desired replicas made by its autoscaler.",
+            ["origin", "model", "direction"],
+            registry=registry,
+        )
         self._models_seen: set[tuple[str, str]] = set()
         self._quota_seen: dict[str, tuple[set[str], set[str]]] = {}
+        self._replicas_seen: set[tuple[str, str]] = set()
 
     def count_phases(self, phases: list[str]) -> None:
         for phase in PHASES:
@@ -115,6 +130,16 @@ class ControlMetrics:
                 if labels[:2] == (origin, name):
                     _remove(self.load_duration, *labels)
         self._models_seen = current
+
+    def publish_replicas(self, counts: Mapping[tuple[str, str], tuple[int, int, int]]) -> None:
+        """(origin, model) -> (desired, current, ready); models not named lose their series."""
+        for (origin, name), values in counts.items():
+            for state, value in zip(REPLICA_STATES, values, strict=True):
+                self.replicas.labels(origin, name, state).set(value)
+        for origin, name in self._replicas_seen - set(counts):
+            for state in REPLICA_STATES:
+                _remove(self.replicas, origin, name, state)
+        self._replicas_seen = set(counts)
 
     def publish_quota(
         self,

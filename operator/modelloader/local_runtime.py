@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from modelloader_gateway.load import Key, Load
 from modelloader_gateway.routes import RouteTable
 from modelloader_gateway.server import Gateway, GatewayConfig
 from prometheus_client import CollectorRegistry
@@ -145,13 +146,17 @@ class GatewayChannel:
             self._sink.ray_problem = None
             self._gateway.unready(None)
 
+    async def load(self) -> dict[Key, Load]:
+        return self._gateway.dataplane.load.report()
+
 
 class LocalRuntime:
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = ControlMetrics(self.registry)
-        self.gateway = Gateway(config.gateway, self.registry)
+        # A request held for a model scaled to zero wakes the loop: its autoscaler decides now.
+        self.gateway = Gateway(config.gateway, self.registry, on_hold=self._wake_loop)
         self.sink = MemorySink()
         self.source = FileSource(config.paths, config.default_policy)
         self.sources = ModelSources(config.sources)
@@ -175,6 +180,10 @@ class LocalRuntime:
             await self._serve_until_stopped()
         finally:
             await self.shutdown()
+
+    def _wake_loop(self) -> None:
+        if self.loop is not None:
+            self.loop.wake()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -97,7 +97,13 @@ class KubeCache:
             return None
         models, rejected = desired(self.bodies.values())
         secrets = [s for s in self.token_secrets.values() if isinstance(s, TokenSecret)]
-        return Desired(models, rejected, self.policies(), secrets)
+        hints = {
+            key: int(status["desiredReplicas"])
+            for key, body in self.bodies.items()
+            if isinstance(status := body.get("status"), Mapping)
+            and isinstance(status.get("desiredReplicas"), int)
+        }
+        return Desired(models, rejected, self.policies(), secrets, scale_hints=hints)
 
 
 class KubeSink:
@@ -117,6 +123,12 @@ class KubeSink:
             return
         await self._statuses(self.client, outcome.statuses)
         await self._origins(self.client, outcome.origins, desired.policies)
+        for change in outcome.scaled:
+            body = self.cache.bodies.get(change.key)
+            if body is not None:
+                reason = "ScaledUp" if change.after > change.before else "ScaledDown"
+                message = f"{change.before} -> {change.after} replicas: {change.reason}"
+                await self._post(self.client, body, "Normal", reason, message)
 
     async def _statuses(
         self, client: KubeClient, statuses: Mapping[ModelKey, dict[str, Any]]
@@ -153,14 +165,19 @@ class KubeSink:
         for gone in set(self.origins_patched) - set(known.by_origin):
             del self.origins_patched[gone]
 
-    @staticmethod
     async def _event(
-        client: KubeClient, body: Mapping[str, Any], rendered: Mapping[str, Any]
+        self, client: KubeClient, body: Mapping[str, Any], rendered: Mapping[str, Any]
     ) -> None:
         phase = str(rendered.get("phase"))
         kind = "Warning" if phase == "Failed" else "Normal"
+        await self._post(client, body, kind, phase, str(rendered.get("message") or phase))
+
+    @staticmethod
+    async def _post(
+        client: KubeClient, body: Mapping[str, Any], kind: str, reason: str, message: str
+    ) -> None:
         try:  # events are a courtesy; the status is the record
-            await client.post_event(body, kind, phase, str(rendered.get("message") or phase))
+            await client.post_event(body, kind, reason, message)
         except Exception as error:
             log.warning("posting an event failed: %s", error)
 

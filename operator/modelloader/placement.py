@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from modelloader.resource import Accelerator, LoadedModelSpec
@@ -62,3 +62,34 @@ def fits_warm_process(spec: LoadedModelSpec, accelerator: str, shared: bool) -> 
         and not spec.resources.cpu
         and not spec.resources.memory_bytes
     )
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node of the cluster, and the resources it has free, as Ray last reported them."""
+
+    id: str
+    free: Mapping[str, float]
+
+
+def spread_node(
+    nodes: Sequence[Node],
+    resources: Mapping[str, float],
+    siblings: Mapping[str, int],
+    load: Mapping[str, int],
+) -> str | None:
+    """The node for a model's next replica: among the nodes with room for what it reserves
+    (`resources`; any node with CPUs when it reserves nothing special), one hosting the fewest
+    of its sibling replicas, then the fewest workers. None when there is no choice to make:
+    Ray places it."""
+    wanted = {name: amount for name, amount in resources.items() if amount > 0}
+    fits = [
+        n
+        for n in nodes
+        if all(n.free.get(name, 0) >= amount for name, amount in wanted.items())
+        and (wanted or n.free.get("CPU", 0) > 0 or "CPU" in n.free)
+    ]
+    if len(fits) < 2:
+        return None
+    best = min(fits, key=lambda n: (siblings.get(n.id, 0), load.get(n.id, 0), n.id))
+    return best.id

@@ -13,6 +13,7 @@ to load leaves the old one serving.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, cast
@@ -23,7 +24,14 @@ from modelloader_workers.wire.identity import ModelKey
 from modelloader_workers.wire.placement import Placement
 from modelloader_workers.wire.signature import Signature
 
-from modelloader.placement import PlacementConfig, Scheduled, Unschedulable, choose_accelerator
+from modelloader.placement import (
+    Node,
+    PlacementConfig,
+    Scheduled,
+    Unschedulable,
+    choose_accelerator,
+    spread_node,
+)
 from modelloader.policy import Policies
 from modelloader.quota import Admission, Admitted, Waiting, admit, model_memory
 from modelloader.resource import Accelerator, LoadedModel
@@ -78,6 +86,7 @@ class StartWorker:
     max_model_bytes: int | None = None  # the origin's limit on the model file's size
     process: ProcessSlot | None = None  # a shared process to load into (perOrigin)
     replica: int = 0
+    node: str | None = None  # the node to prefer (away from the model's other replicas)
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,17 @@ class ModelState:
     phase: Phase
     message: str
     conditions: Conditions
-    serving: WorkerView | None = None  # where requests go
-    current: WorkerView | None = None  # the worker for the current spec, if any
+    serving: tuple[WorkerView, ...] = ()  # where requests go
+    replicas: tuple[WorkerView, ...] = ()  # the current spec's replicas, in any state
+    desired: int = 1  # replicas wanted now (the fixed count, or the autoscaler's)
+    # Scaled to zero by its autoscaler: the gateway holds requests while a replica starts.
+    wakes: bool = False
+    signature: Signature | None = None  # what it last loaded, while no replica runs
+
+    @property
+    def shown(self) -> WorkerView | None:
+        """The replica whose signature and placement the status shows."""
+        return self.serving[0] if self.serving else (self.replicas[0] if self.replicas else None)
 
 
 @dataclass(frozen=True)
@@ -134,9 +152,14 @@ def plan(
     capacity: Mapping[str, float],
     config: PlacementConfig = DEFAULT_PLACEMENT,
     policies: Policies = DEFAULT_POLICIES,
+    scale: Mapping[ModelKey, int] | None = None,
+    nodes: Sequence[Node] = (),
+    signatures: Mapping[tuple[ModelKey, str], Signature] | None = None,
 ) -> Plan:
     """`models` in creation order: on a name clash within an origin, the earlier one wins,
-    and within an origin's quota, the earlier one runs."""
+    and within an origin's quota, the earlier one runs. `scale`: the autoscaler's replica
+    counts for models with `spec.autoscaling`; `nodes`: the cluster's nodes, over which a
+    model's replicas are spread; `signatures`: what each (model, spec) last loaded."""
     effects: list[Effect] = []
     states: dict[ModelKey, ModelState] = {}
     by_key: dict[ModelKey, list[WorkerView]] = {}
@@ -166,29 +189,30 @@ def plan(
         decision = choose_accelerator(cast(Accelerator, accelerator), capacity, config)
         return isinstance(decision, Scheduled)
 
-    # Only a worker for the current spec holds a model's place: an edited spec is admitted
+    # Only workers for the current spec hold a model's place: an edited spec is admitted
     # again (its old generation keeps serving meanwhile), so an edit cannot grow past a quota.
     current = {
         m.key: [w for w in by_key.get(m.key, []) if w.fingerprint == m.fingerprint] for m in bound
     }
+    wanted = {m.key: wanted_replicas(m, current[m.key], scale or {}) for m in bound}
     admission = admit(
         bound,
-        [key for key, mine in current.items() if mine],
+        {key: len({w.replica for w in mine if w.state != "dead"}) for key, mine in current.items()},
         policies,
         {key: _placed(mine) for key, mine in current.items() if _placed(mine)},
         schedulable,
+        wanted,
     )
     slots = _SlotCounter(workers)
+    spread = _Spread(workers, nodes)
     for model in bound:
         mine = by_key.pop(model.key, [])
         decision = admission.decisions[model.key]
         if isinstance(decision, Waiting):
-            fallback = max(
-                (w for w in mine if w.state == "ready"), key=lambda w: w.generation, default=None
-            )
-            keep = [fallback] if fallback is not None else []
+            older = _newest_first([w for w in mine if w.state == "ready"])
+            keep = older[: max(1, wanted[model.key])]
             effects += [StopWorker(w.id, "superseded") for w in mine if w not in keep]
-            states[model.key] = _waiting(decision, fallback)
+            states[model.key] = _waiting(decision, tuple(keep), wanted[model.key])
             continue
         policy = policies.of(model.spec.origin)
         starts = _Starts(
@@ -199,8 +223,13 @@ def plan(
             max_model_bytes=policy.quota.max_model_bytes,
             slots=slots if policy.isolation == "perOrigin" else None,
             slot_count=policy.process_slots(),
+            spread=spread,
         )
-        step_effects, states[model.key] = _plan_one(model, mine, starts)
+        step_effects, state = _plan_model(model, mine, starts, wanted[model.key], decision)
+        if state.wakes and state.signature is None:
+            known = (signatures or {}).get((model.key, model.fingerprint))
+            state = dataclasses.replace(state, signature=known)
+        states[model.key] = state
         effects += step_effects
 
     for leftover in by_key.values():  # workers whose LoadedModel is gone
@@ -209,21 +238,47 @@ def plan(
     return Plan(tuple(effects), states, admission, routes)
 
 
+def wanted_replicas(
+    model: LoadedModel, current: Sequence[WorkerView], scale: Mapping[ModelKey, int]
+) -> int:
+    """Replicas wanted now: the fixed count, or the autoscaler's within its bounds (before
+    its first decision: what runs, and at least one, so that a new model is loaded once)."""
+    auto = model.spec.autoscaling
+    if auto is None:
+        return model.spec.replicas
+    if model.key in scale:
+        count = scale[model.key]
+    else:
+        count = max(1, len({w.replica for w in current if w.state in ("starting", "ready")}))
+    return max(auto.min_replicas, min(auto.max_replicas, count))
+
+
 def route(model: LoadedModel, state: ModelState) -> Route:
     """What a gateway needs of a model: the endpoints that serve it, or why none does."""
-    serving = state.serving
-    endpoints: tuple[Endpoint, ...] = ()
-    if serving is not None and serving.address is not None:
-        accelerator = serving.placement.accelerator if serving.placement else "cpu"
-        endpoints = (Endpoint(serving.address, serving.id, accelerator=accelerator),)
+    endpoints = tuple(
+        Endpoint(
+            w.address,
+            w.id,
+            accelerator=w.placement.accelerator if w.placement else "cpu",
+        )
+        for w in state.serving
+        if w.address is not None
+    )
+    shown = state.serving[0] if state.serving else None
     return Route(
         origin=model.spec.origin,
         name=model.name,
         endpoints=endpoints,
         message=state.message,
-        signature=serving.signature if serving is not None else None,
-        placement=serving.placement.to_dict() if serving and serving.placement else None,
+        signature=shown.signature if shown is not None else _known_signature(state),
+        placement=shown.placement.to_dict() if shown and shown.placement else None,
+        wakes=state.wakes,
     )
+
+
+def _known_signature(state: ModelState) -> Signature | None:
+    """A model scaled to zero keeps answering metadata with what it last loaded."""
+    return state.signature if state.wakes else None
 
 
 def _placed(workers: Sequence[WorkerView]) -> str:
@@ -251,9 +306,41 @@ class _SlotCounter:
         return chosen
 
 
+class _Spread:
+    """Where each model's replicas run, and how many workers each node hosts: a new replica
+    goes to a node its siblings are not on (losing a node loses one replica), the least
+    loaded one first."""
+
+    def __init__(self, workers: Sequence[WorkerView], nodes: Sequence[Node]) -> None:
+        self.nodes = list(nodes)
+        self.siblings: dict[ModelKey, dict[str, int]] = {}
+        self.load: dict[str, int] = {}
+        for worker in workers:
+            if worker.state in ("starting", "ready") and worker.placement is not None:
+                self.count(worker.key, worker.placement.node_id)
+
+    def count(self, key: ModelKey, node: str) -> None:
+        mine = self.siblings.setdefault(key, {})
+        mine[node] = mine.get(node, 0) + 1
+        self.load[node] = self.load.get(node, 0) + 1
+
+    def take(self, key: ModelKey, resources: Mapping[str, float]) -> str | None:
+        node = spread_node(self.nodes, resources, self.siblings.get(key, {}), self.load)
+        if node is not None:
+            self.count(key, node)
+            # What this pass places is no longer free for the next start of the pass.
+            self.nodes = [
+                Node(n.id, {r: v - resources.get(r, 0.0) for r, v in n.free.items()})
+                if n.id == node
+                else n
+                for n in self.nodes
+            ]
+        return node
+
+
 @dataclass
 class _Starts:
-    """How to start a worker for one admitted model, when the plan needs one."""
+    """How to start a replica of one admitted model, when the plan needs one."""
 
     model: LoadedModel
     admitted: Admitted
@@ -262,16 +349,20 @@ class _Starts:
     max_model_bytes: int | None
     slots: _SlotCounter | None  # perOrigin: the origin's shared processes
     slot_count: int
+    spread: _Spread
 
-    def __call__(self) -> StartWorker | Unschedulable:
+    def __call__(self, replica: int) -> StartWorker | Unschedulable:
         decision = choose_accelerator(self.admitted.accelerator, self.capacity, self.config)
         if isinstance(decision, Unschedulable):
             return decision
         process = None
+        node = None
         # Shared processes are CPU processes: an accelerator model gets a process of its own,
         # reserving its accelerator in Ray.
         if self.slots is not None and decision.accelerator == "cpu":
             process = self.slots.take(self.model.spec.origin, self.slot_count)
+        else:
+            node = self.spread.take(self.model.key, decision.resources)
         return StartWorker(
             self.model,
             decision.accelerator,
@@ -279,153 +370,287 @@ class _Starts:
             memory_limit=model_memory(self.model),
             max_model_bytes=self.max_model_bytes,
             process=process,
+            replica=replica,
+            node=node,
         )
 
 
-def _plan_one(
+_RANK = {"ready": 0, "starting": 1, "failed": 2, "dead": 3}
+
+
+def _newest_first(workers: Sequence[WorkerView]) -> list[WorkerView]:
+    return sorted(workers, key=lambda w: (-w.generation, w.replica))
+
+
+def _plan_model(
     model: LoadedModel,
     workers: list[WorkerView],
     start: _Starts,
+    wanted: int,
+    admitted: Admitted,
 ) -> tuple[list[Effect], ModelState]:
+    """One model's replicas: the current spec's, one per index up to what quota admits, and
+    an older generation's that keep serving while the current one rolls out."""
     effects: list[Effect] = []
-    current = next((w for w in workers if w.fingerprint == model.fingerprint), None)
-    older = [w for w in workers if w is not current]
-    # The newest ready older worker keeps serving while the current spec is not ready.
-    fallback = max(
-        (w for w in older if w.state == "ready"), key=lambda w: w.generation, default=None
-    )
-    scheduled = Condition(True, "Scheduled")
+    count = admitted.replicas
+    current = [w for w in workers if w.fingerprint == model.fingerprint]
+    older = [w for w in workers if w.fingerprint != model.fingerprint]
 
-    if (
-        current is not None
-        and current.state == "dead"
-        and current.recent_deaths >= CRASH_LOOP_DEATHS
-    ):
-        # Kept (not stopped) so the next pass sees the same dead worker: no restart until the
-        # spec changes (a new fingerprint makes it an older worker, stopped as superseded).
-        message = (
-            f"the worker died {current.recent_deaths} times in a row; not restarted until the "
-            f"spec changes. Last error: {current.message}"
+    # One worker per replica index (the best of any duplicates); the rest, and replicas past
+    # the count (scaling down), go.
+    by_index: dict[int, WorkerView] = {}
+    for worker in sorted(current, key=lambda w: (_RANK[w.state], -w.restarts)):
+        if worker.replica < count and worker.replica not in by_index:
+            by_index[worker.replica] = worker
+        else:
+            effects.append(
+                StopWorker(worker.id, "scaled down" if worker.replica >= count else "superseded")
+            )
+
+    older_ready = _newest_first([w for w in older if w.state == "ready"])
+    rolling = bool(older_ready)
+    looping = [
+        w for w in by_index.values() if w.state == "dead" and w.recent_deaths >= CRASH_LOOP_DEATHS
+    ]
+    unschedulable: Unschedulable | None = None
+    starting = sum(1 for w in by_index.values() if w.state == "starting")
+    restarted: list[WorkerView] = []
+    for index in range(count):
+        found = by_index.get(index)
+        if found is not None and found.state != "dead":
+            continue
+        if found is not None and found in looping:
+            continue  # kept, not restarted, until the spec changes
+        # While an older generation serves, replicas roll one at a time (a surge of one).
+        if rolling and starting >= 1:
+            break
+        if found is not None:  # died after loading: replace it
+            effects.append(StopWorker(found.id, "found died"))
+            restarted.append(found)
+        started = start(index)
+        if isinstance(started, Unschedulable):
+            unschedulable = started
+            break
+        effects.append(started)
+        starting += 1
+
+    replicas = [w for w in by_index.values() if w not in restarted]
+    ready = [w for w in replicas if w.state == "ready"]
+    # Older replicas serve until enough of the current spec's do: as many as the new ones
+    # still lack, or, while the new ones answer to another signature (they cannot share
+    # traffic), all of them until the new ones are as many, then none.
+    mixes = all(w.signature == ready[0].signature for w in older_ready) if ready else True
+    if not rolling:
+        keep: list[WorkerView] = []
+    elif mixes:
+        keep = older_ready[: max(0, (count or wanted) - len(ready))]
+    elif len(ready) >= min(count or wanted, len(older_ready)):
+        keep = []
+    else:
+        keep = older_ready
+    serving = ready + keep if mixes else (keep or ready)
+    effects += [
+        StopWorker(w.id, "replaced by a newer generation" if w.state == "ready" else "superseded")
+        for w in older
+        if w not in keep
+    ]
+    return effects, _state(
+        model, replicas, serving, keep, looping, restarted, unschedulable, wanted, admitted
+    )
+
+
+def _state(
+    model: LoadedModel,
+    replicas: list[WorkerView],
+    serving: list[WorkerView],
+    older: list[WorkerView],
+    looping: list[WorkerView],
+    restarted: list[WorkerView],
+    unschedulable: Unschedulable | None,
+    wanted: int,
+    admitted: Admitted,
+) -> ModelState:
+    """Phase and conditions from what the replicas are doing."""
+    count = admitted.replicas
+    ready = [w for w in replicas if w.state == "ready"]
+    failed = [w for w in replicas if w.state == "failed"]
+    loading = [w for w in replicas if w.state == "starting"]
+    auto = model.spec.autoscaling
+    fallback = max((w.generation for w in older), default=None)
+    shown = serving[0] if serving else None
+    quota = (
+        Condition(True, admitted.short.limit, admitted.short.message)
+        if admitted.short is not None
+        else WITHIN_QUOTA
+    )
+
+    def made(phase: Phase, message: str, conditions: Conditions, wakes: bool = False) -> ModelState:
+        return ModelState(
+            phase,
+            message,
+            conditions,
+            serving=tuple(serving),
+            replicas=tuple(replicas),
+            desired=wanted,
+            wakes=wakes,
+            signature=shown.signature if shown else None,
         )
-        state = ModelState(
-            "Ready" if fallback else "Failed",
+
+    if wanted == 0:
+        if auto is not None:  # scaled to zero: requests wake it
+            message = (
+                f"scaled to zero after {auto.scale_to_zero_after_seconds:g} s without "
+                "requests; the next request starts a replica"
+            )
+            return made(
+                "Ready",
+                message,
+                Conditions(
+                    scheduled=Condition(True, "ScaledToZero", message),
+                    loaded=Condition(False, "ScaledToZero", message),
+                    ready=Condition(True, "ScaledToZero", message),
+                    degraded=Condition(False, "ScaledToZero"),
+                    quota_exceeded=quota,
+                ),
+                wakes=True,
+            )
+        message = "spec.replicas is 0: no replica runs until it is raised"
+        return made(
+            "Pending",
+            message,
+            Conditions(
+                scheduled=Condition(False, "ScaledToZero", message),
+                loaded=Condition(None, "ScaledToZero"),
+                ready=Condition(False, "ScaledToZero", message),
+                degraded=Condition(False, "ScaledToZero"),
+                quota_exceeded=quota,
+            ),
+        )
+    wakes = auto is not None and auto.min_replicas == 0 and not serving and not failed
+    short = f"{len(ready)} of {wanted} replicas ready"
+    notes = [w.note for w in ready if w.note]
+
+    if looping and not ready:
+        last = looping[0]
+        message = (
+            f"the worker died {last.recent_deaths} times in a row; not restarted until the "
+            f"spec changes. Last error: {last.message}"
+        )
+        return made(
+            "Ready" if serving else "Failed",
             message + _still_serving(fallback),
             Conditions(
-                scheduled=scheduled,
+                scheduled=Condition(True, "Scheduled"),
                 loaded=Condition(False, "CrashLoop", message),
-                ready=_ready(fallback),
+                ready=_ready_with(serving, fallback),
                 degraded=Condition(True, "CrashLoop", message),
+                quota_exceeded=quota,
             ),
-            serving=fallback,
-            current=current,
         )
-    elif current is not None and current.state == "dead":
-        # Died after loading: replace it.
-        restart = start()
-        effects.append(StopWorker(current.id, "worker died"))
-        if isinstance(restart, StartWorker):
-            effects.append(restart)
-        state = ModelState(
-            "Ready" if fallback else "Loading",
-            f"the worker died ({current.message}); starting a new one" + _still_serving(fallback),
+    if failed and not ready and not loading and not restarted:
+        message = failed[0].message
+        return made(
+            "Ready" if serving else "Failed",
+            message + _still_serving(fallback),
             Conditions(
-                scheduled=Condition(True, "Restarting"),
-                loaded=Condition(None, "Restarting"),
-                ready=Condition(fallback is not None, "Restarting", current.message),
-                degraded=Condition(True, "WorkerDied", current.message),
+                scheduled=Condition(True, "Scheduled"),
+                loaded=Condition(False, "LoadFailed", message),
+                ready=_ready_with(serving, fallback),
+                degraded=Condition(fallback is not None, "UpdateFailed", message),
+                quota_exceeded=quota,
             ),
-            serving=fallback,
         )
-    elif current is None:
-        started = start()
-        if isinstance(started, Unschedulable):
-            reason = started.reason
-            state = ModelState(
-                "Ready" if fallback else "Pending",
-                f"waiting for capacity: {reason}" + _still_serving(fallback),
-                Conditions(
-                    scheduled=Condition(False, "Unschedulable", reason),
-                    loaded=Condition(None, "Pending"),
-                    ready=_ready(fallback),
-                    degraded=Condition(fallback is not None, "UpdatePending", reason),
-                ),
-                serving=fallback,
-            )
-        else:
-            effects.append(started)
-            state = _loading(model, fallback, None)
-    elif current.state == "starting":
-        state = _loading(model, fallback, current)
-    elif current.state == "failed":
-        state = ModelState(
-            "Ready" if fallback else "Failed",
-            current.message + _still_serving(fallback),
+    if not replicas and not restarted and unschedulable is not None:
+        reason = unschedulable.reason
+        return made(
+            "Ready" if serving else "Pending",
+            f"waiting for capacity: {reason}" + _still_serving(fallback),
             Conditions(
-                scheduled=scheduled,
-                loaded=Condition(False, "LoadFailed", current.message),
-                ready=_ready(fallback),
-                degraded=Condition(fallback is not None, "UpdateFailed", current.message),
+                scheduled=Condition(False, "Unschedulable", reason),
+                loaded=Condition(None, "Pending"),
+                ready=_ready_with(serving, fallback),
+                degraded=Condition(fallback is not None, "UpdatePending", reason),
+                quota_exceeded=quota,
             ),
-            serving=fallback,
-            current=current,
         )
-    else:  # ready: it serves, and every older worker goes
-        effects += [StopWorker(w.id, "replaced by a newer generation") for w in older]
-        degraded = (
-            Condition(True, "AcceleratorFallback", current.note)
-            if current.note
-            else Condition(False, "Serving")
-        )
-        return effects, ModelState(
-            "Ready",
-            current.note,
+    if not ready:
+        message = f"loading generation {model.generation}" + _still_serving(fallback)
+        degraded = Condition(fallback is not None, "Updating", message)
+        restarts = max((w.restarts for w in replicas), default=0)
+        if restarted:
+            died = restarted[0].message
+            message = f"the worker died ({died}); starting a new one" + _still_serving(fallback)
+            degraded = Condition(True, "WorkerDied", died)
+        elif restarts:
+            message = f"the worker died; a new one is loading (restart {restarts})"
+            degraded = Condition(True, "WorkerRestarting", message)
+        scheduled = Condition(True, "Restarting" if restarted else "Scheduled")
+        return made(
+            "Ready" if serving or wakes else "Loading",
+            message,
             Conditions(
                 scheduled=scheduled,
-                loaded=Condition(True, "Loaded"),
-                ready=Condition(True, "Serving"),
+                loaded=Condition(None, "Restarting" if restarted else "Loading"),
+                ready=_ready_with(serving, fallback, restarted),
                 degraded=degraded,
+                quota_exceeded=quota,
             ),
-            serving=current,
-            current=current,
+            wakes=wakes,
         )
-
-    # Older workers that neither serve nor load: failed or dead leftovers, or surplus.
-    keep = {id(w) for w in (fallback, current) if w is not None}
-    effects += [StopWorker(w.id, "superseded") for w in older if id(w) not in keep]
-    return effects, state
-
-
-def _loading(
-    model: LoadedModel, fallback: WorkerView | None, current: WorkerView | None
-) -> ModelState:
-    message = f"loading generation {model.generation}" + _still_serving(fallback)
-    degraded = Condition(fallback is not None, "Updating", message)
-    if current is not None and current.restarts:
-        # A replacement for a worker that died: degraded until it serves again.
-        message = f"the worker died; a new one is loading (restart {current.restarts})"
-        degraded = Condition(True, "WorkerRestarting", message)
-    return ModelState(
-        "Ready" if fallback else "Loading",
+    # Some replicas of the current spec serve.
+    missing = []
+    if len(ready) < wanted:
+        missing.append(short)
+    if restarted:
+        missing.append(f"a replica died ({restarted[0].message}); starting a new one")
+    elif any(w.restarts for w in loading):
+        missing.append("a replica that died is loading again")
+    if failed:
+        missing.append(f"{len(failed)} failed: {failed[0].message}")
+    if looping:
+        missing.append(f"{len(looping)} in a crash loop")
+    if fallback is not None:
+        missing.append(f"rolling out generation {model.generation}")
+    if notes:
+        degraded = Condition(True, "AcceleratorFallback", notes[0])
+    elif restarted:
+        degraded = Condition(True, "WorkerDied", restarted[0].message)
+    elif missing and count > 0 and len(ready) < count:
+        degraded = Condition(True, "ReplicasUnavailable", "; ".join(missing))
+    else:
+        degraded = Condition(False, "Serving")
+    message = "; ".join([*notes[:1], *missing]) if (notes or missing) else ""
+    if wanted > 1 or len(replicas) > 1:
+        message = message or f"{len(ready)} replicas serving"
+    return made(
+        "Ready",
         message,
         Conditions(
             scheduled=Condition(True, "Scheduled"),
-            loaded=Condition(None, "Loading"),
-            ready=_ready(fallback),
+            loaded=Condition(True, "Loaded"),
+            ready=Condition(True, "Serving"),
             degraded=degraded,
+            quota_exceeded=quota,
         ),
-        serving=fallback,
-        current=current,
     )
 
 
-def _ready(fallback: WorkerView | None) -> Condition:
-    if fallback is None:
-        return Condition(False, "NotLoaded")
-    return Condition(True, "ServingPreviousGeneration", f"serving generation {fallback.generation}")
+def _ready_with(
+    serving: Sequence[WorkerView],
+    fallback: int | None,
+    restarted: Sequence[WorkerView] = (),
+) -> Condition:
+    if serving and fallback is not None:
+        return Condition(True, "ServingPreviousGeneration", f"serving generation {fallback}")
+    if serving:
+        return Condition(True, "Serving")
+    if restarted:
+        return Condition(False, "Restarting", restarted[0].message)
+    return Condition(False, "NotLoaded")
 
 
-def _still_serving(fallback: WorkerView | None) -> str:
-    return f"; generation {fallback.generation} keeps serving" if fallback else ""
+def _still_serving(generation: int | None) -> str:
+    return f"; generation {generation} keeps serving" if generation is not None else ""
 
 
 def unbound_message(origin: str, namespace: str) -> str:
@@ -436,19 +661,21 @@ def unbound_message(origin: str, namespace: str) -> str:
     )
 
 
-def _waiting(decision: Waiting, fallback: WorkerView | None) -> ModelState:
+def _waiting(decision: Waiting, serving: tuple[WorkerView, ...], wanted: int) -> ModelState:
     """Over quota: waits; an edited model's previous generation keeps serving meanwhile."""
+    fallback = max((w.generation for w in serving), default=None)
     return ModelState(
-        "Ready" if fallback else "Pending",
+        "Ready" if serving else "Pending",
         decision.message + _still_serving(fallback),
         Conditions(
             scheduled=Condition(False, "QuotaExceeded", decision.message),
             loaded=Condition(None, "Pending"),
-            ready=_ready(fallback),
-            degraded=Condition(fallback is not None, "UpdatePending", decision.message),
+            ready=_ready_with(serving, fallback),
+            degraded=Condition(bool(serving), "UpdatePending", decision.message),
             quota_exceeded=Condition(True, decision.limit, decision.message),
         ),
-        serving=fallback,
+        serving=serving,
+        desired=wanted,
     )
 
 

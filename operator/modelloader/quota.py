@@ -27,6 +27,8 @@ RESOURCES = ("models", "workers", "memory", "cpu", "gpus", "npus")
 @dataclass(frozen=True)
 class Admitted:
     accelerator: Accelerator  # what to place it on: "auto" may be narrowed to "cpu" by quota
+    replicas: int = 1  # how many of the replicas wanted fit in the origin's quota
+    short: Waiting | None = None  # why fewer replicas than wanted, if so
 
 
 @dataclass(frozen=True)
@@ -85,19 +87,23 @@ _FIELD = {
 
 def admit(
     models: Sequence[LoadedModel],
-    running: Iterable[ModelKey],
+    running: Iterable[ModelKey] | Mapping[ModelKey, int],
     policies: Policies,
     placed_on: Mapping[ModelKey, str] | None = None,
     schedulable: Callable[[str], bool] = lambda accelerator: accelerator == "cpu",
+    wanted: Mapping[ModelKey, int] | None = None,
 ) -> Admission:
-    """`models` in creation order; `running`: keys of models that have a worker now;
-    `placed_on`: key -> the accelerator class its worker runs on, where known;
-    `schedulable`: whether the cluster offers an accelerator class at all."""
-    has_worker = set(running)
+    """`models` in creation order; `running`: how many replicas each model has for its
+    current spec now (or just which models have one); `placed_on`: key -> the accelerator
+    class its workers run on, where known; `schedulable`: whether the cluster offers an
+    accelerator class at all; `wanted`: replicas wanted per model (default 1).
+
+    Every replica is charged (workers, memory, cpu, accelerators; the model itself once).
+    Replicas that run keep their place; more are admitted one at a time while they fit, so an
+    origin over its quota gets fewer replicas, never more, and says why."""
+    have = dict(running) if isinstance(running, Mapping) else dict.fromkeys(running, 1)
     placed_on = placed_on or {}
-    ordered = [m for m in models if m.key in has_worker] + [
-        m for m in models if m.key not in has_worker
-    ]
+    ordered = [m for m in models if have.get(m.key)] + [m for m in models if not have.get(m.key)]
     used: dict[str, dict[str, float]] = {}
     waiting: dict[str, int] = {}
     decisions: dict[ModelKey, Admitted | Waiting] = {}
@@ -107,27 +113,54 @@ def admit(
         limits = limits_of(policy)
         mine = used.setdefault(origin, dict.fromkeys(RESOURCES, 0.0))
         accelerator = _accelerator(model, placed_on.get(model.key), limits, mine, schedulable)
-        demand = _demand(model, policy, accelerator, mine)
-        over = (
-            None
-            if model.key in has_worker
-            else next(
-                (r for r in RESOURCES if _exceeds(mine[r] + demand[r], limits[r], demand[r])),
-                None,
-            )
-        )
-        if over is None:
-            for resource, amount in demand.items():
-                mine[resource] += amount
-            decisions[model.key] = Admitted(accelerator)
+        want = wanted.get(model.key, 1) if wanted is not None else 1
+        holding = min(have.get(model.key, 0), want)
+        running_now = have.get(model.key, 0) > 0
+        # The model itself counts once (maxModels), whether or not a replica runs.
+        base = {r: 0.0 for r in RESOURCES} | {"models": 1.0}
+        over = None if running_now else _over(mine, base, limits)
+        if over is not None:
+            waiting[origin] = waiting.get(origin, 0) + 1
+            decisions[model.key] = Waiting(_FIELD[over], _message(origin, over, mine, limits, base))
             continue
-        waiting[origin] = waiting.get(origin, 0) + 1
-        decisions[model.key] = Waiting(_FIELD[over], _message(origin, over, mine, limits, demand))
+        _charge(mine, base)
+        admitted, short = 0, None
+        for replica in range(want):
+            demand = _demand(model, policy, accelerator, mine) | {"models": 0.0}
+            over = None if replica < holding else _over(mine, demand, limits)
+            if over is not None:
+                short = Waiting(_FIELD[over], _message(origin, over, mine, limits, demand))
+                break
+            _charge(mine, demand)
+            admitted += 1
+        if admitted == 0 and want > 0 and not running_now:
+            _charge(mine, base, -1.0)  # nothing of it runs: it waits, and holds no place
+            waiting[origin] = waiting.get(origin, 0) + 1
+            assert short is not None
+            decisions[model.key] = short
+            continue
+        if short is not None:
+            waiting[origin] = waiting.get(origin, 0) + 1
+            why = short.message.replace("this model", "a replica")
+            short = Waiting(short.limit, f"runs {admitted} of {want} replicas: {why}")
+        decisions[model.key] = Admitted(accelerator, admitted, short)
     usage = {
         origin: OriginUsage(origin, amounts, limits_of(policies.of(origin)), waiting.get(origin, 0))
         for origin, amounts in used.items()
     }
     return Admission(decisions, usage)
+
+
+def _over(
+    used: Mapping[str, float], demand: Mapping[str, float], limits: Mapping[str, float | None]
+) -> str | None:
+    """The first resource a demand would take past its limit, if any."""
+    return next((r for r in RESOURCES if _exceeds(used[r] + demand[r], limits[r], demand[r])), None)
+
+
+def _charge(used: dict[str, float], demand: Mapping[str, float], sign: float = 1.0) -> None:
+    for resource, amount in demand.items():
+        used[resource] += sign * amount
 
 
 def _accelerator(

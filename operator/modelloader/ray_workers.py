@@ -29,9 +29,16 @@ from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorUnschedulableError,
+    GetTimeoutError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from modelloader.placement import fits_warm_process
+from modelloader.placement import Node, fits_warm_process
 from modelloader.resource import LoadedModel
 from modelloader.worker_names import ProcessName, is_ours, is_warm, warm_name
 from modelloader.worker_pool import WorkerStartError
@@ -151,9 +158,11 @@ class RayWorkers:
         # model reserves in this cluster (the CPU-node resource, if there is one).
         self._warm_target = warm
         self._warm_resources = dict(warm_resources or {})
-        self._warm: list[tuple[str, Any]] = []  # (name, actor), oldest first
+        self._warm: list[tuple[str, Any, Any]] = []  # (name, actor, its node), oldest first
         self._capacity: dict[str, float] = {}
         self._capacity_at = -float("inf")
+        self._nodes: list[Node] = []
+        self._nodes_at = -float("inf")
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -166,6 +175,18 @@ class RayWorkers:
             self._capacity = await asyncio.to_thread(self.capacity)
             self._capacity_at = time.monotonic()
         return self._capacity
+
+    async def recent_nodes(self, max_age_seconds: float = 5.0) -> list[Node]:
+        """The alive nodes and what each has free, asked of the GCS at most every few
+        seconds (Ray's only per-node view of free resources is in `ray._private.state`)."""
+        if time.monotonic() - self._nodes_at > max_age_seconds:
+            free = await asyncio.to_thread(ray._private.state.available_resources_per_node)
+            self._nodes = [
+                Node(str(node), {k: float(v) for k, v in resources.items()})
+                for node, resources in free.items()
+            ]
+            self._nodes_at = time.monotonic()
+        return self._nodes
 
     def _socket_path(self, worker_id: str) -> Path:
         return self._socket_dir / f"{hashlib.sha256(worker_id.encode()).hexdigest()[:16]}.sock"
@@ -185,18 +206,22 @@ class RayWorkers:
             if self._detached:
                 options["lifetime"] = "detached"
             actor: Any = self._remote.options(**options).remote()
-            actor.ping.remote()  # the process starts now, not when a model needs it
+            # The process starts now, not when a model needs it, and says where it runs.
             self._owned[name] = actor
-            self._warm.append((name, actor))
+            self._warm.append((name, actor, actor.node.remote()))
 
     def _take_warm(
-        self, model: LoadedModel, accelerator: str, process: str
+        self, model: LoadedModel, accelerator: str, process: str, node: str | None
     ) -> tuple[str, Any] | None:
         if not fits_warm_process(model.spec, accelerator, bool(process)) or not self._warm:
             return None
-        taken = self._warm.pop(0)
-        self.fill_warm_pool()
-        return taken
+        for index, (name, actor, where) in enumerate(self._warm):
+            # A replica meant for a node takes a warm process there, or none.
+            if node is None or _resolved(where) == node:
+                del self._warm[index]
+                self.fill_warm_pool()
+                return name, actor
+        return None
 
     async def start(
         self,
@@ -208,9 +233,11 @@ class RayWorkers:
         *,
         memory_limit: int = 0,
         process: str = "",
+        node: str | None = None,
     ) -> tuple[WorkerHandle, LoadedInfo]:
         """Start the model's worker, or with `process`, load it into that shared process
-        (started by whichever of the origin's models comes first)."""
+        (started by whichever of the origin's models comes first). `node`: run there if it
+        fits (a soft affinity: away from the model's other replicas)."""
         worker_id = identity.worker_id
         spec = model.spec
         namespace = origin_namespace(spec.origin)
@@ -234,7 +261,12 @@ class RayWorkers:
             options["resources"] = extra
         if self._detached:
             options["lifetime"] = "detached"
-        warm = self._take_warm(model, accelerator, process)
+        if node is not None and not process:
+            # Hard: Ray's soft affinity placed actors elsewhere though the node had room
+            # (checked with ray.cluster_utils). The node had room when planned; if it went
+            # since, the start is tried again without it (below).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        warm = self._take_warm(model, accelerator, process, node)
         if warm is not None:
             taken, actor = warm
         else:
@@ -267,6 +299,20 @@ class RayWorkers:
             if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
                 raise WorkerStartError(str(cause or error).strip()) from None
             raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
+        except ActorUnschedulableError:
+            self.stop(handle)
+            if node is None:
+                raise WorkerStartError("Ray cannot place the worker on any node") from None
+            log.warning("worker %s could not go to node %s; placing it anywhere", worker_id, node)
+            return await self.start(
+                identity,
+                model,
+                model_path,
+                accelerator,
+                resources,
+                memory_limit=memory_limit,
+                process=process,
+            )
         except RayActorError as error:
             self.stop(handle)
             raise WorkerStartError(
@@ -287,7 +333,7 @@ class RayWorkers:
         loaded a model, e.g. the previous operator died while it was loading)."""
         found = await asyncio.gather(*(self._describe(n, ns) for n, ns in await self.names()))
         out: list[tuple[WorkerHandle, LoadedInfo | None]] = []
-        idle_warm = {name for name, _ in self._warm}
+        idle_warm = {name for name, _, _ in self._warm}
         for handle, infos in (f for f in found if f is not None):
             if handle.worker_id in idle_warm:
                 continue  # this adapter's own idle warm processes
@@ -376,6 +422,17 @@ class RayWorkers:
             with contextlib.suppress(FileNotFoundError):
                 handle.socket_path.unlink()
         return remaining
+
+
+def _resolved(ref: Any) -> str | None:
+    """An object's value if it is ready now, else None (never waits)."""
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return None
+    try:
+        return str(ray.get(ready[0]))
+    except RayError:
+        return None
 
 
 def _short(error: BaseException) -> str:

@@ -15,6 +15,10 @@ from modelloader.planner import Condition, Conditions, ModelState
 from modelloader.quota import OriginUsage
 from modelloader.resource import LoadedModel
 
+# The scale subresource's selector (an HPA or KEDA reads it); replicas are Ray actors, not pods,
+# so it names the LoadedModel.
+SELECTOR_LABEL = "modelloader.dev/loadedmodel"
+
 
 def timestamp(now: datetime) -> str:
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -35,15 +39,29 @@ def render(
         "observedGeneration": model.generation,
         "conditions": conditions,
     }
-    shown = state.serving or state.current
-    if shown is not None and shown.signature is not None:
-        signature = shown.signature.to_dict()
+    shown = state.shown
+    known = shown.signature if shown is not None and shown.signature else state.signature
+    if known is not None:  # a model scaled to zero keeps what it last loaded
+        signature = known.to_dict()
         status["inputs"] = signature["inputs"]
         status["outputs"] = signature["outputs"]
     if shown is not None and shown.placement is not None:
         status["placement"] = shown.placement.to_dict()
     if shown is not None and shown.load_seconds is not None:
         status["loadSeconds"] = round(shown.load_seconds, 4)
+    ready = len(state.serving)
+    status["replicas"] = sum(1 for w in state.replicas if w.state in ("starting", "ready"))
+    status["readyReplicas"] = ready
+    status["desiredReplicas"] = state.desired
+    status["ready"] = f"{ready}/{state.desired}"
+    status["selector"] = f"{SELECTOR_LABEL}={model.name}"
+    placements = [
+        {"replica": w.replica, "generation": w.generation, "ready": w in state.serving}
+        | (w.placement.to_dict() if w.placement is not None else {})
+        for w in sorted({*state.replicas, *state.serving}, key=lambda w: (w.replica, -w.generation))
+    ]
+    if placements:
+        status["replicaPlacements"] = placements
     return status
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from modelloader_workers.wire.identity import ModelKey, WorkerIdentity
+from modelloader_workers.wire.signature import Signature
 from modelloader_workers.worker import LoadedInfo
 
 from modelloader.control_metrics import ControlMetrics
@@ -68,9 +69,10 @@ class Workers(Protocol[H]):
         *,
         memory_limit: int = 0,
         process: str = "",
+        node: str | None = None,
     ) -> tuple[H, LoadedInfo]:
-        """Start the worker (or load into the shared process named `process`); raises
-        `WorkerStartError` with a readable message."""
+        """Start the worker (or load into the shared process named `process`), on `node`
+        where it fits there; raises `WorkerStartError` with a readable message."""
         ...
 
     async def running(self) -> Sequence[tuple[H, LoadedInfo | None]]:
@@ -125,9 +127,17 @@ class WorkerPool(Generic[H]):
         # Ray may not have released the dead one's yet).
         self._process_epochs: dict[ProcessSlot, int] = {}
         self._abandoned = False
+        # What each (model, spec) loaded, remembered after its workers stop: a model scaled
+        # to zero still answers metadata, and the gateway checks the requests it holds.
+        self.signatures: dict[tuple[ModelKey, str], Signature] = {}
 
     def views(self) -> list[WorkerView]:
         return [r.view for r in self._records.values()]
+
+    def forget_signatures(self, keep: set[tuple[ModelKey, str]]) -> None:
+        """Drop what was remembered of specs no longer wanted."""
+        for gone in set(self.signatures) - keep:
+            del self.signatures[gone]
 
     def serves(self, key: ModelKey) -> bool:
         """Whether any worker of this LoadedModel is still known."""
@@ -185,6 +195,7 @@ class WorkerPool(Generic[H]):
                 dict(effect.resources),
                 memory_limit=effect.memory_limit,
                 process=self._process_name(effect.process),
+                node=effect.node,
             )
         except (SourceError, WorkerStartError) as error:
             self._observe(record, state="failed", message=str(error))
@@ -203,7 +214,9 @@ class WorkerPool(Generic[H]):
     def _observe(self, record: _Record[H], **changes: object) -> None:
         if record.view.id not in self._records:
             return  # stopped meanwhile
-        record.view = dataclasses.replace(record.view, **changes)  # type: ignore[arg-type]
+        view = record.view = dataclasses.replace(record.view, **changes)  # type: ignore[arg-type]
+        if view.signature is not None:
+            self.signatures[(view.key, view.fingerprint)] = view.signature
         self._on_change()
 
     def _stop(self, effect: StopWorker) -> None:
@@ -286,6 +299,8 @@ class WorkerPool(Generic[H]):
                 slot = process.slot
                 self._process_epochs[slot] = max(self._process_epochs.get(slot, 0), process.epoch)
             self._records[handle.worker_id] = _Record(view, handle)
+            if view.signature is not None:
+                self.signatures[(view.key, view.fingerprint)] = view.signature
             adopted += 1
             # A replacement must not reuse this worker's name (`.rN`): Ray may hold a dead
             # actor's name for a while.

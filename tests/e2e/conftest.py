@@ -79,6 +79,9 @@ class LocalServer:
     def item(self, name: str) -> dict[str, Any]:
         return next(i for i in self.status()["items"] if i["name"] == name)
 
+    def item_or_none(self, name: str) -> dict[str, Any] | None:
+        return next((i for i in self.status()["items"] if i["name"] == name), None)
+
     def wait_for(self, want: dict[str, str], timeout: float = 90.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         phases: dict[str, str] = {}

@@ -11,24 +11,21 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import ray
-from modelloader.control_loop import LoopSettings
 from modelloader.operator_main import FINALIZER, OperatorConfig
 from modelloader.placement import PlacementConfig
 from modelloader.ray_workers import RayWorkers
-from modelloader.sources import SourcePolicy
 from modelloader_gateway import route_board
 from modelloader_gateway.errors import DataPlaneError
 from modelloader_gateway.routes import RouteTable
 from modelloader_gateway.server import Gateway, GatewayConfig
 
 from tests.conftest import EXAMPLE
-from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
+from tests.integration.conftest import CPU_RESOURCE, Nodes
 from tests.support.calls import identity, infer
 from tests.support.cluster import EmulatorThread, OperatorThread, wait_until
 
@@ -46,40 +43,6 @@ def manifest(name: str, accelerator: str = "cpu", **spec: Any) -> dict[str, Any]
             **spec,
         },
     }
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
-    emulator = EmulatorThread()
-    emulator.start()
-    assert emulator.ready.wait(10)
-    old = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(
-        emulator.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
-    )
-    yield emulator
-    emulator.stop()
-    if old is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = old
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> OperatorConfig:
-    return OperatorConfig(
-        sources=SourcePolicy(roots=(EXAMPLE,), cache_dir=tmp_path_factory.mktemp("cache")),
-        state_dir=Path(f"/tmp/mlop-{os.getpid()}"),
-        loop=LoopSettings(
-            placement=PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE),
-            interval_seconds=0.5,
-            liveness_seconds=0.5,
-            scan_seconds=1.0,
-        ),
-        # These tests follow workers by their names (lm.<ns>.<name>...); warm processes keep
-        # names of their own, and are covered in tests/e2e/test_faults.py.
-        warm_workers=0,
-    )
 
 
 def start_operator(config: OperatorConfig) -> OperatorThread:

@@ -23,6 +23,7 @@ import re
 import string
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -30,6 +31,7 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+import yaml
 from kmock._internal import apps, dicts, enums, parsing, references, rendering
 
 LOADEDMODELS = "modelloader.dev/v1alpha1/loadedmodels"
@@ -53,7 +55,7 @@ def register_modelloader_resources(
         namespaced=True,
         shortnames={"lm"},
         verbs=ALL_VERBS,
-        subresources={"status"},
+        subresources={"status", "scale"},
     )
     emu.resources[CRDS] = kmock.ResourceInfo(
         kind="CustomResourceDefinition",
@@ -110,7 +112,14 @@ def register_modelloader_resources(
                     "name": "v1alpha1",
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
@@ -257,9 +266,93 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _at(body: Mapping[str, Any], path: str) -> Any:
+    """The value at a JSON path like `.spec.replicas`, or None."""
+    cursor: Any = body
+    for part in path.strip(".").split("."):
+        cursor = cursor.get(part) if isinstance(cursor, Mapping) else None
+    return cursor
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-side printing (`kubectl get` asks for `application/json;as=Table;v=v1;g=meta.k8s.io`):
+# KMock answers plain objects, and kubectl then shows only NAME and AGE. A CRD's
+# additionalPrinterColumns are read from the repository's CRD files.
+# ---------------------------------------------------------------------------------------------
+def _wants_table(request: rendering.Request) -> bool:
+    accept = str(request.headers.get("Accept", ""))
+    return "as=Table" in accept and request.resource is not None
+
+
+def _printer_columns(plural: str) -> list[dict[str, Any]]:
+    for path in CRD_DIR.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd.get("spec", {}).get("names", {}).get("plural") == plural:
+            return list(crd["spec"]["versions"][0].get("additionalPrinterColumns", []))
+    return [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+
+
+def _table(request: rendering.Request, items: list[dict[str, Any]], rv: str) -> dict[str, Any]:
+    columns = _printer_columns(request.resource.plural)
+    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0}] + [
+        {
+            "name": c["name"],
+            "type": c["type"],
+            "format": "",
+            "description": c.get("description", ""),
+            "priority": c.get("priority", 0),
+        }
+        for c in columns
+    ]
+    rows = []
+    for item in items:
+        meta = item.get("metadata", {})
+        cells: list[Any] = [meta.get("name")]
+        for column in columns:
+            value = _at(item, column["jsonPath"])
+            if column["type"] == "date" and isinstance(value, str):
+                value = _age(value)
+            cells.append(value if value is not None else "")
+        rows.append(
+            {
+                "cells": cells,
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": meta,
+                },
+            }
+        )
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": definitions,
+        "rows": rows,
+    }
+
+
+def _age(timestamp: str) -> str:
+    try:
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.UTC
+        )
+    except ValueError:
+        return timestamp
+    seconds = int((datetime.datetime.now(tz=datetime.UTC) - then).total_seconds())
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
+
+
 def _essence(body: Mapping[str, Any], *, has_status: bool) -> dict[str, Any]:
     """What bumps metadata.generation: everything but metadata (and status, if a subresource)."""
     return {k: v for k, v in body.items() if k != "metadata" and not (has_status and k == "status")}
+
+
+CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+# Resources with a scale subresource: (group, plural) -> (spec, status, selector) replica paths.
+SCALE_PATHS = {
+    ("modelloader.dev", "loadedmodels"): (".spec.replicas", ".status.replicas", ".status.selector")
+}
 
 
 @attrs.define(kw_only=True)
@@ -341,7 +434,9 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         )
         async with self._lock:
             await self._adopt_unstamped()
-            if mutating:
+            if request.subresource == "scale":
+                self._results[id(request)] = await self._scale(request, mutating, is_put)
+            elif mutating:
                 if request.action == enums.action.CREATE:
                     result = await self._do_create(request)
                 elif request.action == enums.action.DELETE:
@@ -359,6 +454,81 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         return self._results[id(request)]
 
     _serve_create = _serve_update = _serve_delete = _serve_stashed
+
+    async def _serve_fetch(self, request: rendering.Request) -> Any:
+        if id(request) in self._results:  # a subresource made here (scale)
+            return self._results[id(request)]
+        found = await super()._serve_fetch(request)
+        if _wants_table(request):
+            return _table(request, [found], found.get("metadata", {}).get("resourceVersion", ""))
+        return found
+
+    # ----- the scale subresource (`kubectl scale`, an HPA): autoscaling/v1 Scale ---------------
+
+    def _scale_paths(self, request: rendering.Request) -> tuple[str, str, str]:
+        found = SCALE_PATHS.get((request.resource.group, request.resource.plural))
+        if found is None:
+            raise kmock.KubernetesError(
+                status=404,
+                reason="NotFound",
+                message="the server could not find the requested resource",
+            )
+        return found
+
+    def _scale_of(self, request: rendering.Request, body: Mapping[str, Any]) -> dict[str, Any]:
+        spec_path, status_path, selector_path = self._scale_paths(request)
+        meta = body.get("metadata", {})
+        spec_replicas = _at(body, spec_path)
+        if spec_replicas is None:
+            # As apiextensions-apiserver: no value at specReplicasPath is an error on GET.
+            raise kmock.KubernetesError(
+                status=500,
+                reason="InternalError",
+                message=f"the spec replicas field {spec_path!r} does not exist",
+            )
+        status: dict[str, Any] = {"replicas": int(_at(body, status_path) or 0)}
+        if (selector := _at(body, selector_path)) is not None:
+            status["selector"] = selector
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: meta[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in meta
+            },
+            "spec": {"replicas": int(spec_replicas)},
+            "status": status,
+        }
+
+    async def _scale(
+        self, request: rendering.Request, mutating: bool, replace: bool
+    ) -> dict[str, Any]:
+        _, obj = self._get_live(request)
+        if not mutating:
+            return self._scale_of(request, obj.raw)
+        data = request.data
+        if not isinstance(data, Mapping):
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message="a Scale object is required"
+            )
+        spec = data.get("spec") if isinstance(data.get("spec"), Mapping) else {}
+        replicas = spec.get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message="spec.replicas: Invalid value: must be a non-negative integer",
+            )
+        spec_path = self._scale_paths(request)[0]
+        patch: dict[str, Any] = {}
+        cursor = patch
+        parts = spec_path.strip(".").split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = replicas
+        new = await self._do_patch(request, replace=False, data=patch, subresource=None)
+        return self._scale_of(request, new)
 
     async def _do_create(self, request: rendering.Request) -> dict[str, Any]:
         resource = request.resource
@@ -433,14 +603,28 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             )
         return key, self.objects[key]
 
-    async def _do_patch(self, request: rendering.Request, *, replace: bool) -> dict[str, Any]:
+    async def _do_patch(
+        self,
+        request: rendering.Request,
+        *,
+        replace: bool,
+        data: Any = None,
+        subresource: str | None = "",
+    ) -> dict[str, Any]:
+        """A PATCH or PUT; `data` and `subresource` override the request's (the scale
+        subresource patches the main object with a merge patch of its own)."""
         key, obj = self._get_live(request)
         info = self._info(request.resource)
         has_status = info is not None and "status" in info.subresources
         old = copy.deepcopy(obj.raw)
         old_meta = old.get("metadata", {})
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        data = request.data
+        if data is None:
+            data = request.data
+        else:
+            ctype = "application/merge-patch+json"
+        if subresource == "":
+            subresource = request.subresource
 
         try:
             if replace:
@@ -493,13 +677,13 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             )
 
         # The status subresource splits what each endpoint can change (as in apiextensions-apiserver).
-        if request.subresource == "status":
+        if subresource == "status":
             new = (
                 {**old, "status": new.get("status")}
                 if new.get("status") is not None
                 else {k: v for k, v in old.items() if k != "status"}
             )
-        elif request.subresource is None and has_status:
+        elif subresource is None and has_status:
             if "status" in old:
                 new["status"] = old["status"]
             else:
@@ -606,6 +790,8 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             if request.resource.group
             else request.resource.version
         )
+        if _wants_table(request):
+            return _table(request, items, rv)
         return {
             "apiVersion": gv,
             "kind": f"{(info.kind if info and info.kind else '')}List",
@@ -680,4 +866,6 @@ EXTENSIONS = [
     "Conflict on stale metadata.resourceVersion in a merge-patch/PUT body: KMock never returns 409.",
     "KMock bug: /api/v1/namespaces[/name] is mis-parsed (500 on list/watch); kopf needs it when serving specific namespaces (not clusterwide).",
     "Finalizers cannot be added to an object being deleted (422), as in the real API.",
+    "The scale subresource (GET/PATCH/PUT .../scale as an autoscaling/v1 Scale, mapped onto the resource's spec and status paths): not emulated by KMock.",
+    "Server-side printing: `kubectl get` asks for a meta.k8s.io/v1 Table (the CRD's additionalPrinterColumns); KMock answers plain objects, so kubectl shows NAME and AGE only.",
 ]

@@ -57,3 +57,21 @@ def test_every_subcommand_is_registered() -> None:
     for command in ("local", "status", "operator", "gateway"):
         done = subprocess.run([str(binary), command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and f"modelloader {command}" in done.stdout, done.stderr
+
+
+def test_status_table_shows_ready_replicas_like_kubectl() -> None:
+    from modelloader.cli import format_table
+
+    table = format_table(
+        [
+            {
+                "namespace": "team",
+                "name": "digits",
+                "origin": "team",
+                "status": {"phase": "Ready", "ready": "2/3", "message": "2 of 3 replicas ready"},
+            }
+        ]
+    )
+    header, row = table.splitlines()
+    assert header.split() == ["NAMESPACE", "NAME", "ORIGIN", "PHASE", "READY", "MESSAGE"]
+    assert row.split()[:5] == ["team", "digits", "team", "Ready", "2/3"]

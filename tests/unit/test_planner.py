@@ -79,14 +79,15 @@ def test_every_combination_of_current_and_older_worker(
     starts = [e for e in result.effects if isinstance(e, StartWorker)]
 
     # Traffic goes to the current spec's worker once it is ready, else to a ready older one.
+    serving = [w.id for w in state.serving]
     if current == "ready":
-        assert state.serving is not None and state.serving.id == "new"
+        assert serving == ["new"]
     elif older == "ready":
-        assert state.serving is not None and state.serving.id == "old"
+        assert serving == ["old"]
     else:
-        assert state.serving is None
+        assert serving == []
     # Ready exactly when something serves.
-    assert (state.phase == "Ready") == (state.serving is not None)
+    assert (state.phase == "Ready") == bool(serving)
     # The old worker stops once the new one serves; it is never stopped while it is all we have.
     if older == "ready":
         assert ("old" in stops) == (current == "ready")
@@ -99,7 +100,7 @@ def test_every_combination_of_current_and_older_worker(
         assert state.phase == ("Ready" if older == "ready" else "Failed")
         assert "boom" in state.message
     # Nothing that serves is ever stopped.
-    assert state.serving is None or state.serving.id not in stops
+    assert not set(serving) & stops
 
 
 def test_a_replacement_after_a_death_is_degraded_until_it_serves() -> None:
@@ -248,3 +249,153 @@ def test_routes_carry_the_serving_workers_endpoint_and_accelerator() -> None:
     }
     assert not routes["b"].ready and routes["b"].endpoints == ()
     assert "loading" in routes["b"].message
+
+
+# Replicas
+
+
+def replicated(count: int, **spec: object) -> LoadedModel:
+    m = model()
+    return dataclasses.replace(m, spec=dataclasses.replace(m.spec, replicas=count, **spec))
+
+
+def replica(
+    m: LoadedModel, index: int, state: WorkerState = "ready", node: str = "n1", **more: object
+) -> WorkerView:
+    return dataclasses.replace(
+        view(m, state, f"{m.generation}-{index}"),
+        replica=index,
+        placement=Placement(node, node, "cpu", "xnnpack", 100 + index),
+        **more,
+    )
+
+
+def test_a_model_starts_one_worker_per_replica_and_routes_to_every_ready_one() -> None:
+    m = replicated(3)
+    first = plan([m], [], CPU_ONLY)
+    assert [e.replica for e in first.effects if isinstance(e, StartWorker)] == [0, 1, 2]
+    running = [replica(m, 0), replica(m, 1), replica(m, 2, "starting")]
+    result = plan([m], running, CPU_ONLY)
+    state = result.states[m.key]
+    assert result.effects == () and state.phase == "Ready" and state.desired == 3
+    assert [e.replica for e in result.routes[0].endpoints] == ["1-0", "1-1"]
+    assert state.conditions.degraded[:2] == (True, "ReplicasUnavailable")
+    assert "2 of 3 replicas ready" in state.message
+
+
+def test_scaling_down_stops_the_highest_replicas_and_up_starts_the_missing_ones() -> None:
+    m = replicated(1)
+    running = [replica(m, 0), replica(m, 1), replica(m, 2)]
+    stops = {e.worker_id for e in plan([m], running, CPU_ONLY).effects if isinstance(e, StopWorker)}
+    assert stops == {"1-1", "1-2"}
+    up = replicated(4)
+    starts = [
+        e.replica for e in plan([up], running, CPU_ONLY).effects if isinstance(e, StartWorker)
+    ]
+    assert starts == [3]
+
+
+def test_zero_fixed_replicas_keeps_the_model_and_runs_nothing() -> None:
+    m = replicated(0)
+    result = plan([m], [replica(m, 0)], CPU_ONLY)
+    assert [type(e) for e in result.effects] == [StopWorker]
+    state = result.states[m.key]
+    assert state.phase == "Pending" and state.conditions.ready.reason == "ScaledToZero"
+    assert not result.routes[0].ready and not result.routes[0].wakes
+
+
+def test_a_rolling_update_replaces_replicas_one_at_a_time_without_losing_capacity() -> None:
+    old = replicated(3)
+    new = dataclasses.replace(replicated(3, threads=2), generation=2)
+    workers = [replica(old, i) for i in range(3)]
+    for step in range(8):
+        result = plan([new], workers, CPU_ONLY)
+        state = result.states[new.key]
+        serving = len(state.serving)
+        assert serving >= 3, (step, state)  # never below the ready count it had
+        starts = [e for e in result.effects if isinstance(e, StartWorker)]
+        assert len(starts) <= 1  # a surge of one
+        stopped = {e.worker_id for e in result.effects if isinstance(e, StopWorker)}
+        workers = [w for w in workers if w.id not in stopped]
+        # The started replica loads, and serves on the next pass.
+        workers = [dataclasses.replace(w, state="ready") for w in workers]
+        workers += [replica(new, s.replica, "ready") for s in starts]
+    assert {w.generation for w in workers} == {2} and len(workers) == 3
+
+
+def test_a_rolling_update_with_a_new_signature_switches_whole() -> None:
+    old = replicated(2)
+    new = dataclasses.replace(replicated(2, threads=2), generation=2)
+    other = Signature((TensorSpec("y", "FP32", (1,)),), ())
+    workers = [replica(old, 0), replica(old, 1), replica(new, 0, signature=other)]
+    serving = plan([new], workers, CPU_ONLY).states[new.key].serving
+    assert {w.generation for w in serving} == {1}  # the new one may not share traffic
+    workers.append(replica(new, 1, signature=other))
+    serving = plan([new], workers, CPU_ONLY).states[new.key].serving
+    assert {w.generation for w in serving} == {2} and len(serving) == 2
+
+
+def test_replicas_spread_over_distinct_nodes() -> None:
+    from modelloader.placement import Node
+
+    nodes = [Node(n, {"CPU": 2.0}) for n in ("a", "b", "c")]
+    m = replicated(3)
+    result = plan([m], [], CPU_ONLY, nodes=nodes)
+    assert sorted(e.node or "" for e in result.effects if isinstance(e, StartWorker)) == [
+        "a",
+        "b",
+        "c",
+    ]
+    # A replacement goes where its siblings are not.
+    running = [replica(m, 0, node="a"), replica(m, 1, node="b")]
+    (start,) = [
+        e for e in plan([m], running, CPU_ONLY, nodes=nodes).effects if isinstance(e, StartWorker)
+    ]
+    assert start.node == "c"
+
+
+def test_one_dead_replica_is_replaced_while_the_others_serve() -> None:
+    m = replicated(2)
+    dead = replica(m, 1, "dead", address=None)
+    result = plan([m], [replica(m, 0), dead], CPU_ONLY)
+    assert {type(e) for e in result.effects} == {StopWorker, StartWorker}
+    state = result.states[m.key]
+    assert state.phase == "Ready" and [w.id for w in state.serving] == ["1-0"]
+    assert state.conditions.degraded[:2] == (True, "WorkerDied")
+
+
+def test_quota_caps_replicas_and_says_so() -> None:
+    from modelloader.policy import Quota
+
+    capped = policies(OriginPolicy(""), [OriginPolicy("default", quota=Quota(max_workers=2))])
+    m = replicated(4)
+    result = plan([m], [], CPU_ONLY, policies=capped)
+    assert [e.replica for e in result.effects if isinstance(e, StartWorker)] == [0, 1]
+    state = result.states[m.key]
+    assert state.conditions.quota_exceeded[:2] == (True, "maxWorkers")
+    assert "runs 2 of 4 replicas" in state.conditions.quota_exceeded.message
+    # Never more: the running two keep their place, no third starts.
+    running = [replica(m, 0), replica(m, 1)]
+    assert plan([m], running, CPU_ONLY, policies=capped).effects == ()
+
+
+def test_an_autoscaled_model_at_zero_is_ready_and_its_route_wakes() -> None:
+    from modelloader.resource import Autoscaling
+
+    m = replicated(1)
+    m = dataclasses.replace(
+        m, spec=dataclasses.replace(m.spec, autoscaling=Autoscaling(max_replicas=3, min_replicas=0))
+    )
+    known = Signature((TensorSpec("x", "FP32", (1,)),), ())
+    result = plan(
+        [m], [replica(m, 0)], CPU_ONLY, scale={m.key: 0}, signatures={(m.key, m.fingerprint): known}
+    )
+    assert [type(e) for e in result.effects] == [StopWorker]
+    state, route_ = result.states[m.key], result.routes[0]
+    assert state.phase == "Ready" and state.conditions.ready.reason == "ScaledToZero"
+    assert route_.wakes and not route_.endpoints and route_.signature == known
+    # The autoscaler wakes it: a replica starts and the route still holds requests meanwhile.
+    waking = plan([m], [], CPU_ONLY, scale={m.key: 1})
+    assert [type(e) for e in waking.effects] == [StartWorker]
+    starting = plan([m], [replica(m, 0, "starting")], CPU_ONLY, scale={m.key: 1})
+    assert starting.routes[0].wakes

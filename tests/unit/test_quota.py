@@ -264,7 +264,7 @@ def test_an_edit_is_admitted_again_and_the_old_generation_serves_meanwhile() -> 
     result = plan([edited], [old], CPU, policies=quota(memory=1 << 30))
     assert not any(isinstance(e, StartWorker) for e in result.effects)
     state = result.states[edited.key]
-    assert state.conditions.quota_exceeded[:2] == (True, "memory") and state.serving == old
+    assert state.conditions.quota_exceeded[:2] == (True, "memory") and state.serving == (old,)
     assert state.phase == "Ready" and "generation 1 keeps serving" in state.message
 
 

@@ -62,6 +62,7 @@ class FakeWorkers:
         *,
         memory_limit: int = 0,
         process: str = "",
+        node: str | None = None,
     ) -> tuple[FakeHandle, LoadedInfo]:
         await asyncio.sleep(0)
         if model.name in self.failing:

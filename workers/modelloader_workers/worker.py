@@ -204,3 +204,8 @@ class ModelWorker:
     @ray.method(enable_task_events=False)
     def ping(self) -> int:
         return os.getpid()
+
+    @ray.method(enable_task_events=False)
+    def node(self) -> str:
+        """The Ray node this process runs on."""
+        return _node_id()
