@@ -188,11 +188,12 @@ def overview() -> dashboard.Dashboard:
                 "reqps",
                 queries(
                     (
-                        f"sum by ({per_model}) (rate(modelloader_requests_total{SERVED}[{RATE}]))",
-                        "{{origin}}/{{model}}",
+                        f"sum by ({per_model}, protocol) "
+                        f"(rate(modelloader_requests_total{SERVED}[{RATE}]))",
+                        "{{origin}}/{{model}} {{protocol}}",
                     )
                 ),
-                "Inference requests per origin and model, every status.",
+                "Inference requests per origin, model and protocol (rest, grpc), every status.",
                 8,
             )
         )
@@ -202,12 +203,14 @@ def overview() -> dashboard.Dashboard:
                 "reqps",
                 queries(
                     (
-                        f"sum by (code) (rate(modelloader_requests_total{SERVED}[{RATE}]))",
-                        "{{code}}",
+                        f"sum by (protocol, code) "
+                        f"(rate(modelloader_requests_total{SERVED}[{RATE}]))",
+                        "{{protocol}} {{code}}",
                     )
                 ),
                 "4xx: the caller's request (bad tensors, unknown model, too large); "
-                "5xx: the server (503 while a model is not ready).",
+                "5xx: the server (503 while a model is not ready). gRPC's status codes are "
+                "counted as the HTTP status they stand for.",
                 8,
             )
         )
@@ -433,11 +436,12 @@ def model_drilldown() -> dashboard.Dashboard:
                 "reqps",
                 queries(
                     (
-                        f"sum by (code) (rate(modelloader_requests_total{SERVED}[{RATE}]))",
-                        "{{code}}",
+                        f"sum by (protocol, code) "
+                        f"(rate(modelloader_requests_total{SERVED}[{RATE}]))",
+                        "{{protocol}} {{code}}",
                     )
                 ),
-                "Requests per second by HTTP status.",
+                "Requests per second by protocol and HTTP status (gRPC's as the same).",
                 8,
             )
         )

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
     local.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s)")
     local.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8081,
+        help="gateway gRPC port, -1 for none (default %(default)s)",
+    )
+    local.add_argument(
         "--metrics-port",
         type=int,
         default=9090,
@@ -321,6 +327,7 @@ def _local(args: argparse.Namespace) -> int:
         gateway=GatewayConfig(
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port if args.grpc_port >= 0 else None,
             metrics_port=args.metrics_port,
             max_request_bytes=args.max_request_bytes,
             idle_timeout_seconds=args.idle_timeout,

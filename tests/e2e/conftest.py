@@ -57,6 +57,7 @@ class LocalServer:
     port: int
     metrics_port: int
     log_path: Path
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
@@ -157,7 +158,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
 def running_local(folder: Path, *extra: str) -> Iterator[LocalServer]:
     """`modelloader local FOLDER` on free ports, stopped (Ctrl-C) at the end."""
     state_dir = Path(tempfile.mkdtemp(prefix="mlst-", dir="/tmp"))
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     log_path = folder.parent / f"{folder.name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
@@ -170,6 +171,8 @@ def running_local(folder: Path, *extra: str) -> Iterator[LocalServer]:
                 str(port),
                 "--metrics-port",
                 str(metrics_port),
+                "--grpc-port",
+                str(grpc_port),
                 "--state-dir",
                 str(state_dir),
                 "--cache-dir",
@@ -183,7 +186,7 @@ def running_local(folder: Path, *extra: str) -> Iterator[LocalServer]:
             text=True,
             env=env,
         )
-    local = LocalServer(process, folder, state_dir, port, metrics_port, log_path)
+    local = LocalServer(process, folder, state_dir, port, metrics_port, log_path, grpc_port)
     try:
         deadline = time.monotonic() + 90
         while not (state_dir / "control.sock").exists():

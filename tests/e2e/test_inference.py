@@ -105,7 +105,15 @@ def test_health_and_metadata_through_tritonclient(server: LocalServer) -> None:
         meta = client.get_model_metadata("digits")
         assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
         assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
-        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert client.get_server_metadata()["extensions"] == [
+            "binary_tensor_data",
+            "model_configuration",
+            "statistics",
+        ]
+        config = client.get_model_config("digits")
+        assert config["platform"] == "tensorflow_lite" and config["input"][0]["dims"] == [-1, 64]
+        stats = client.get_inference_statistics("digits")["model_stats"][0]
+        assert stats["name"] == "digits" and stats["inference_stats"]["success"]["count"] >= 0
         with pytest.raises(InferenceServerException, match="not found"):
             client.get_model_metadata("nope")
     finally:
@@ -233,6 +241,9 @@ def test_metrics_count_requests(server: LocalServer) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", server.metrics_port, timeout=10)
     connection.request("GET", "/metrics")
     text = connection.getresponse().read().decode()
-    assert 'modelloader_requests_total{code="200",model="digits",origin="default"}' in text
+    assert (
+        'modelloader_requests_total{code="200",model="digits",origin="default",protocol="rest"}'
+        in text
+    )
     assert "modelloader_inference_duration_seconds_bucket" in text
     assert 'modelloader_models{phase="Ready"} 2.0' in text

@@ -77,7 +77,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     {"host": "models.example.com", "paths": [{"path": "/v2", "pathType": "Prefix"}]}
                 ],
                 "tls": [{"hosts": ["models.example.com"], "secretName": "models-tls"}],
-            }
+            },
+            "grpcIngress": {"enabled": True, "className": "nginx"},
+            "grpcRoute": {"enabled": True, "parentRefs": [{"name": "public"}]},
         }
     },
     "namespaced-policies": {
@@ -518,10 +520,28 @@ def test_monitoring_objects_and_dashboards(chart: helm.Chart) -> None:
 
 def test_ingress_routes_to_the_gateway(chart: helm.Chart) -> None:
     objects = render(chart, VALUE_SETS["ingress"])
-    ingress = find(objects, "Ingress")["spec"]
+    ingress = find(objects, "Ingress", "-gateway")["spec"]
     backend = ingress["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": f"{RELEASE}-modelloader-gateway", "port": {"name": "http"}}
     assert ingress["ingressClassName"] == "nginx"
+
+
+def test_grpc_is_served_exposed_and_allowed(chart: helm.Chart) -> None:
+    objects = render(chart, VALUE_SETS["ingress"])
+    service = find(objects, "Service", "-gateway")["spec"]["ports"]
+    grpc = next(p for p in service if p["name"] == "grpc")
+    assert grpc["port"] == 8081 and grpc["appProtocol"] == "kubernetes.io/h2c"
+    container = pod_specs(objects)[f"{RELEASE}-modelloader-gateway"]["containers"][0]
+    assert "--grpc-port=8081" in container["args"]
+    assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    ingress = find(objects, "Ingress", "-grpc")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == (
+        "GRPC"
+    )
+    route = find(objects, "GRPCRoute")["spec"]
+    assert route["rules"][0]["backendRefs"][0]["port"] == 8081
+    policy = find(objects, "NetworkPolicy", "-gateway")["spec"]["ingress"][0]["ports"]
+    assert {"port": "grpc", "protocol": "TCP"} in policy
 
 
 def test_names_and_images_follow_overrides(chart: helm.Chart) -> None:

@@ -42,10 +42,14 @@ from modelloader_gateway.errors import (
 )
 from modelloader_gateway.load import LoadMeter
 from modelloader_gateway.routes import MODEL_VERSION, Endpoint, Route, Routes
+from modelloader_gateway.stats import Statistics
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply, request_prefix
 
 SERVER_NAME = "modelloader"
 PLATFORM = "tensorflow_lite"
+BACKEND = "litert"
+# Triton's extensions this server speaks besides the core protocol.
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 # How long a request waits for a model scaled to zero to have a replica again.
 HOLD_SECONDS = 30.0
 # A replica that could not be reached gets no new request for this long, while others can
@@ -102,6 +106,7 @@ class DataPlane:
         self.clients = clients
         self.limiter = limiter or OriginLimiter()
         self.load = LoadMeter(clock)
+        self.stats = Statistics()
         self._ready = ready
         self._hold_seconds = hold_seconds
         self._on_hold = on_hold  # a request waits for a model to wake: tell the control plane
@@ -133,7 +138,7 @@ class DataPlane:
         return {
             "name": SERVER_NAME,
             "version": self._version,
-            "extensions": ["binary_tensor_data"],
+            "extensions": list(EXTENSIONS),
         }
 
     def route(self, origin: str, name: str, version: str | None) -> Route:
@@ -167,6 +172,44 @@ class DataPlane:
             found["parameters"] = {"placement": dict(route.placement)}
         return found
 
+    def model_config(self, origin: str, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration: what the model is (inputs, outputs, batching) and how
+        many instances (ready replicas) serve it."""
+        route = self.route(origin, name, version)
+        if route.signature is None:
+            raise ModelNotReady(f"model {name!r} is not ready: {route.message or 'loading'}")
+        accelerators = {e.accelerator for e in route.endpoints if e.state == "ready"}
+        return {
+            "name": name,
+            "platform": PLATFORM,
+            "backend": BACKEND,
+            "max_batch_size": 0,  # shapes are whole, the batch dimension included
+            "input": [_tensor_config(t.name, t.datatype, t.shape) for t in route.signature.inputs],
+            "output": [
+                _tensor_config(t.name, t.datatype, t.shape) for t in route.signature.outputs
+            ],
+            "instance_group": [
+                {
+                    "name": name,
+                    "kind": "KIND_GPU" if accelerators == {"gpu"} else "KIND_CPU",
+                    "count": sum(1 for e in route.endpoints if e.state == "ready"),
+                }
+            ],
+        }
+
+    def model_statistics(
+        self, origin: str, name: str | None = None, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Triton's statistics of one model, or of every model the caller may see."""
+        if name:
+            route = self.route(origin, name, version)
+            return [self.stats.of((origin, name)).as_triton(name, route.version)]
+        return [
+            self.stats.of((origin, r.name)).as_triton(r.name, r.version)
+            for r in self.routes.table.routes
+            if r.origin == origin
+        ]
+
     # Inference
 
     def admit(self, origin: str, access: OriginAccess, name: str) -> Route:
@@ -195,6 +238,33 @@ class DataPlane:
         once sent or held, `done` gets the result or the error, exactly once (possibly before
         this returns). `inputs` must stay as they are until then: they are sent from where
         they lie."""
+        key = (origin, name)
+        started = time.perf_counter()
+        stats = self.stats
+
+        def counted(result: InferResult | DataPlaneError) -> None:
+            elapsed = time.perf_counter() - started
+            if isinstance(result, InferResult):
+                stats.succeeded(key, elapsed, result.queue_seconds, result.invoke_seconds)
+            else:
+                stats.failed(key, elapsed)
+            done(result)
+
+        try:
+            self._submit(origin, name, version, inputs, outputs, counted)
+        except DataPlaneError:
+            stats.failed(key, time.perf_counter() - started)
+            raise
+
+    def _submit(
+        self,
+        origin: str,
+        name: str,
+        version: str | None,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str],
+        done: Done,
+    ) -> None:
         route = self.route(origin, name, version)
         ready = self._ready_endpoints(route)
         if not ready and route.wakes:
@@ -299,7 +369,7 @@ class DataPlane:
                 if held.timer is not None:
                     held.timer.cancel()
                 try:
-                    self.submit(key[0], key[1], held.version, held.inputs, held.outputs, held.done)
+                    self._submit(key[0], key[1], held.version, held.inputs, held.outputs, held.done)
                 except DataPlaneError as error:
                     held.done(error)
 
@@ -320,6 +390,10 @@ class DataPlane:
         wanted = list(outputs) or [t.name for t in signature.outputs]
         entries, _ = ipc.describe(inputs)
         return _Prepared(signature, request_prefix(entries, wanted))
+
+
+def _tensor_config(name: str, datatype: str, shape: Sequence[int]) -> dict[str, Any]:
+    return {"name": name, "data_type": f"TYPE_{datatype}", "dims": list(shape)}
 
 
 __all__ = ["MODEL_VERSION", "DataPlane", "InferResult"]

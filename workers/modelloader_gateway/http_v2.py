@@ -222,6 +222,12 @@ class V2Api:
         if not segments or segments[0] != "v2":
             raise route_not_found()
         rest = segments[1:]
+        if rest == ["models", "stats"]:  # Triton's: every model the caller may see
+            _only(head, "GET")
+            origin = self.dataplane.caller(head.headers.get("authorization"))[0]
+            return _Answered(
+                lambda: json_response({"model_stats": self.dataplane.model_statistics(origin)})
+            )
         if len(rest) >= 2 and rest[0] == "models" and rest[1]:
             return self._model_route(head, rest[1], rest[2:])
         make = self._server_routes.get(tuple(rest))
@@ -258,6 +264,18 @@ class V2Api:
                 return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
             return _Answered(ready)
+        if rest in (["config"], ["stats"]):  # Triton's configuration and statistics extensions
+            _only(head, "GET")
+            origin = dataplane.caller(head.headers.get("authorization"))[0]
+            if rest == ["config"]:
+                return _Answered(
+                    lambda: json_response(dataplane.model_config(origin, name, version))
+                )
+            return _Answered(
+                lambda: json_response(
+                    {"model_stats": dataplane.model_statistics(origin, name, version)}
+                )
+            )
         raise route_not_found()
 
     def _admit_infer(self, head: RequestHead, name: str, version: str | None) -> Call:

@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8081,
+        help="the gRPC Open Inference Protocol and grpc.health.v1 (default %(default)s; -1: none)",
+    )
     parser.add_argument("--max-request-bytes", type=int, default=64 << 20)
     parser.add_argument(
         "--metrics-port",
@@ -43,6 +49,7 @@ def config_from(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port if args.grpc_port >= 0 else None,
         metrics_port=args.metrics_port,
         max_request_bytes=args.max_request_bytes,
         idle_timeout_seconds=args.idle_timeout,

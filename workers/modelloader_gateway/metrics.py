@@ -2,7 +2,8 @@
 so one scrape of the gateway sees the data plane's numbers, workers included.
 
 Labels stay bounded: `origin` and `model` come from the route table (a name that is not served is
-counted under `model=""`), `accelerator` is cpu, gpu or npu, `code` an HTTP status.
+counted under `model=""`), `protocol` is rest or grpc, `accelerator` is cpu, gpu or npu, `code`
+an HTTP status (a gRPC status as the HTTP status it stands for: `GRPC_AS_HTTP`).
 
 The counts live in plain per-model records (`ModelSeries`) that a request updates with a few
 additions, and become Prometheus families only when scraped (`collect`): `prometheus_client`'s
@@ -97,12 +98,12 @@ class _Histogram:
 
 
 class ModelSeries:
-    """Every series of one (origin, model)."""
+    """Every series of one (origin, model, protocol)."""
 
     __slots__ = ("busy_seconds", "codes", "histograms", "labels")
 
-    def __init__(self, origin: str, model: str) -> None:
-        self.labels = (origin, model)
+    def __init__(self, origin: str, model: str, protocol: str = "rest") -> None:
+        self.labels = (origin, model, protocol)
         self.codes: dict[int, int] = {}
         self.histograms = tuple(_Histogram(buckets) for _, _, buckets in _HISTOGRAMS)
         self.busy_seconds: dict[str, float] = {}  # by the accelerator that ran it
@@ -130,31 +131,53 @@ class ModelSeries:
         busy[accelerator] = busy.get(accelerator, 0.0) + invoke_seconds
 
 
+# gRPC status codes as the HTTP status a REST call would have had: the `code` label means the
+# same for both protocols (`protocol` tells them apart), and "5.." still selects server errors.
+GRPC_AS_HTTP = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+
 class GatewayMetrics(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.unknown = ModelSeries("", "")  # who is unknown until authenticated
-        self._series: dict[tuple[str, str], ModelSeries] = {("", ""): self.unknown}
+        self.unknown_grpc = ModelSeries("", "", "grpc")
+        self._series: dict[tuple[str, str, str], ModelSeries] = {
+            ("", "", "rest"): self.unknown,
+            ("", "", "grpc"): self.unknown_grpc,
+        }
         registry.register(self)
 
-    def series(self, origin: str, model: str) -> ModelSeries:
-        found = self._series.get((origin, model))
+    def series(self, origin: str, model: str, protocol: str = "rest") -> ModelSeries:
+        found = self._series.get((origin, model, protocol))
         if found is None:
-            found = self._series[(origin, model)] = ModelSeries(origin, model)
+            found = self._series[(origin, model, protocol)] = ModelSeries(origin, model, protocol)
         return found
 
     def collect(self) -> Iterator[Metric]:
         everything = list(self._series.values())
         requests = CounterMetricFamily(
             "modelloader_requests",
-            "Inference requests by HTTP status code.",
-            labels=["origin", "model", "code"],
+            "Inference requests by protocol and HTTP status code (gRPC's mapped to the same).",
+            labels=["origin", "model", "protocol", "code"],
         )
         for series in everything:
             for code, count in sorted(series.codes.items()):
                 requests.add_metric([*series.labels, str(code)], count)
         yield requests
         for index, (name, documentation, _) in enumerate(_HISTOGRAMS):
-            family = HistogramMetricFamily(name, documentation, labels=["origin", "model"])
+            family = HistogramMetricFamily(
+                name, documentation, labels=["origin", "model", "protocol"]
+            )
             for series in everything:
                 histogram = series.histograms[index]
                 if any(histogram.counts):
@@ -163,7 +186,7 @@ class GatewayMetrics(Collector):
         busy = CounterMetricFamily(
             "modelloader_accelerator_busy_seconds",
             "Interpreter invoke time, as reported by the workers, by the accelerator that ran it.",
-            labels=["origin", "model", "accelerator"],
+            labels=["origin", "model", "protocol", "accelerator"],
         )
         for series in everything:
             for accelerator, seconds in sorted(series.busy_seconds.items()):

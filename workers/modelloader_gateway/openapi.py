@@ -145,6 +145,69 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
     },
+    # Triton's model configuration extension (the fields Model Loader fills in).
+    "ModelConfig": {
+        "type": "object",
+        "required": ["name", "platform", "max_batch_size", "input", "output"],
+        "properties": {
+            "name": {"type": "string"},
+            "platform": {"type": "string"},
+            "backend": {"type": "string"},
+            "max_batch_size": {"type": "integer", "minimum": 0},
+            "input": {"type": "array", "items": _ref("ConfigTensor")},
+            "output": {"type": "array", "items": _ref("ConfigTensor")},
+            "instance_group": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "count": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+    },
+    "ConfigTensor": {
+        "type": "object",
+        "required": ["name", "data_type", "dims"],
+        "properties": {
+            "name": {"type": "string"},
+            "data_type": {"type": "string"},
+            "dims": {"type": "array", "items": {"type": "integer"}},
+        },
+    },
+    # Triton's statistics extension.
+    "ModelStatistics": {
+        "type": "object",
+        "required": ["model_stats"],
+        "properties": {
+            "model_stats": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "version": {"type": "string"},
+                        "last_inference": {"type": "integer"},
+                        "inference_count": {"type": "integer"},
+                        "execution_count": {"type": "integer"},
+                        "inference_stats": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "count": {"type": "integer"},
+                                    "ns": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
 }
 
 
@@ -193,6 +256,33 @@ def _model_operations(versioned: bool) -> dict[str, Any]:
                     "200": {"description": "ready", "content": _json(_ref("ModelReady"))},
                     **_ERRORS,
                     "503": {"description": "not ready", "content": _json(_ref("ModelReady"))},
+                },
+            }
+        },
+        base + "/config": {
+            "get": {
+                "operationId": f"modelConfig{suffix}",
+                "summary": "what the model is: inputs, outputs, batching, instances (Triton's "
+                "model configuration extension)",
+                "parameters": params,
+                "responses": {
+                    "200": {"description": "configuration", "content": _json(_ref("ModelConfig"))},
+                    **_ERRORS,
+                    "503": _error("the model is not ready"),
+                },
+            }
+        },
+        base + "/stats": {
+            "get": {
+                "operationId": f"modelStatistics{suffix}",
+                "summary": "the model's request counts and times (Triton's statistics extension)",
+                "parameters": params,
+                "responses": {
+                    "200": {
+                        "description": "statistics",
+                        "content": _json(_ref("ModelStatistics")),
+                    },
+                    **_ERRORS,
                 },
             }
         },
@@ -262,6 +352,19 @@ OPENAPI: dict[str, Any] = {
                         "description": "this document",
                         "content": _json({"type": "object"}),
                     }
+                },
+            }
+        },
+        "/v2/models/stats": {
+            "get": {
+                "operationId": "allModelStatistics",
+                "summary": "statistics of every model the caller may use",
+                "responses": {
+                    "200": {
+                        "description": "statistics",
+                        "content": _json(_ref("ModelStatistics")),
+                    },
+                    "401": _UNAUTHORIZED,
                 },
             }
         },

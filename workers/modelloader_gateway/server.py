@@ -1,9 +1,10 @@
-"""The gateway assembled: routes, links to workers, the data plane, the v2 REST layer, its
-metrics. One assembly for `modelloader local` (which publishes routes in-process) and
+"""The gateway assembled: routes, links to workers, the data plane, the v2 REST and gRPC layers,
+its metrics. One assembly for `modelloader local` (which publishes routes in-process) and
 `modelloader gateway` (which follows the published table through Ray)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from modelloader_workers.gc_pauses import freeze_long_lived
 from prometheus_client import CollectorRegistry
 
 from modelloader_gateway.dataplane import HOLD_SECONDS, DataPlane
+from modelloader_gateway.grpc_v2 import GrpcServer
 from modelloader_gateway.http_server import HttpServer
 from modelloader_gateway.http_v2 import BODY_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, V2Api
 from modelloader_gateway.metrics import GatewayMetrics
@@ -33,6 +35,7 @@ DRAIN_SECONDS = 10.0
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    grpc_port: int | None = None  # the gRPC endpoint; None: none (the CLI's default is 8081)
     metrics_port: int = 0  # 0: no /metrics of its own
     max_request_bytes: int = 64 << 20
     idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS
@@ -63,14 +66,16 @@ class Gateway:
             hold_seconds=config.hold_seconds,
             on_hold=on_hold,
         )
+        metrics = GatewayMetrics(self.registry)
         self.http = HttpServer(
-            V2Api(
-                self.dataplane,
-                GatewayMetrics(self.registry),
-                max_request_bytes=config.max_request_bytes,
-            ),
+            V2Api(self.dataplane, metrics, max_request_bytes=config.max_request_bytes),
             idle_timeout=config.idle_timeout_seconds,
             body_timeout=config.body_timeout_seconds,
+        )
+        self.grpc = (
+            GrpcServer(self.dataplane, metrics, config.max_request_bytes)
+            if config.grpc_port is not None
+            else None
         )
         self._metrics: web.AppRunner | None = None
 
@@ -94,13 +99,19 @@ class Gateway:
         config = self.config
         await self.http.start(config.host, config.port)
         log.info("gateway on http://%s:%d", config.host, self.http.port)
+        if self.grpc is not None and config.grpc_port is not None:
+            await self.grpc.start(config.host, config.grpc_port)
+            log.info("gRPC on %s:%d", config.host, self.grpc.port)
         if config.metrics_port:
             self._metrics = await serve_metrics(self.registry, config.host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
         freeze_long_lived()  # a full collection would pause every answer
 
     async def close(self) -> None:
-        await self.http.close(self.config.drain_seconds)
+        drains = [self.http.close(self.config.drain_seconds)]
+        if self.grpc is not None:
+            drains.append(self.grpc.close(self.config.drain_seconds))
+        await asyncio.gather(*drains)
         if self._metrics is not None:
             with contextlib.suppress(Exception):
                 await self._metrics.cleanup()
