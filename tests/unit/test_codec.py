@@ -243,3 +243,53 @@ def test_signature_mismatches(given: dict[str, tuple[str, tuple[int, ...]]], nee
 def test_unknown_output() -> None:
     with pytest.raises(InvalidRequest, match="unknown output 'q'"):
         check_outputs(SIGNATURE, ["q"])
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "INT8", "INT16", "UINT16", "INT32", "UINT32"])
+def test_json_integer_tensors_decode_exactly_and_refuse_values_out_of_range(
+    datatype: str,
+) -> None:
+    from modelloader_workers.wire.tensor_types import numpy_dtype
+
+    dtype = numpy_dtype(datatype)
+    limits = np.iinfo(dtype)
+    values = [int(limits.min), 0, int(limits.max)]
+    request = decode_request(
+        body({"inputs": [{"name": "x", "datatype": datatype, "shape": [3], "data": values}]}),
+        None,
+    )
+    assert request.inputs["x"].dtype == dtype and request.inputs["x"].tolist() == values
+    for bad in (int(limits.max) + 1, int(limits.min) - 1):
+        with pytest.raises(BadRequest, match=f"does not hold {datatype} values"):
+            decode_request(
+                body(
+                    {"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": [bad]}]}
+                ),
+                None,
+            )
+    with pytest.raises(BadRequest, match=f"does not hold {datatype} values"):
+        decode_request(
+            body({"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": ["a"]}]}),
+            None,
+        )
+
+
+def test_json_image_sized_tensors_decode_like_the_array_and_outputs_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    nested = {"name": "n", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": image.tolist()}
+    flat = {"name": "f", "datatype": "FP32", "shape": [4], "data": [0.1, -2.5, 3e38, 1e-8]}
+    request = decode_request(body({"inputs": [nested, flat]}), None)
+    np.testing.assert_array_equal(request.inputs["n"], image)
+    np.testing.assert_array_equal(
+        request.inputs["f"], np.array([0.1, -2.5, 3e38, 1e-8], dtype=np.float32)
+    )
+    outputs = {"p": rng.uniform(size=(1, 1000)).astype(np.float32), "h": np.ones(2, np.float16)}
+    payload, header_length = encode_response("m", "1", request, outputs)
+    assert header_length is None
+    answer = json.loads(payload)
+    assert answer["outputs"][0]["shape"] == [1, 1000]
+    np.testing.assert_array_equal(
+        np.array(answer["outputs"][0]["data"], np.float32), outputs["p"].ravel()
+    )
+    assert answer["outputs"][1]["data"] == [1.0, 1.0]

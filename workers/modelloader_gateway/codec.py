@@ -4,17 +4,25 @@ Pure functions over bytes. With the binary extension the body is a JSON header o
 `Inference-Header-Content-Length` bytes followed by raw little-endian tensors, each input
 declaring its size in `parameters.binary_data_size`; outputs are sent raw when asked
 (`parameters.binary_data` per output, or `binary_data_output` for the whole request).
+
+JSON tensors are parsed without a Python object per value: simdjson parses the body and hands
+each numeric `data` array over as one buffer (flattened row-major, nested or not), which numpy
+range-checks and converts whole; values it cannot take that way (booleans, or a value of the
+wrong kind) go the slow way, for the same checks and messages. Outputs are written by orjson
+straight from the arrays.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import orjson
+import simdjson
 from modelloader_workers.wire.memo import Memo
 from modelloader_workers.wire.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
@@ -105,22 +113,45 @@ def decode_request(
 
 
 def _parse_head(text: bytes) -> _Head:
+    # A parser per document: a parser may not parse again while anything of its last
+    # document is alive, and a failed request may leave some behind in its traceback.
     try:
-        request = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+        document = simdjson.Parser().parse(text)
+    except ValueError as error:
         raise BadRequest(f"request body is not valid JSON: {error}") from None
-    if not isinstance(request, dict):
+    except RuntimeError:
+        return _parse_head_slowly(text)
+    try:
+        return _head(document)
+    except (RuntimeError, UnicodeError):
+        return _parse_head_slowly(text)
+
+
+def _parse_head_slowly(text: bytes) -> _Head:
+    """What simdjson parses but will not hand over (an integer past 64 bits, a string it
+    cannot decode): the standard parser takes the whole body, for the same checks."""
+    try:
+        document = json.loads(text)
+    except (ValueError, UnicodeError) as error:
+        raise BadRequest(f"request body is not valid JSON: {error}") from None
+    return _head(document)
+
+
+def _head(document: Any) -> _Head:
+    """A request head from a parsed document: simdjson's proxies or plain Python objects."""
+    if not isinstance(document, simdjson.Object | dict):
         raise BadRequest("request body must be a JSON object")
-    raw_inputs = request.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, simdjson.Array | list) or not len(raw_inputs):
         raise BadRequest("'inputs' must be a non-empty list")
     inputs: list[_Input] = []
     for position, raw in enumerate(raw_inputs):
-        spec = _decode_input(raw, position)
+        spec = _decode_input(_plain_except_data(raw), position)
         if any(i.name == spec.name for i in inputs):
             raise BadRequest(f"input {spec.name!r} is given twice")
         inputs.append(spec)
 
+    request = {k: _plain(v) for k, v in document.items() if k != "inputs"}
     params = _parameters(request.get("parameters"), "request")
     binary_default = bool(params.get("binary_data_output", False))
     outputs: list[str] = []
@@ -147,6 +178,57 @@ def _parse_head(text: bytes) -> _Head:
 
 
 _remembered_heads = Memo(_parse_head)
+
+
+# What simdjson hands a numeric array over as, by `as_buffer`'s kind.
+_WIDE = {"d": np.dtype(np.float64), "u": np.dtype(np.uint64), "i": np.dtype(np.int64)}
+
+
+def _plain(value: Any) -> Any:
+    """A parsed JSON value as Python objects."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _plain_except_data(raw: Any) -> Any:
+    """An input as Python objects, but its `data`, left for `_values` to take whole."""
+    if not isinstance(raw, simdjson.Object):
+        return _plain(raw)
+    return {k: v if k == "data" else _plain(v) for k, v in raw.items()}
+
+
+def _values(data: Any, dtype: np.dtype[Any], datatype: str, name: str) -> np.ndarray[Any, Any]:
+    """A JSON `data` array as a flat array of `dtype`, checked as `np.asarray` would."""
+    if isinstance(data, simdjson.Array) and dtype.kind in "fiu":
+        kind: Literal["d", "u", "i"] = (
+            "d" if dtype.kind == "f" else ("u" if dtype == np.uint64 else "i")
+        )
+        try:
+            buffer = data.as_buffer(of_type=kind)
+        except (TypeError, ValueError):
+            pass  # a value of another kind: the slow way says which
+        else:
+            wide = np.frombuffer(buffer, dtype=_WIDE[kind])
+            if dtype.kind in "iu" and wide.size:
+                limits = np.iinfo(dtype)
+                low, high = wide.min(), wide.max()
+                if low < limits.min or high > limits.max:
+                    bad = low if low < limits.min else high
+                    raise BadRequest(
+                        f"input {name!r}: 'data' does not hold {datatype} values: "
+                        f"{bad} is out of range"
+                    )
+            return wide.astype(dtype)
+    values = _plain(data)
+    try:
+        return np.asarray(values, dtype=dtype).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise BadRequest(
+            f"input {name!r}: 'data' does not hold {datatype} values: {error}"
+        ) from None
 
 
 def _parameters(raw: Any, where: str) -> Mapping[str, Any]:
@@ -192,12 +274,7 @@ def _decode_input(raw: Any, position: int) -> _Input:
 
     if "data" not in raw:
         raise BadRequest(f"input {name!r}: has neither 'data' nor binary data")
-    try:
-        flat = np.asarray(raw["data"], dtype=dtype).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as error:
-        raise BadRequest(
-            f"input {name!r}: 'data' does not hold {datatype} values: {error}"
-        ) from None
+    flat = _values(raw["data"], dtype, datatype, name)
     if flat.size != count:
         raise BadRequest(
             f"input {name!r}: 'data' has {flat.size} values but shape {shape} needs {count}"
@@ -249,7 +326,8 @@ def _response_head(
     }
     if request_id is not None:
         response["id"] = request_id
-    return json.dumps(response, separators=(",", ":")).encode()
+    # orjson writes numpy arrays (the JSON outputs' `data`) without a Python object per value.
+    return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 _OutputsKey = tuple[str, str, tuple[tuple[str, str, tuple[int, ...]], ...]]
@@ -274,9 +352,6 @@ def _binary_head(key: _OutputsKey) -> bytes:
 _remembered_binary_heads = Memo(_binary_head)
 
 
-def _json_values(array: np.ndarray[Any, Any]) -> Sequence[Any]:
-    flat = array.reshape(-1)
-    if flat.dtype == np.float16:
-        flat = flat.astype(np.float32)  # JSON numbers; tolist() of float16 is slow
-    values: list[Any] = flat.tolist()
-    return values
+def _json_values(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """An output's values for JSON: flat (row-major) and contiguous, as orjson takes them."""
+    return np.ascontiguousarray(array.reshape(-1))
