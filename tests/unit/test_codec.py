@@ -293,3 +293,32 @@ def test_json_image_sized_tensors_decode_like_the_array_and_outputs_round_trip()
         np.array(answer["outputs"][0]["data"], np.float32), outputs["p"].ravel()
     )
     assert answer["outputs"][1]["data"] == [1.0, 1.0]
+
+
+def test_json_nan_and_infinities_in_and_out_as_python_and_triton_write_them() -> None:
+    # perf_analyzer's random FP32 data holds NaN; simdjson refuses it, the standard parser
+    # takes it, and outputs keep NaN and the infinities rather than turning them into null.
+    text = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[3],"data":[NaN,Infinity,-1.5]}]}'
+    request = decode_request(text, None)
+    got = request.inputs["x"]
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -1.5
+    outputs = {"y": np.array([np.nan, -np.inf, 2.0], np.float32), "z": np.array([1], np.int8)}
+    payload, _ = encode_response("m", "1", request, outputs)
+    assert b"NaN,-Infinity,2.0" in payload
+    answer = json.loads(payload)
+    assert answer["outputs"][1]["data"] == [1]
+
+
+def test_json_parser_reuse_survives_a_document_kept_alive() -> None:
+    # A failed request's traceback can keep the last document's proxies alive: the next
+    # request still decodes (on a parser of its own).
+    import simdjson
+    from modelloader_gateway import codec
+
+    kept = codec._parse(b'{"inputs":[{"data":[1,2]}]}')["inputs"]
+    assert isinstance(kept, simdjson.Array)
+    request = decode_request(
+        body({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [2], "data": [4, 5]}]}), None
+    )
+    assert request.inputs["x"].tolist() == [4, 5]
+    assert kept[0]["data"].as_list() == [1, 2]

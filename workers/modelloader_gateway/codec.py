@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -112,14 +113,35 @@ def decode_request(
     )
 
 
+# A parser per thread, reused: a fresh one's buffers are fresh pages, and faulting them in
+# costs more than the parse itself (bench/RESULTS.md). Bodies past REUSED_PARSER_BYTES get
+# a parser of their own, so one huge body does not leave its buffers held for good.
+REUSED_PARSER_BYTES = 4 << 20
+_parsers = threading.local()
+
+
+def _parse(text: bytes) -> Any:
+    if len(text) > REUSED_PARSER_BYTES:
+        return simdjson.Parser().parse(text)
+    parser = getattr(_parsers, "parser", None)
+    if parser is not None:
+        try:
+            return parser.parse(text)
+        except RuntimeError:
+            # Something of its last document is still alive (a failed request's traceback
+            # can hold it): this one is left to it, and a new one takes its place.
+            pass
+    _parsers.parser = parser = simdjson.Parser()
+    return parser.parse(text)
+
+
 def _parse_head(text: bytes) -> _Head:
-    # A parser per document: a parser may not parse again while anything of its last
-    # document is alive, and a failed request may leave some behind in its traceback.
     try:
-        document = simdjson.Parser().parse(text)
-    except ValueError as error:
-        raise BadRequest(f"request body is not valid JSON: {error}") from None
-    except RuntimeError:
+        document = _parse(text)
+    except (ValueError, RuntimeError):
+        # Not JSON to simdjson: NaN, Infinity and -Infinity (which Python's parser, Triton's
+        # and clients such as perf_analyzer's random FP32 data use) or not JSON at all. The
+        # standard parser takes those, or says what is wrong and where.
         return _parse_head_slowly(text)
     try:
         return _head(document)
@@ -151,7 +173,9 @@ def _head(document: Any) -> _Head:
             raise BadRequest(f"input {spec.name!r} is given twice")
         inputs.append(spec)
 
-    request = {k: _plain(v) for k, v in document.items() if k != "inputs"}
+    # Keys, then values one by one: simdjson's items() would convert every value, the inputs'
+    # `data` arrays too, element by element.
+    request = {k: _plain(document[k]) for k in document if k != "inputs"}
     params = _parameters(request.get("parameters"), "request")
     binary_default = bool(params.get("binary_data_output", False))
     outputs: list[str] = []
@@ -197,7 +221,7 @@ def _plain_except_data(raw: Any) -> Any:
     """An input as Python objects, but its `data`, left for `_values` to take whole."""
     if not isinstance(raw, simdjson.Object):
         return _plain(raw)
-    return {k: v if k == "data" else _plain(v) for k, v in raw.items()}
+    return {k: raw[k] if k == "data" else _plain(raw[k]) for k in raw}
 
 
 def _values(data: Any, dtype: np.dtype[Any], datatype: str, name: str) -> np.ndarray[Any, Any]:
@@ -326,6 +350,13 @@ def _response_head(
     }
     if request_id is not None:
         response["id"] = request_id
+    if any(_not_finite(entry.get("data")) for entry in entries):
+        # orjson would write NaN and the infinities as null; Python's writer gives NaN,
+        # Infinity and -Infinity, which Triton's clients (and this server) read back.
+        for entry in entries:
+            if "data" in entry:
+                entry["data"] = entry["data"].tolist()
+        return json.dumps(response, separators=(",", ":")).encode()
     # orjson writes numpy arrays (the JSON outputs' `data`) without a Python object per value.
     return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -350,6 +381,10 @@ def _binary_head(key: _OutputsKey) -> bytes:
 
 
 _remembered_binary_heads = Memo(_binary_head)
+
+
+def _not_finite(values: np.ndarray[Any, Any] | None) -> bool:
+    return values is not None and values.dtype.kind in "fc" and not np.isfinite(values).all()
 
 
 def _json_values(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
