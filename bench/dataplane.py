@@ -324,10 +324,12 @@ def wait_phase(state_dir: Path, name: str, wanted: str | None, timeout: float = 
 
 
 @contextlib.contextmanager
-def modelloader_local(work: Path, names: dict[str, str]) -> Iterator[tuple[int, Path, float, int]]:
+def modelloader_local(
+    work: Path, names: dict[str, str], grpc_port: int = -1
+) -> Iterator[tuple[int, Path, float, int]]:
     """`modelloader local` over `work` with a manifest per name -> file; yields the gateway's
     port, the state dir, the seconds until every model was Ready (Ray start included) and the
-    process id."""
+    process id. gRPC is served on `grpc_port` if given (-1: not at all)."""
     state_dir = Path(tempfile.mkdtemp(prefix="mlbs-", dir="/tmp"))
     for name, file in names.items():
         (work / f"{name}.yaml").write_text(manifest(name, f"file://{file}"))
@@ -340,6 +342,8 @@ def modelloader_local(work: Path, names: dict[str, str]) -> Iterator[tuple[int, 
         str(port),
         "--metrics-port",
         str(free_port()),
+        "--grpc-port",
+        str(grpc_port),
         "--state-dir",
         str(state_dir),
         "--cache-dir",
