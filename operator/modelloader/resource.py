@@ -27,6 +27,8 @@ DELEGATIONS: tuple[Delegation, ...] = ("whole", "partitioned")
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
 MAX_THREADS = 64
 MAX_REPLICAS = 100
+MAX_BATCH_SIZE = 1024
+MAX_QUEUE_DELAY_MICROSECONDS = 1_000_000  # a second: past that a queue is not a batcher's
 
 # Kubernetes object names (DNS-1123 subdomain) and origins (DNS-1123 label).
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
@@ -68,6 +70,15 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """Concurrent requests stacked into one invoke, Triton's dynamic batcher's knobs."""
+
+    max_batch_size: int
+    max_queue_delay_microseconds: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class LoadedModelSpec:
     origin: str
     source: Source
@@ -78,11 +89,15 @@ class LoadedModelSpec:
     resources: Resources = Resources()
     replicas: int = 1  # a fixed count (`kubectl scale`, an HPA); ignored with `autoscaling`
     autoscaling: Autoscaling | None = None
+    batching: Batching | None = None
 
     def loaded_as(self) -> dict[str, Any]:
-        """What a worker must load: the spec less how many replicas run it."""
+        """What a worker must load: the spec less how many replicas run it. Batching is
+        left out when off, so models without it keep the fingerprints they had before it."""
         loaded = asdict(self)
         del loaded["replicas"], loaded["autoscaling"]
+        if loaded["batching"] is None:
+            del loaded["batching"]
         return loaded
 
 
@@ -144,6 +159,7 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
             "resources",
             "replicas",
             "autoscaling",
+            "batching",
         },
         "spec",
     )
@@ -189,6 +205,9 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
     autoscaling = None
     if "autoscaling" in spec:
         autoscaling = _autoscaling(_mapping(spec["autoscaling"], "spec.autoscaling"))
+    batching = None
+    if "batching" in spec:
+        batching = _batching(_mapping(spec["batching"], "spec.batching"))
     return LoadedModelSpec(
         origin=origin,
         source=Source(uri, sha256),
@@ -199,7 +218,28 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
         resources=resources,
         replicas=replicas,
         autoscaling=autoscaling,
+        batching=batching,
     )
+
+
+def _batching(raw: Mapping[str, Any]) -> Batching:
+    where = "spec.batching"
+    _no_unknown(raw, {"maxBatchSize", "maxQueueDelayMicroseconds", "preferredBatchSizes"}, where)
+    if "maxBatchSize" not in raw:
+        raise ManifestError(f"{where}.maxBatchSize: required")
+    size = _whole(raw, "maxBatchSize", 1, MAX_BATCH_SIZE, 1, where)
+    delay = _whole(raw, "maxQueueDelayMicroseconds", 0, MAX_QUEUE_DELAY_MICROSECONDS, 0, where)
+    preferred = raw.get("preferredBatchSizes", [])
+    if not isinstance(preferred, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= size for p in preferred
+    ):
+        raise ManifestError(
+            f"{where}.preferredBatchSizes: must be a list of whole numbers from 1 to "
+            f"maxBatchSize ({size})"
+        )
+    if len(set(preferred)) != len(preferred):
+        raise ManifestError(f"{where}.preferredBatchSizes: a size is listed twice")
+    return Batching(size, delay, tuple(sorted(preferred)))
 
 
 def _autoscaling(raw: Mapping[str, Any]) -> Autoscaling:

@@ -137,3 +137,49 @@ def test_a_fixed_count_or_autoscaling_parse_and_leave_the_fingerprint_alone() ->
         max_replicas=4, min_replicas=0, target_in_flight=1.5
     )
     assert scaled.fingerprint == base.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("batching", "field"),
+    [
+        ({}, "spec.batching.maxBatchSize"),
+        ({"maxBatchSize": 0}, "spec.batching.maxBatchSize"),
+        ({"maxBatchSize": 1025}, "spec.batching.maxBatchSize"),
+        ({"maxBatchSize": 8, "maxQueueDelayMicroseconds": -1}, "maxQueueDelayMicroseconds"),
+        ({"maxBatchSize": 8, "maxQueueDelayMicroseconds": 1_000_001}, "maxQueueDelay"),
+        ({"maxBatchSize": 8, "preferredBatchSizes": [0]}, "preferredBatchSizes"),
+        ({"maxBatchSize": 8, "preferredBatchSizes": [16]}, "preferredBatchSizes"),
+        ({"maxBatchSize": 8, "preferredBatchSizes": [4, 4]}, "preferredBatchSizes"),
+        ({"maxBatchSize": 8, "preferredBatchSizes": 4}, "preferredBatchSizes"),
+        ({"maxBatchSize": 8, "delay": 5}, "spec.batching"),
+    ],
+)
+def test_batching_nonsense_is_refused_by_crd_cel_and_parser(
+    batching: dict[str, Any], field: str
+) -> None:
+    doc = copy.deepcopy(example_manifests()[0])
+    doc["spec"]["batching"] = batching
+    # CEL rules run on values that passed the schema, as the API server runs them.
+    broken = list(validator().iter_errors(doc)) or cel_failures("loadedmodel.yaml", doc)
+    # The API server refuses these itself: a size listed twice (x-kubernetes-list-type: set)
+    # and a field the schema does not know (kubectl's strict field validation).
+    if batching.get("preferredBatchSizes") != [4, 4] and "delay" not in batching:
+        assert broken, f"the CRD accepted {batching}"
+    with pytest.raises(resource.ManifestError) as caught:
+        resource.parse_loaded_model(doc)
+    assert field in str(caught.value)
+
+
+def test_batching_parses_and_changes_the_fingerprint_only_when_asked() -> None:
+    doc = copy.deepcopy(example_manifests()[0])
+    base = resource.parse_loaded_model(doc)
+    assert base.spec.batching is None and "batching" not in base.spec.loaded_as()
+    doc["spec"]["batching"] = {
+        "maxBatchSize": 8,
+        "maxQueueDelayMicroseconds": 2000,
+        "preferredBatchSizes": [8, 4],
+    }
+    assert not list(validator().iter_errors(doc)) and not cel_failures("loadedmodel.yaml", doc)
+    batched = resource.parse_loaded_model(doc)
+    assert batched.spec.batching == resource.Batching(8, 2000, (4, 8))
+    assert batched.fingerprint != base.fingerprint  # the workers reload with it
