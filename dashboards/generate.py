@@ -478,6 +478,38 @@ def model_drilldown() -> dashboard.Dashboard:
                 8,
             )
         )
+        .with_row(dashboard.Row("Batching"))
+        .with_panel(
+            graph(
+                "Batch size: items per invoke",
+                "short",
+                queries(
+                    (
+                        f"sum(rate(modelloader_batch_size_sum{SERVED}[{RATE}])) / "
+                        f"sum(rate(modelloader_batch_size_count{SERVED}[{RATE}]))",
+                        "mean",
+                    ),
+                    *quantiles("modelloader_batch_size", "model", SERVED, "items"),
+                ),
+                "With spec.batching, the items each interpreter invoke ran (1 per request "
+                "without it). The queue time above includes the wait for a batch to fill "
+                "(at most maxQueueDelayMicroseconds).",
+            )
+        )
+        .with_panel(
+            graph(
+                "Invokes and requests",
+                "ops",
+                queries(
+                    (f"sum(rate(modelloader_batch_size_count{SERVED}[{RATE}]))", "invokes"),
+                    (
+                        f"sum(rate(modelloader_requests_total{SERVED}[{RATE}]))",
+                        "requests",
+                    ),
+                ),
+                "Batching shows as fewer invokes than requests.",
+            )
+        )
         .with_row(dashboard.Row("Loads and restarts"))
         .with_panel(
             single(

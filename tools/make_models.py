@@ -10,6 +10,8 @@
   dimensions; each output is a simple function of its input, so tests can check the arithmetic.
 - tests/models/memory_hog.tflite: a few hundred bytes that need 512 MiB to run (a scalar
   tiled to 128M floats, then summed): what a model over its memory limit looks like.
+- tests/models/scale.tflite: y = 2x for a float32 x of shape [batch, n], both dimensions
+  dynamic: requests of several widths, for batching's tests.
 
 Deterministic: the same versions of scikit-learn and NumPy write the same bytes, and a test
 checks that the committed files are what this script writes.
@@ -179,6 +181,15 @@ def memory_hog_model() -> bytes:
     return g.build({"x": x}, {"total": total}, description="needs 512 MiB (tools/make_models.py)")
 
 
+def scale_model() -> bytes:
+    g = Graph()
+    x = g.tensor("x", np.float32, [1, 1], signature=[-1, -1])
+    y = g.tensor("y", np.float32, [1, 1], signature=[-1, -1])
+    two = g.const("two", np.array([2.0], np.float32))
+    g.op(B.MUL, [x, two], [y], Opt.MulOptions, schema.MulOptionsT())
+    return g.build({"x": x}, {"y": y}, description="y = 2x (tools/make_models.py)")
+
+
 def main() -> None:
     model, samples, accuracy = digits_model()
     example = ROOT / "examples" / "01-digits"
@@ -186,6 +197,7 @@ def main() -> None:
     (example / "samples.json").write_text(json.dumps(samples, indent=1) + "\n")
     (ROOT / "tests" / "models" / "dtypes.tflite").write_bytes(dtypes_model())
     (ROOT / "tests" / "models" / "memory_hog.tflite").write_bytes(memory_hog_model())
+    (ROOT / "tests" / "models" / "scale.tflite").write_bytes(scale_model())
     print(f"digits: held-out accuracy {accuracy:.3f}, {len(model)} bytes")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
@@ -39,7 +40,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from modelloader.placement import Node, fits_warm_process
-from modelloader.resource import LoadedModel
+from modelloader.resource import Batching, LoadedModel
 from modelloader.worker_names import ProcessName, is_ours, is_warm, warm_name
 from modelloader.worker_pool import WorkerStartError
 
@@ -289,6 +290,7 @@ class RayWorkers:
             delegation=spec.delegation,
             delegate=self._delegates.get(accelerator),
             memory_limit=memory_limit,
+            batching=_batch_policy(spec.batching),
         )
         try:
             info: LoadedInfo = await actor.load.remote(request)
@@ -438,3 +440,13 @@ def _resolved(ref: Any) -> str | None:
 def _short(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text[:400]
+
+
+def _batch_policy(batching: Batching | None) -> BatchPolicy | None:
+    if batching is None:
+        return None
+    return BatchPolicy(
+        batching.max_batch_size,
+        batching.max_queue_delay_microseconds / 1e6,
+        batching.preferred_batch_sizes,
+    )

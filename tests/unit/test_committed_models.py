@@ -62,3 +62,8 @@ def test_memory_hog_model_matches_its_script() -> None:
     hog = (REPO / "tests" / "models" / "memory_hog.tflite").read_bytes()
     assert module.memory_hog_model() == hog  # type: ignore[attr-defined]
     assert len(hog) < 4096
+
+
+def test_scale_model_matches_its_script() -> None:
+    module = _make_models()
+    assert module.scale_model() == (REPO / "tests" / "models" / "scale.tflite").read_bytes()  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ def exported_series() -> set[str]:
     control.count_phases(["Ready"])
     series = gateway.series("o", "m")
     series.observe_request(200, 0.001)
-    series.observe_inference(100, 10, 0.0001, 0.001, "cpu")
+    series.observe_inference(100, 10, 0.0001, 0.001, "cpu", 4)
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 

@@ -92,7 +92,7 @@ def test_a_peer_gone_mid_frame_is_a_frame_error() -> None:
 
     async def gone() -> ipc.Outcome:
         a, b = socket.socketpair()
-        b.sendall(ipc.PREFIX.pack(2, 0, 0.0, 0.0))  # a reply cut off in its header
+        b.sendall(ipc.PREFIX.pack(2, 0, 0.0, 0.0, 0))  # a reply cut off in its header
         b.shutdown(socket.SHUT_WR)
         link = ipc.WorkerLink(a, asyncio.get_running_loop())
         future: asyncio.Future[ipc.Outcome] = asyncio.get_running_loop().create_future()

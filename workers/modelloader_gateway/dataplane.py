@@ -72,6 +72,10 @@ class InferResult:
     queue_seconds: float
     invoke_seconds: float
     accelerator: str  # what ran it: labels its busy time
+    # The items of the invoke that ran it, on one request of each invoke (0 on the others of
+    # a batch): executions and batch sizes are counted from it.
+    batch: int = 1
+    items: int = 1  # this request's items: its batch dimension, for a batched model
 
 
 @dataclass
@@ -162,11 +166,12 @@ class DataPlane:
         route = self.route(origin, name, version)
         if route.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {route.message or 'loading'}")
-        found = {
+        found: dict[str, Any] = {
             "name": name,
             "versions": [route.version],
             "platform": PLATFORM,
-            **route.signature.to_dict(),
+            "inputs": [t.to_dict() for t in route.signature.inputs],
+            "outputs": [t.to_dict() for t in route.signature.outputs],
         }
         if details and route.placement:
             found["parameters"] = {"placement": dict(route.placement)}
@@ -179,14 +184,20 @@ class DataPlane:
         if route.signature is None:
             raise ModelNotReady(f"model {name!r} is not ready: {route.message or 'loading'}")
         accelerators = {e.accelerator for e in route.endpoints if e.state == "ready"}
+        signature = route.signature
+        # Triton's dims leave out the batch dimension when the model batches (max_batch_size
+        # above 0); without batching the shapes are whole.
+        first = 1 if signature.max_batch_size else 0
         return {
             "name": name,
             "platform": PLATFORM,
             "backend": BACKEND,
-            "max_batch_size": 0,  # shapes are whole, the batch dimension included
-            "input": [_tensor_config(t.name, t.datatype, t.shape) for t in route.signature.inputs],
+            "max_batch_size": signature.max_batch_size,
+            "input": [
+                _tensor_config(t.name, t.datatype, t.shape[first:]) for t in signature.inputs
+            ],
             "output": [
-                _tensor_config(t.name, t.datatype, t.shape) for t in route.signature.outputs
+                _tensor_config(t.name, t.datatype, t.shape[first:]) for t in signature.outputs
             ],
             "instance_group": [
                 {
@@ -245,7 +256,14 @@ class DataPlane:
         def counted(result: InferResult | DataPlaneError) -> None:
             elapsed = time.perf_counter() - started
             if isinstance(result, InferResult):
-                stats.succeeded(key, elapsed, result.queue_seconds, result.invoke_seconds)
+                stats.succeeded(
+                    key,
+                    elapsed,
+                    result.queue_seconds,
+                    result.invoke_seconds,
+                    result.items,
+                    executed=result.batch > 0,
+                )
             else:
                 stats.failed(key, elapsed)
             done(result)
@@ -281,7 +299,8 @@ class DataPlane:
             lambda _: self._prepare(signature, inputs, outputs),
         )
         buffers = [np.ascontiguousarray(a) for a in inputs.values()]
-        self._send(ready, prepared.prefix, buffers, done, retried=False)
+        items = buffers[0].shape[0] if signature.max_batch_size and buffers[0].ndim else 1
+        self._send(ready, prepared.prefix, buffers, done, retried=False, items=items)
 
     def _ready_endpoints(self, route: Route) -> list[Endpoint]:
         ready = [e for e in route.endpoints if e.state == "ready"]
@@ -298,6 +317,7 @@ class DataPlane:
         buffers: list[Any],
         done: Done,
         retried: bool,
+        items: int = 1,
     ) -> None:
         endpoint = self._least_busy(candidates)
 
@@ -309,6 +329,8 @@ class DataPlane:
                         reply.queue_seconds,
                         reply.invoke_seconds,
                         endpoint.accelerator,
+                        reply.batch,
+                        items,
                     )
                 )
                 return
@@ -317,7 +339,7 @@ class DataPlane:
                 self._suspect[endpoint.address] = self._clock() + SUSPECT_SECONDS
                 # Never taken: any other replica. Taken and died on: one other, once.
                 if not reply.accepted or not retried:
-                    self._send(others, prefix, buffers, done, retried or reply.accepted)
+                    self._send(others, prefix, buffers, done, retried or reply.accepted, items)
                     return
             done(reply)
 

@@ -337,6 +337,7 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
                     result.queue_seconds,
                     result.invoke_seconds,
                     result.accelerator,
+                    result.batch,
                 )
             return response
         except DataPlaneError as error:

@@ -156,6 +156,7 @@ class _Infer:
                         result.queue_seconds,
                         result.invoke_seconds,
                         result.accelerator,
+                        result.batch,
                     )
                 self._done(response.status)
 

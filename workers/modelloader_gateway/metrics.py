@@ -43,6 +43,7 @@ LATENCY_BUCKETS = (
     30.0,
 )
 SIZE_BUCKETS = tuple(float(4**i) for i in range(4, 15))  # 256 B .. 256 MiB
+BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 .. 1024 items (MAX_BATCH_SIZE)
 
 # name, help, buckets
 _HISTOGRAMS = (
@@ -63,8 +64,20 @@ _HISTOGRAMS = (
     ),
     ("modelloader_request_bytes", "Inference request body size.", SIZE_BUCKETS),
     ("modelloader_response_bytes", "Inference response body size.", SIZE_BUCKETS),
+    (
+        "modelloader_batch_size",
+        "Items per interpreter invoke (1 per request without spec.batching).",
+        BATCH_BUCKETS,
+    ),
 )
-REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, REQUEST_BYTES, RESPONSE_BYTES = range(5)
+(
+    REQUEST_DURATION,
+    QUEUE_DURATION,
+    INFERENCE_DURATION,
+    REQUEST_BYTES,
+    RESPONSE_BYTES,
+    BATCH_SIZE,
+) = range(6)
 
 
 def _le(bound: float) -> str:
@@ -119,16 +132,21 @@ class ModelSeries:
         queue_seconds: float,
         invoke_seconds: float,
         accelerator: str,
+        batch: int = 1,
     ) -> None:
+        """`batch`: the items of the invoke that answered, on one request per invoke (0 on
+        the others of its batch), so batch sizes and busy time count each invoke once."""
         histograms = self.histograms
         histograms[REQUEST_BYTES].observe(request_bytes)
         histograms[RESPONSE_BYTES].observe(response_bytes)
         histograms[QUEUE_DURATION].observe(queue_seconds)
         histograms[INFERENCE_DURATION].observe(invoke_seconds)
-        # Utilisation is rate() of this: seconds the model's accelerator spent invoking it per
-        # second. CPU, GPU and NPU alike; summed per origin it is the origin's share.
-        busy = self.busy_seconds
-        busy[accelerator] = busy.get(accelerator, 0.0) + invoke_seconds
+        if batch:
+            histograms[BATCH_SIZE].observe(batch)
+            # Utilisation is rate() of this: seconds the model's accelerator spent invoking
+            # per second. CPU, GPU and NPU alike; summed per origin it is the origin's share.
+            busy = self.busy_seconds
+            busy[accelerator] = busy.get(accelerator, 0.0) + invoke_seconds
 
 
 # gRPC status codes as the HTTP status a REST call would have had: the `code` label means the

@@ -30,6 +30,8 @@ class ModelStats:
     queue: Duration = field(default_factory=Duration)  # waiting for the interpreter
     infer: Duration = field(default_factory=Duration)  # the interpreter's invoke
     last_inference_ms: int = 0  # when the last success finished, ms since the epoch
+    inferences: int = 0  # items inferred: a batched model's requests carry several
+    executions: int = 0  # invokes: with batching, one for several requests
 
     def as_triton(self, name: str, version: str) -> dict[str, object]:
         """Triton's JSON shape (its gRPC message has the same fields). Input and output
@@ -39,8 +41,8 @@ class ModelStats:
             "name": name,
             "version": version,
             "last_inference": self.last_inference_ms,
-            "inference_count": self.success.count,
-            "execution_count": self.success.count,  # one invoke per request (no batching)
+            "inference_count": self.inferences,
+            "execution_count": self.executions,
             "inference_stats": {
                 "success": self.success.as_dict(),
                 "fail": self.fail.as_dict(),
@@ -62,9 +64,20 @@ class Statistics:
             found = self._models[key] = ModelStats()
         return found
 
-    def succeeded(self, key: Key, seconds: float, queue: float, infer: float) -> None:
+    def succeeded(
+        self,
+        key: Key,
+        seconds: float,
+        queue: float,
+        infer: float,
+        items: int = 1,
+        executed: bool = True,
+    ) -> None:
+        """`executed`: the request is the one of its invoke that counts it."""
         stats = self.of(key)
         stats.success.add(seconds)
+        stats.inferences += items
+        stats.executions += executed
         stats.queue.add(queue)
         stats.infer.add(infer)
         stats.last_inference_ms = int(time.time() * 1000)

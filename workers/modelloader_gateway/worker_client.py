@@ -37,6 +37,7 @@ class WorkerReply:
     outputs: dict[str, np.ndarray[Any, Any]]
     queue_seconds: float
     invoke_seconds: float
+    batch: int = 1  # items of the invoke, on one reply per invoke (ipc.Reply.batch)
 
 
 Done = Callable[[WorkerReply | DataPlaneError], None]
@@ -213,4 +214,4 @@ def _reply(reply: ipc.Reply) -> WorkerReply | DataPlaneError:
         return failed.error
     except ipc.FrameError as error:
         return InferenceFailed(f"the worker's reply is malformed: {error}")
-    return WorkerReply(outputs, reply.queue_seconds, reply.invoke_seconds)
+    return WorkerReply(outputs, reply.queue_seconds, reply.invoke_seconds, reply.batch)

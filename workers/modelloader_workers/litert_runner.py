@@ -50,7 +50,7 @@ class Runner(Protocol):
 class InPlaceRunner(Runner, Protocol):
     """A runner whose input buffers the worker may fill itself (`LiteRTRunner`)."""
 
-    def resize(self, shapes: Mapping[str, tuple[int, ...]]) -> None: ...
+    def resize(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> None: ...
 
     def input_buffers(self, names: Sequence[str]) -> list[memoryview]: ...
 
@@ -128,15 +128,16 @@ class LiteRTRunner:
             interpreter.set_tensor(binding.index, inputs[binding.spec.name])
         return self.invoke()
 
-    def resize(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def resize(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> None:
         """Give the inputs these shapes (checked against `signature` by the caller); the
-        tensors are reallocated only when a shape changes."""
+        tensors are reallocated only when a shape changes. `strict=False` may change a
+        dimension the model fixed (a batch's: `batch_runner`)."""
         interpreter = self._interpreter
         resized = False
         for binding in self._inputs:
             shape = shapes[binding.spec.name]
             if self._shapes[binding.index] != shape:
-                interpreter.resize_tensor_input(binding.index, list(shape), strict=True)
+                interpreter.resize_tensor_input(binding.index, list(shape), strict=strict)
                 self._shapes[binding.index] = shape
                 resized = True
         if resized:

@@ -22,9 +22,11 @@ from typing import TypeVar
 import ray
 
 from modelloader_workers import process_limits, sandbox
-from modelloader_workers.accelerated_runner import load_runner
+from modelloader_workers.accelerated_runner import Execution, load_runner
+from modelloader_workers.batch_runner import check_batchable
+from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.gc_pauses import freeze_long_lived
-from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError, Runner
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.wire.placement import Placement
@@ -44,6 +46,7 @@ class LoadRequest:
     delegation: str = "partitioned"
     delegate: ExternalDelegate | None = None  # a delegate library for this accelerator class
     memory_limit: int = 0  # bytes this model may add to the process; 0: unlimited
+    batching: BatchPolicy | None = None  # spec.batching: stack concurrent requests
 
     @property
     def model_id(self) -> str:
@@ -113,6 +116,20 @@ def _in_sandbox(work: Callable[[], T]) -> tuple[T, bool]:
     return result[0], confined[0]
 
 
+def _load(request: LoadRequest) -> tuple[Runner, Execution]:
+    loaded = load_runner(
+        request.model_path,
+        request.threads,
+        request.accelerator,
+        request.delegation,
+        request.delegate,
+    )
+    if request.batching is not None:
+        # Runs the model: in the sandbox, as the load does.
+        check_batchable(loaded[0], request.batching.max_batch_size)
+    return loaded
+
+
 @dataclass
 class _Hosted:
     server: WorkerServer
@@ -136,16 +153,10 @@ class ModelWorker:
         budget = process_limits.model_budget(request.memory_limit, request.threads)
         limited = self._limit_memory(budget) if budget else False
         try:
-            (runner, execution), confined = _in_sandbox(
-                lambda: load_runner(
-                    request.model_path,
-                    request.threads,
-                    request.accelerator,
-                    request.delegation,
-                    request.delegate,
-                )
+            (runner, execution), confined = _in_sandbox(lambda: _load(request))
+            server = WorkerServer(
+                runner, request.listen, thread_setup=_confine, batching=request.batching
             )
-            server = WorkerServer(runner, request.listen, thread_setup=_confine)
         except (ModelLoadError, MemoryError, OSError) as error:
             self._limit_memory(0)
             text = str(error).strip() or type(error).__name__
@@ -158,7 +169,7 @@ class ModelWorker:
             raise ModelLoadError(text) from None
         info = LoadedInfo(
             identity=request.identity,
-            signature=runner.signature,
+            signature=server.signature,
             address=server.address.reachable_at(_node_ip()),
             placement=Placement(
                 node=socket.gethostname(),

@@ -8,6 +8,11 @@ scheduled beside the interpreter's stalls an invoke for far longer than it runs 
 thread per connection cost about a quarter of the throughput under load: bench/RESULTS.md).
 Requests that arrive meanwhile wait in their sockets, and the gateway counts that wait
 (`queue_seconds`).
+
+With `spec.batching` the same thread reads every request that is ready, holds them as the
+batching rules say (`batching.next_batch`: full, a preferred size, or the queue delay passed)
+and runs each batch as one invoke (`batch_runner`); a request's connection is not read again
+until it is answered, as the gateway sends one request per connection at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelloader_workers.batch_runner import BatchRunner
+from modelloader_workers.batching import BatchPolicy, Run, Wait, Waiting, next_batch
 from modelloader_workers.litert_runner import InPlaceRunner, Runner
 from modelloader_workers.wire import ipc
 from modelloader_workers.wire.address import Address
@@ -62,7 +69,18 @@ class _Plan:
     outputs: tuple[str, ...]
 
 
-_Frame = tuple[bytes, list[Any], float]  # header, buffers, invoke seconds
+_Frame = tuple[bytes, list[Any], float, int]  # header, buffers, invoke seconds, batch items
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A request read and held for a batch."""
+
+    conn: socket.socket
+    plan: _Plan
+    inputs: dict[str, Any]
+    waiting: Waiting
+
 
 # Connections served at once; more wait in the listen backlog until one closes. A gateway
 # keeps at most 64 links to a worker (`WorkerClients`), so this leaves room for eight.
@@ -73,15 +91,37 @@ MAX_CONNECTIONS = 512
 FRAME_SECONDS = 10
 
 
+def _whole_ms(timeout: float | None) -> float | None:
+    """A wait for epoll, which rounds up to whole milliseconds: rounded down instead, so a
+    batch's delay is not overshot (the rest is slept: `_serve_batches`)."""
+    if timeout is None:
+        return None
+    return int(timeout * 1000) / 1000
+
+
 class WorkerServer:
     def __init__(
-        self, runner: Runner, listen: Address, thread_setup: Callable[[], object] | None = None
+        self,
+        runner: Runner,
+        listen: Address,
+        thread_setup: Callable[[], object] | None = None,
+        batching: BatchPolicy | None = None,
     ) -> None:
         """`listen` is a Unix socket's path (one machine: `modelloader local`, tests) or a
         TCP host (a cluster: the gateway runs on another node; the port is chosen here, and
         network policy lets only the gateway in). `thread_setup` runs first in the serving
-        thread (the sandbox)."""
+        thread (the sandbox). With `batching`, the runner must have passed
+        `batch_runner.check_batchable`."""
         self._runner = runner
+        self._batching = batching
+        self._batcher = BatchRunner(runner) if batching is not None else None
+        # What requests are checked against (and what the worker publishes).
+        self.signature = (
+            runner.signature.batched(batching.max_batch_size)
+            if batching is not None
+            else runner.signature
+        )
+        self._queued: list[_Queued] = []
         # Decided once: a check against a runtime protocol costs tens of microseconds.
         self._in_place = runner if isinstance(runner, InPlaceRunner) else None
         self._thread_setup = thread_setup
@@ -114,6 +154,9 @@ class WorkerServer:
         with selectors.DefaultSelector() as selector, contextlib.ExitStack() as cleanup:
             cleanup.callback(self._close_connections)
             selector.register(self._listener, selectors.EVENT_READ)
+            if self._batching is not None:
+                self._serve_batches(selector)
+                return
             while not self._closed:
                 for key, _ in selector.select():
                     if key.fileobj is self._listener:
@@ -124,6 +167,36 @@ class WorkerServer:
                         assert isinstance(conn, socket.socket)
                         if not self._serve_frame(conn):
                             self._drop(selector, conn)
+
+    def _serve_batches(self, selector: selectors.BaseSelector) -> None:
+        policy = self._batching
+        assert policy is not None
+        timeout: float | None = None
+        while not self._closed:
+            for key, _ in selector.select(_whole_ms(timeout)):
+                if key.fileobj is self._listener:
+                    if not self._accept(selector):
+                        return  # closed
+                else:
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if not self._take_frame(conn, selector):
+                        self._drop(selector, conn)
+            timeout = None
+            while self._queued:
+                decision = next_batch(
+                    [q.waiting for q in self._queued], policy, time.perf_counter()
+                )
+                if isinstance(decision, Wait):
+                    timeout = max(0.0, decision.seconds)
+                    if timeout < 0.001:
+                        # epoll waits in whole milliseconds (rounded up): the last fraction
+                        # of a delay is slept, and what arrived meanwhile is read next.
+                        time.sleep(timeout)
+                        timeout = 0.0
+                    break
+                assert isinstance(decision, Run)
+                self._run_batch(selector, decision.take)
 
     def _close_connections(self) -> None:
         for conn in list(self._readers):
@@ -151,6 +224,63 @@ class WorkerServer:
         if len(self._readers) == MAX_CONNECTIONS - 1 and not self._closed:
             selector.register(self._listener, selectors.EVENT_READ)
 
+    def _take_frame(self, conn: socket.socket, selector: selectors.BaseSelector) -> bool:
+        """Read one frame of `conn`: answer it now if it is wrong, else hold it for a batch
+        (and leave `conn` unread until then). False when the connection is done."""
+        reader = self._readers[conn]
+        try:
+            received = time.perf_counter()
+            plan = self._plans(bytes(reader.read_head()))
+            if isinstance(plan, str):
+                reader.skip_payload()
+                body, buffers, invoke_seconds, batch = self._error(plan, 400)
+                service = time.perf_counter() - received
+                ipc.write_frame(conn, body, buffers, service, invoke_seconds, batch)
+                return True
+            if reader.payload_len != ipc.payload_size(plan.inputs):
+                raise ipc.FrameError("the payload does not match its header")
+            # Valid until this connection's next frame, which comes after the answer.
+            inputs = ipc.views(plan.inputs, reader.read_payload())
+        except (ipc.FrameError, OSError):
+            return False
+        shapes = tuple((s.name, s.dtype.str, s.shape[1:]) for s in plan.inputs)
+        items = plan.inputs[0].shape[0] if plan.inputs and plan.inputs[0].shape else 1
+        waiting = Waiting((shapes, plan.outputs), items, received)
+        self._queued.append(_Queued(conn, plan, inputs, waiting))
+        selector.unregister(conn)
+        return True
+
+    def _run_batch(self, selector: selectors.BaseSelector, take: tuple[int, ...]) -> None:
+        chosen = set(take)
+        batch = [q for i, q in enumerate(self._queued) if i in chosen]
+        self._queued = [q for i, q in enumerate(self._queued) if i not in chosen]
+        assert self._batcher is not None
+        started = time.perf_counter()
+        results, invoked = self._batcher.run([q.inputs for q in batch])
+        items = sum(q.waiting.items for q in batch)
+        lead = True
+        for queued, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("inference failed: %s", result)
+                frame = self._error(f"inference failed: {result}", 500)
+            else:
+                frame = self._reply(queued.plan, result, invoked, items if lead else 0)
+                lead = False
+            body, buffers, invoke_seconds, count = frame
+            conn = queued.conn
+            try:
+                ipc.write_frame(
+                    conn, body, buffers, time.perf_counter() - started, invoke_seconds, count
+                )
+            except OSError:
+                self._readers.pop(conn, None)
+                conn.close()
+                if len(self._readers) == MAX_CONNECTIONS - 1 and not self._closed:
+                    selector.register(self._listener, selectors.EVENT_READ)
+                continue
+            if not self._closed:
+                selector.register(conn, selectors.EVENT_READ)
+
     def _serve_frame(self, conn: socket.socket) -> bool:
         """Read one frame of `conn` and answer it; False when the connection is done."""
         reader = self._readers[conn]
@@ -162,9 +292,9 @@ class WorkerServer:
                 reply = self._error(header, 400)
             else:
                 reply = self._answer(header, reader)
-            body, buffers, invoke_seconds = reply
+            body, buffers, invoke_seconds, batch = reply
             service = time.perf_counter() - received
-            ipc.write_frame(conn, body, buffers, service, invoke_seconds)
+            ipc.write_frame(conn, body, buffers, service, invoke_seconds, batch)
         except (ipc.FrameError, OSError):
             return False
         return True
@@ -172,7 +302,7 @@ class WorkerServer:
     def _plan(self, header: bytes) -> _Plan | str:
         """What a request header asks, checked against the model (a message when it does
         not fit). Remembered per header bytes: the same shapes send the same header."""
-        signature = self._runner.signature
+        signature = self.signature
         try:
             parsed = ipc.parse_header(header)
             slots = ipc.layout(parsed.get("inputs", []))
@@ -213,16 +343,21 @@ class WorkerServer:
         except Exception as error:  # LiteRT's runtime errors: the request failed, not us
             log.warning("inference failed: %s", error)
             return self._error(f"inference failed: {error}", 500)
+        return self._reply(plan, outputs, finished - started, 1)
+
+    def _reply(
+        self, plan: _Plan, outputs: dict[str, Any], invoke_seconds: float, batch: int
+    ) -> _Frame:
         wanted = {name: outputs[name] for name in plan.outputs}
         entries, arrays = ipc.describe(wanted)
         # The reply's header, made once per output names, types and shapes.
         key = (plan.outputs, tuple((a.dtype.str, a.shape) for a in arrays))
         header = self._replies.get(key, lambda _: ipc.encode_header({"outputs": entries}))
-        return header, arrays, finished - started
+        return header, arrays, invoke_seconds, batch
 
     @staticmethod
     def _error(message: str, status: int) -> _Frame:
-        return ipc.encode_header({"error": message, "status": status}), [], 0.0
+        return ipc.encode_header({"error": message, "status": status}), [], 0.0, 0
 
     def close(self) -> None:
         """Stop serving: no new connections, and open ones are cut (an unloaded model in a

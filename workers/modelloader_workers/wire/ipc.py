@@ -3,7 +3,8 @@
 Tenant tensors never go through Ray's object store, which is memory shared across a node. A
 frame is a fixed prefix, a small JSON header, then the raw tensor bytes back to back:
 
-    <u32 header length> <u32 payload length> <f64 service s> <f64 invoke s> <header JSON> <payload>
+    <u32 header length> <u32 payload length> <f64 service s> <f64 invoke s> <u32 batch>
+    <header JSON> <payload>
 
 Request header:  {"inputs": [[name, datatype, shape, nbytes], ...], "outputs": [name, ...]}
 Response header: {"outputs": [[name, datatype, shape, nbytes], ...]}
@@ -11,11 +12,17 @@ Response header: {"outputs": [[name, datatype, shape, nbytes], ...]}
 
 The two timings are the worker's, set in replies (zero in requests): how long it took from
 reading the request to answering it, and how long of that the interpreter ran; the gateway
-counts the rest of the round trip as queueing (`Reply.queue_seconds`). Kept out of the JSON, a
-header is the same bytes from one request to the next of the same shapes, so each side parses
-and checks it once and looks it up after that (`memo.Memo`): Python on the data path costs
-several times its quiet-loop price, because each request arrives at a process whose caches
-the interpreter's last invoke has just flushed (bench/RESULTS.md).
+counts the rest of the round trip as queueing (`Reply.queue_seconds`). With batching the
+service time starts when the request's batch does, so the wait for a batch counts as
+queueing, and `batch` is the items the invoke ran, set in exactly one reply of the invoke
+(zero in the others, and in requests): the gateway counts executions and batch sizes from
+it.
+
+Kept out of the JSON, a header is the same bytes from one request to the next of the same
+shapes, so each side parses and checks it once and looks it up after that (`memo.Memo`):
+Python on the data path costs several times its quiet-loop price, because each request
+arrives at a process whose caches the interpreter's last invoke has just flushed
+(bench/RESULTS.md).
 
 Tensors are read with `numpy.frombuffer` over the received payload, or received straight into
 their destination (the worker reads them into the interpreter's own input buffers): no
@@ -40,7 +47,7 @@ import numpy as np
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
 
-PREFIX = struct.Struct("<IIdd")
+PREFIX = struct.Struct("<IIddI")
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -133,10 +140,14 @@ def parse_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 
 def frame_prefix(
-    header: bytes, payload_len: int, service_seconds: float = 0.0, invoke_seconds: float = 0.0
+    header: bytes,
+    payload_len: int,
+    service_seconds: float = 0.0,
+    invoke_seconds: float = 0.0,
+    batch: int = 0,
 ) -> bytes:
     """All a frame sends before its payload: the fixed prefix, then the header."""
-    return PREFIX.pack(len(header), payload_len, service_seconds, invoke_seconds) + header
+    return PREFIX.pack(len(header), payload_len, service_seconds, invoke_seconds, batch) + header
 
 
 def timeval(seconds: float) -> bytes:
@@ -144,11 +155,13 @@ def timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
 
 
-def _parse_prefix(prefix: bytes | bytearray | memoryview) -> tuple[int, int, float, float]:
-    header_len, payload_len, queued, invoked = PREFIX.unpack(prefix)
+def _parse_prefix(
+    prefix: bytes | bytearray | memoryview,
+) -> tuple[int, int, float, float, int]:
+    header_len, payload_len, queued, invoked, batch = PREFIX.unpack(prefix)
     if header_len > MAX_HEADER_BYTES:
         raise FrameError(f"frame header of {header_len} bytes is over the limit")
-    return header_len, payload_len, queued, invoked
+    return header_len, payload_len, queued, invoked, batch
 
 
 # Socket buffers: big enough that a request of a few MB goes out in one gather write (one
@@ -231,7 +244,7 @@ class FrameReader:
             raise FrameError("connection closed")
         while n < PREFIX.size:
             n += self._recv(view[n : PREFIX.size])
-        header_len, payload_len, _, _ = _parse_prefix(view[: PREFIX.size])
+        header_len, payload_len, _, _, _ = _parse_prefix(view[: PREFIX.size])
         end = PREFIX.size + header_len
         if end > len(buffer):
             bigger = bytearray(end)
@@ -285,9 +298,10 @@ def write_frame(
     buffers: Sequence[Any],
     service_seconds: float = 0.0,
     invoke_seconds: float = 0.0,
+    batch: int = 0,
 ) -> None:
     payload_len = sum(memoryview(b).nbytes for b in buffers)
-    prefix = frame_prefix(header, payload_len, service_seconds, invoke_seconds)
+    prefix = frame_prefix(header, payload_len, service_seconds, invoke_seconds, batch)
     # One gather write for prefix, header and every tensor: no concatenation copy.
     pending = gather(prefix, buffers)
     while pending:
@@ -307,6 +321,7 @@ class Reply:
     payload: bytearray  # the reply's own buffer: views into it outlive the link's next frame
     queue_seconds: float  # the round trip less the worker's service time: waiting, mostly
     invoke_seconds: float
+    batch: int = 1  # items of the invoke, on one reply per invoke; 0 on the others
 
 
 Outcome = Reply | FrameError | OSError
@@ -332,7 +347,7 @@ class WorkerLink:
         self._head = bytearray(FIRST_READ_BYTES)
         self._got = 0  # bytes of the reply read so far into _head (prefix and header)
         self._header: bytes | None = None
-        self._timings = (0.0, 0.0)  # the reply's: service and invoke seconds
+        self._timings = (0.0, 0.0, 0)  # the reply's: service and invoke seconds, batch
         self._sent = 0.0  # when the request went out
         self._payload: bytearray | None = None
         self._payload_got = 0
@@ -429,7 +444,7 @@ class WorkerLink:
         self._got += n
         if self._got < PREFIX.size:
             return False
-        header_len, payload_len, served, invoked = _parse_prefix(head[: PREFIX.size])
+        header_len, payload_len, served, invoked, batch = _parse_prefix(head[: PREFIX.size])
         end = PREFIX.size + header_len
         if end > len(head):  # a header bigger than the first read: grow, keep what came
             self._head = bigger = bytearray(end)
@@ -438,7 +453,7 @@ class WorkerLink:
         if self._got < end:
             return False
         self._header = bytes(head[PREFIX.size : end])
-        self._timings = (served, invoked)
+        self._timings = (served, invoked, batch)
         early = self._got - end  # payload bytes that came with the header
         if early > payload_len:
             raise FrameError("the worker sent more than one frame")
@@ -464,9 +479,9 @@ class WorkerLink:
             return True
         self._got, self._header, self._payload, self._on_reply = 0, None, None, None
         self._pending = []
-        served, invoked = self._timings
+        served, invoked, batch = self._timings
         queued = max(0.0, time.perf_counter() - self._sent - served)
-        on_reply(Reply(header, payload, queued, invoked))
+        on_reply(Reply(header, payload, queued, invoked, batch))
         return False  # nothing else is due: the next frame is the next request's
 
     def _fail(self, error: FrameError | OSError) -> None:

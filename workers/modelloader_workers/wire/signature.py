@@ -2,6 +2,10 @@
 
 Pure: used by the gateway to answer 400 before anything crosses to a worker, and by the worker
 to describe what it loaded. Shapes use -1 for a dimension the model lets the caller choose.
+
+A model served with batching (`max_batch_size` > 0) has a batch dimension first in every input
+and output, shown as -1: a request sends k items (1 <= k <= max_batch_size, the same k in every
+input), and the worker stacks the requests of a batch along it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0  # > 0: batched; the first dimension is the batch's
+
+    def batched(self, max_batch_size: int) -> Signature:
+        """This signature with every tensor's first dimension the batch's (-1)."""
+        return Signature(
+            tuple(_batch_first(t) for t in self.inputs),
+            tuple(_batch_first(t) for t in self.outputs),
+            max_batch_size,
+        )
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -33,10 +46,13 @@ class Signature:
         return next((t for t in self.outputs if t.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+        if self.max_batch_size:
+            out["max_batch_size"] = self.max_batch_size
+        return out
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Signature:
@@ -46,7 +62,13 @@ class Signature:
                 for t in items
             )
 
-        return Signature(specs(data["inputs"]), specs(data["outputs"]))
+        return Signature(
+            specs(data["inputs"]), specs(data["outputs"]), int(data.get("max_batch_size", 0))
+        )
+
+
+def _batch_first(spec: TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.name, spec.datatype, (-1, *spec.shape[1:]))
 
 
 class InvalidRequest(ValueError):
@@ -84,6 +106,24 @@ def check_inputs(signature: Signature, given: Mapping[str, tuple[str, Sequence[i
             raise InvalidRequest(
                 f"input {spec.name!r}: shape {list(shape)} does not match the model's "
                 f"{list(spec.shape)} (-1 means any size)"
+            )
+    if signature.max_batch_size:
+        _check_batch(signature, given)
+
+
+def _check_batch(signature: Signature, given: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+    sizes = {name: int(shape[0]) for name, (_, shape) in given.items() if len(shape)}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name!r} {size}" for name, size in sorted(sizes.items()))
+        raise InvalidRequest(
+            f"the inputs' first dimensions (the batch) differ: {listed}; each input holds the "
+            "same number of items"
+        )
+    for name, size in sizes.items():
+        if not 1 <= size <= signature.max_batch_size:
+            raise InvalidRequest(
+                f"input {name!r}: a batch of {size} items; the model takes 1 to "
+                f"{signature.max_batch_size} per request (spec.batching.maxBatchSize)"
             )
 
 
