@@ -128,3 +128,20 @@ def test_a_model_without_a_batch_dimension_refuses_batching(model: str, needle: 
     with pytest.raises(ModelLoadError, match=r"spec\.batching") as caught:
         check_batchable(runner, 4)
     assert needle in str(caught.value)
+
+
+def test_without_a_delay_a_lone_request_and_a_burst_are_answered_alike(address: Address) -> None:
+    # No delay: a lone request takes the unbatched path (straight into the interpreter), a
+    # burst is batched as it queues behind the invoke under way. Both count their items.
+    server = serve(SCALE, BatchPolicy(8), address)
+    inputs = [np.full((1 + i % 3, 2), i, np.float32) for i in range(12)]
+    try:
+        (lone,) = replies(burst(address, [{"x": inputs[0]}]))
+        got = replies(burst(address, [{"x": x} for x in inputs]))
+    finally:
+        server.close()
+    np.testing.assert_array_equal(lone.outputs["y"], 2 * inputs[0])
+    assert lone.batch == 1
+    for reply, x in zip(got, inputs, strict=True):
+        np.testing.assert_array_equal(reply.outputs["y"], 2 * x)
+    assert sum(r.batch for r in got) == sum(x.shape[0] for x in inputs)

@@ -38,7 +38,7 @@ class Doubler:
         self._input[:] = inputs["x"]
         return self.invoke()
 
-    def resize(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def resize(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> None:
         pass
 
     def input_buffers(self, names: Sequence[str]) -> list[memoryview]:

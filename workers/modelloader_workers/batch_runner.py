@@ -101,8 +101,8 @@ def check_batchable(runner: Runner, max_batch_size: int) -> None:
     """Raise ModelLoadError, saying why, unless every input and output has a batch dimension
     first (of 1, or dynamic) and a batch of two gives each item what a batch of one gives.
     Then run one full batch: the interpreter's memory grows to what `max_batch_size` needs
-    now, at load, and not while serving (growing it costs MobileNetV2 10 to 30 ms a step
-    here; a batch within the size it had is 0.15 ms: bench/RESULTS.md, "Batching")."""
+    now, at load, and not while serving, where each growth costs more than an invoke and a
+    batch within the size it had costs next to nothing (bench/RESULTS.md, "Batching")."""
     signature = runner.signature
     for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
         for spec in specs:

@@ -91,6 +91,11 @@ MAX_CONNECTIONS = 512
 FRAME_SECONDS = 10
 
 
+# How late a timed wait of the serving thread wakes, at the median, on the machines measured
+# (bench/RESULTS.md, "Batching"): a batch's wait is cut short by this much.
+WAKE_LATE = 0.00013
+
+
 def _whole_ms(timeout: float | None) -> float | None:
     """A wait for epoll, which rounds up to whole milliseconds: rounded down instead, so a
     batch's delay is not overshot (the rest is slept: `_serve_batches`)."""
@@ -173,7 +178,21 @@ class WorkerServer:
         assert policy is not None
         timeout: float | None = None
         while not self._closed:
-            for key, _ in selector.select(_whole_ms(timeout)):
+            ready = selector.select(_whole_ms(timeout))
+            if (
+                len(ready) == 1
+                and not self._queued
+                and not policy.max_queue_delay_seconds
+                and ready[0][0].fileobj is not self._listener
+            ):
+                # A lone request with no delay to wait: it would be a batch of one, so it
+                # takes the unbatched path, straight into the interpreter's inputs.
+                conn = ready[0][0].fileobj
+                assert isinstance(conn, socket.socket)
+                if not self._serve_frame(conn):
+                    self._drop(selector, conn)
+                continue
+            for key, _ in ready:
                 if key.fileobj is self._listener:
                     if not self._accept(selector):
                         return  # closed
@@ -184,8 +203,10 @@ class WorkerServer:
                         self._drop(selector, conn)
             timeout = None
             while self._queued:
+                # As of when a wait would end: a timer wakes this thread late (see
+                # WAKE_LATE), so the queue delay, a maximum, is kept on average too.
                 decision = next_batch(
-                    [q.waiting for q in self._queued], policy, time.perf_counter()
+                    [q.waiting for q in self._queued], policy, time.perf_counter() + WAKE_LATE
                 )
                 if isinstance(decision, Wait):
                     timeout = max(0.0, decision.seconds)
@@ -322,7 +343,9 @@ class WorkerServer:
         try:
             if runner is not None:
                 try:
-                    runner.resize({s.name: s.shape for s in plan.inputs})
+                    # With batching, the first dimension may differ from the model's own.
+                    strict = self._batching is None
+                    runner.resize({s.name: s.shape for s in plan.inputs}, strict=strict)
                     # Straight into the interpreter's input tensors: no copy through a buffer
                     # of our own, then into the tensors.
                     buffers = runner.input_buffers([s.name for s in plan.inputs])
@@ -343,7 +366,8 @@ class WorkerServer:
         except Exception as error:  # LiteRT's runtime errors: the request failed, not us
             log.warning("inference failed: %s", error)
             return self._error(f"inference failed: {error}", 500)
-        return self._reply(plan, outputs, finished - started, 1)
+        items = plan.inputs[0].shape[0] if self._batching and plan.inputs[0].shape else 1
+        return self._reply(plan, outputs, finished - started, items)
 
     def _reply(
         self, plan: _Plan, outputs: dict[str, Any], invoke_seconds: float, batch: int
