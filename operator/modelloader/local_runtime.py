@@ -201,7 +201,9 @@ class LocalRuntime:
             raise RuntimeError(
                 f"another modelloader local is running with state dir {config.state_dir}"
             )
-        self._start_ray()
+        # On this thread: Ray wants the main thread for its signal handling. Nothing else is
+        # being served yet, so blocking the loop for a few seconds costs nothing.
+        self._start_ray(start_local_ray(self.config.num_cpus))
         await self.gateway.start()
         control_socket = config.state_dir / control_channel.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
@@ -209,13 +211,9 @@ class LocalRuntime:
         await self._serve_unix(self._control_app(), str(control_socket))
         control_socket.chmod(0o600)
 
-    def _start_ray(self) -> None:
-        """A private Ray, and a control loop with no workers yet."""
-        started = time.perf_counter()
-        # On this thread: Ray wants the main thread for its signal handling. Nothing else is
-        # being served, so blocking the loop for a few seconds costs nothing.
-        self._ray_temp = start_local_ray(self.config.num_cpus)
-        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, self._ray_temp)
+    def _start_ray(self, ray_temp: str) -> None:
+        """A control loop with no workers yet, on the private Ray just started."""
+        self._ray_temp = ray_temp
         workers = RayWorkers(self.config.state_dir / "w", warm=self.config.warm_workers)
         self.loop = ControlLoop(
             self.source,
@@ -270,7 +268,10 @@ class LocalRuntime:
                 f"{RAY_LOSS_WINDOW_SECONDS:.0f} s, most recently: {problem}"
             )
         try:
-            self._start_ray()  # ready again once its loop publishes routes (GatewayChannel)
+            # Off the event loop: the gateway answers (503, not ready) meanwhile, and Ray,
+            # off the main thread, leaves our SIGTERM handler in place.
+            ray_temp = await asyncio.to_thread(start_local_ray, self.config.num_cpus)
+            self._start_ray(ray_temp)  # ready again once its loop publishes routes
         except Exception as error:
             raise RuntimeError(f"{problem}, and a new Ray could not be started: {error}") from None
 

@@ -70,6 +70,7 @@ def origin_namespace(origin: str) -> str:
 def start_local_ray(num_cpus: int | None) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
     `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
+    started = time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
     # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
     # shares the cores with the gateway (bench/RESULTS.md, "Figures behind the code").
@@ -82,6 +83,7 @@ def start_local_ray(num_cpus: int | None) -> str:
         logging_level=logging.WARNING,
         _temp_dir=temp_dir,
     )
+    log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, temp_dir)
     return temp_dir
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,15 +22,10 @@ import pytest
 
 from tests.broken_models import write_broken_models
 from tests.conftest import EXAMPLE, MODELS
+from tests.support.ports import free_port
 
 BIN = Path(sys.executable).parent / "modelloader"
 MAX_REQUEST_BYTES = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def manifest(name: str, uri: str, **spec: Any) -> str:

@@ -28,6 +28,7 @@ from tests.conftest import EXAMPLE
 from tests.integration.conftest import CPU_RESOURCE, Nodes
 from tests.support.calls import identity, infer
 from tests.support.cluster import EmulatorThread, OperatorThread, wait_until
+from tests.support.ports import free_port
 
 PIXELS = np.zeros((1, 64), dtype=np.float32)
 
@@ -309,14 +310,6 @@ def test_spec_update_switches_without_failed_requests(
     )
     kube.delete("rolling")
     wait_until(lambda: kube.get("rolling") is None, what="deleted")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def admission_review(obj: dict[str, Any]) -> dict[str, Any]:
