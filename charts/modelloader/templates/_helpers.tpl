@@ -95,10 +95,6 @@ modelloader.dev/ray-node: {{ include "modelloader.fullname" . | quote }}
 {{- default (printf "%s-ray-token" (include "modelloader.fullname" .)) .Values.ray.auth.existingSecret }}
 {{- end }}
 
-{{- define "modelloader.modelCacheClaim" -}}
-{{- default (printf "%s-model-cache" (include "modelloader.fullname" .)) .Values.modelCache.persistence.existingClaim }}
-{{- end }}
-
 {{/* Environment every Ray process of the chart shares: auth, a writable HOME. */}}
 {{- define "modelloader.rayEnv" -}}
 - name: HOME
@@ -131,12 +127,16 @@ modelloader.dev/ray-node: {{ include "modelloader.fullname" . | quote }}
   value: {{ include "modelloader.rayAddress" . | quote }}
 {{- end }}
 
-{{/* Volumes and mounts shared by the operator and every Ray pod: the model cache, model roots. */}}
+{{/* Volumes and mounts of every Ray pod: its own model cache, and the model roots. */}}
 {{- define "modelloader.modelVolumes" -}}
 - name: model-cache
-{{- if .Values.modelCache.persistence.enabled }}
-  persistentVolumeClaim:
-    claimName: {{ include "modelloader.modelCacheClaim" . }}
+{{- if .Values.modelCache.hostPath }}
+  hostPath:
+    path: {{ .Values.modelCache.hostPath }}
+    type: DirectoryOrCreate
+{{- else if .Values.modelCache.sizeLimit }}
+  emptyDir:
+    sizeLimit: {{ .Values.modelCache.sizeLimit }}
 {{- else }}
   emptyDir: {}
 {{- end }}

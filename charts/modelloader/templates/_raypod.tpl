@@ -25,6 +25,9 @@ spec:
       imagePullPolicy: {{ $ctx.Values.ray.kuberay.image.pullPolicy }}
       env:
         {{- include "modelloader.rayEnv" $ctx | nindent 8 }}
+        # This node's own model cache: its workers fetch the models they run into it.
+        - name: MODELLOADER_CACHE_DIR
+          value: {{ printf "%s/models" $ctx.Values.modelCache.mountPath | quote }}
         {{- range $k, $v := .env }}
         - name: {{ $k }}
           value: {{ $v | quote }}
