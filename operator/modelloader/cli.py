@@ -107,9 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST",
-        help="a host name, address or network (CIDR) that http(s) model sources may reach "
-        "although it is not public, e.g. 127.0.0.1 (repeatable; default: public only)",
+        help="a host name, address or network (CIDR) that model sources (http(s), S3 and GCS "
+        "endpoints, registries) may reach although it is not public, e.g. 127.0.0.1 "
+        "(repeatable; default: public only)",
     )
+    _source_flags(local)
     local.add_argument(
         "--idle-timeout",
         type=float,
@@ -142,9 +144,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST",
-        help="a host name, address or network (CIDR) that http(s) model sources may reach "
-        "although it is not public, e.g. an in-cluster model store (repeatable)",
+        help="a host name, address or network (CIDR) that model sources (http(s), S3 and GCS "
+        "endpoints, registries) may reach although it is not public, e.g. an in-cluster "
+        "model store (repeatable)",
     )
+    _source_flags(op)
     op.add_argument(
         "--namespace",
         action="append",
@@ -157,7 +161,13 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("/var/run/modelloader"),
         help="folder for the workers' sockets, shared with the gateway",
     )
-    op.add_argument("--cache-dir", type=Path, default=None)
+    op.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="the model cache on each Ray node: every node fetches into its own (default "
+        "~/.cache/modelloader/models there)",
+    )
     op.add_argument(
         "--npu-resource",
         default="NPU",
@@ -257,6 +267,8 @@ def _operator(args: argparse.Namespace) -> int:
             roots=tuple(r.resolve() for r in args.model_root),
             cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
             allow_hosts=tuple(args.allow_source_host),
+            plain_http_registries=tuple(args.plain_http_registry),
+            cache_max_bytes=args.cache_max_bytes,
         ),
         state_dir=args.state_dir.resolve(),
         loop=LoopSettings(
@@ -291,6 +303,33 @@ def _default_policy(path: Path | None) -> OriginPolicy:
         raise SystemExit(f"--default-policy {path}: {error}") from None
 
 
+def _source_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plain-http-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="an OCI registry spoken to over plain HTTP, as `oras --plain-http` (repeatable)",
+    )
+    parser.add_argument(
+        "--cache-max-bytes",
+        type=_byte_quantity,
+        default=0,
+        help="bound on each node's model cache; models no worker uses are evicted, least "
+        "recently used first (default 0: unbounded)",
+    )
+
+
+def _byte_quantity(text: str) -> int:
+    """Bytes, as a number or a Kubernetes quantity (16Gi)."""
+    from modelloader.quantity import parse_quantity
+
+    try:
+        return int(parse_quantity(text))
+    except (ValueError, ArithmeticError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count: {error}") from None
+
+
 def parse_delegate(text: str) -> tuple[str, ExternalDelegate]:
     """`npu=/path/lib.so:device=usb,x=y` -> ("npu", ExternalDelegate(path, options))."""
     accelerator, _, rest = text.partition("=")
@@ -323,6 +362,8 @@ def _local(args: argparse.Namespace) -> int:
             roots=roots,
             cache_dir=(args.cache_dir or default_cache_dir()).resolve(),
             allow_hosts=tuple(args.allow_source_host),
+            plain_http_registries=tuple(args.plain_http_registry),
+            cache_max_bytes=args.cache_max_bytes,
         ),
         gateway=GatewayConfig(
             host=args.host,

@@ -8,6 +8,7 @@ with a merge patch, using the credentials kopf logged in with.
 
 from __future__ import annotations
 
+import base64
 import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -80,6 +81,18 @@ class KubeClient:
             url, json=event, headers={"Content-Type": "application/json"}
         ) as response:
             response.raise_for_status()
+
+    async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded; None when there is none. Read when a model is loaded,
+        never cached or logged: the operator keeps no tenant's credentials."""
+        url = f"{self._server}/api/v1/namespaces/{namespace}/secrets/{name}"
+        async with self._session.get(url) as response:
+            if response.status == 404:
+                return None
+            response.raise_for_status()
+            body = await response.json()
+        data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        return data | {k: str(v) for k, v in (body.get("stringData") or {}).items()}
 
     async def close(self) -> None:
         await self._session.close()

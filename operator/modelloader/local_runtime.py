@@ -17,6 +17,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,15 @@ class FileSource:
         self._reader = ManifestReader(list(paths))
         self._default_policy = default_policy
         self._generations = Generations()
+        self._secret_data: Mapping[tuple[str, str], Mapping[str, str]] = {}
+
+    async def credentials(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """A Secret of the files last read (`sources.CredentialLookup`)."""
+        return self._secret_data.get((namespace, name))
 
     async def read(self) -> Desired:
         manifests = await asyncio.to_thread(self._reader.read)
+        self._secret_data = manifests.secret_data
         return Desired(
             models=self._generations.stamp(manifests.models),
             rejected=manifests.rejected,
@@ -159,7 +166,7 @@ class LocalRuntime:
         self.gateway = Gateway(config.gateway, self.registry, on_hold=self._wake_loop)
         self.sink = MemorySink()
         self.source = FileSource(config.paths, config.default_policy)
-        self.sources = ModelSources(config.sources)
+        self.sources = ModelSources(self.source.credentials)
         self.loop: ControlLoop[WorkerHandle] | None = None
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
@@ -214,7 +221,9 @@ class LocalRuntime:
     def _start_ray(self, ray_temp: str) -> None:
         """A control loop with no workers yet, on the private Ray just started."""
         self._ray_temp = ray_temp
-        workers = RayWorkers(self.config.state_dir / "w", warm=self.config.warm_workers)
+        workers = RayWorkers(
+            self.config.state_dir / "w", warm=self.config.warm_workers, sources=self.config.sources
+        )
         self.loop = ControlLoop(
             self.source,
             self.sink,

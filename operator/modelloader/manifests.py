@@ -7,6 +7,7 @@ documents: a typo must not unload models that are serving.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class ManifestSet:
     file_errors: tuple[str, ...] = ()  # and OriginPolicies or token Secrets that are wrong
     policies: tuple[OriginPolicy, ...] = ()
     secrets: tuple[TokenSecret, ...] = ()
+    # Every Secret's data by (namespace, name): credentials for spec.source.credentialsSecret.
+    secret_data: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
 
 
 def manifest_files(paths: Sequence[Path]) -> list[Path]:
@@ -105,12 +108,14 @@ class ManifestReader:
             del self._parsed[gone]
         models, rejected = parse_documents(documents, self.default_namespace)
         policies, secrets, problems = parse_tenancy(documents, self.default_namespace)
+        secret_data, secret_problems = parse_secret_data(documents, self.default_namespace)
         found = ManifestSet(
             tuple(models),
             tuple(rejected),
-            tuple(file_errors + problems),
+            tuple(file_errors + problems + secret_problems),
             tuple(policies),
             tuple(secrets),
+            secret_data,
         )
         if not file_errors:  # a broken file is read again: its error may be fixed in place
             self._last = (key, found)
@@ -144,6 +149,32 @@ def parse_tenancy(
             else:
                 problems.append(f"{where}: Secret {secret.name}: {secret.message}")
     return list(policies.values()), secrets, problems
+
+
+def parse_secret_data(
+    documents: Iterable[tuple[Path, int, Any]], default_namespace: str = "default"
+) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Each Secret's `data` (base64, decoded) and `stringData`, as Kubernetes merges them."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    problems: list[str] = []
+    for path, index, doc in documents:
+        if not isinstance(doc, Mapping) or doc.get("kind") != "Secret":
+            continue
+        namespace, name = _identity(doc, default_namespace)
+        data: dict[str, str] = {}
+        try:
+            for key, value in (doc.get("data") or {}).items():
+                data[str(key)] = base64.b64decode(str(value), validate=True).decode()
+            for key, value in (doc.get("stringData") or {}).items():
+                data[str(key)] = str(value)
+        except (ValueError, AttributeError):
+            # The message names the key, never the value.
+            problems.append(
+                f"{path}#{index + 1}: Secret {namespace}/{name}: data must map keys to base64 text"
+            )
+            continue
+        found[(namespace, name)] = data
+    return found, problems
 
 
 def parse_documents(

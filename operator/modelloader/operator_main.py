@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kopf
 from aiohttp import web
 from modelloader_gateway.metrics_endpoint import serve_metrics
@@ -36,7 +37,7 @@ from modelloader.planner import unbound_message
 from modelloader.policy import OriginPolicy, Policies, parse_origin_policy, policies
 from modelloader.ray_workers import RayWorkers, WorkerHandle, connect_ray
 from modelloader.resource import LoadedModel, ManifestError, parse_loaded_model
-from modelloader.sources import ModelSources, SourcePolicy
+from modelloader.sources import ModelSources, SourceError, SourcePolicy
 from modelloader.status import render_origins
 from modelloader.tenancy import (
     ORIGIN_LABEL,
@@ -318,17 +319,30 @@ class LoadedModelOperator:
             tcp=config.worker_transport == "tcp",
             warm=config.warm_workers,
             warm_resources={cpu_resource: 1.0} if cpu_resource else {},
+            sources=config.sources,
         )
         self.loop = ControlLoop(
             self.cache,
             self.sink,
             RayRouteChannel(),
             workers,
-            ModelSources(config.sources),
+            ModelSources(self._credentials),
             self.metrics,
             config.loop,
         )
         self._task = asyncio.ensure_future(self.loop.run(adopt=True))
+
+    async def _credentials(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """spec.source.credentialsSecret, from the API server (`sources.CredentialLookup`)."""
+        client = self.sink.client
+        if client is None:
+            raise SourceError("not yet connected to the Kubernetes API; trying again")
+        try:
+            return await client.secret_data(namespace, name)
+        except aiohttp.ClientError as error:
+            raise SourceError(
+                f"spec.source.credentialsSecret: cannot read Secret {namespace}/{name}: {error}"
+            ) from None
 
     async def _stop(self) -> None:
         if self._task is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, cast
 
 from modelloader_gateway.routes import Endpoint, Route
+from modelloader_workers.fetching.request import FetchedModel
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import ModelKey
 from modelloader_workers.wire.placement import Placement
@@ -69,6 +70,7 @@ class WorkerView:
     placement: Placement | None = None
     address: Address | None = None
     note: str = ""  # e.g. the accelerator fell back to the CPU
+    model_file: FetchedModel | None = None  # what the node fetched
     origin: str = ""
     restarts: int = 0  # how many workers for this spec died before this one
     process: ProcessSlot | None = None  # the shared process hosting it (perOrigin)

@@ -26,6 +26,7 @@ from typing import Any
 
 import ray
 from modelloader_workers.batching import BatchPolicy
+from modelloader_workers.fetching import SourcePolicy, SourceRequest
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
@@ -133,6 +134,7 @@ class RayWorkers:
         tcp: bool = False,
         warm: int = 0,
         warm_resources: Mapping[str, float] | None = None,
+        sources: SourcePolicy | None = None,
     ) -> None:
         if len(str(socket_dir)) > MAX_SOCKET_DIR:
             raise ValueError(
@@ -140,6 +142,9 @@ class RayWorkers:
             )
         socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._socket_dir = socket_dir
+        # The admin's source rules, sent with every load: each node fetches for itself.
+        # Without: local files anywhere, cached beside the sockets (tests of this adapter).
+        self._sources = sources or SourcePolicy(roots=(Path("/"),), cache_dir=socket_dir / "cache")
         # Detached workers outlive the process that started them: the operator's mode, so a
         # restart does not interrupt serving. Local mode's workers die with it.
         self._detached = detached
@@ -230,7 +235,7 @@ class RayWorkers:
         self,
         identity: WorkerIdentity,
         model: LoadedModel,
-        model_path: Path,
+        source: SourceRequest,
         accelerator: str,
         resources: dict[str, float],
         *,
@@ -284,7 +289,8 @@ class RayWorkers:
             Address("tcp", "0.0.0.0") if self._tcp else Address("unix", str(handle.socket_path))
         )
         request = LoadRequest(
-            model_path=str(model_path),
+            source=source,
+            sources=self._sources,
             listen=listen,
             identity=identity,
             threads=spec.threads,
@@ -311,7 +317,7 @@ class RayWorkers:
             return await self.start(
                 identity,
                 model,
-                model_path,
+                source,
                 accelerator,
                 resources,
                 memory_limit=memory_limit,

@@ -34,11 +34,13 @@ MAX_QUEUE_DELAY_MICROSECONDS = 1_000_000  # a second: past that a queue is not a
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
-URI_PATTERN = r"^(file|https?)://.+"
+URI_PATTERN = r"^(file|https?|s3|gs|oci)://.+"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
 _LABEL = re.compile(LABEL_PATTERN)
 _SHA256 = re.compile(SHA256_PATTERN)
 _URI = re.compile(URI_PATTERN)
+_SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
 
 
 class ManifestError(ValueError):
@@ -49,6 +51,7 @@ class ManifestError(ValueError):
 class Source:
     uri: str
     sha256: str | None = None
+    credentials_secret: str | None = None  # a Secret in the LoadedModel's namespace
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,14 @@ class LoadedModelSpec:
 
     def loaded_as(self) -> dict[str, Any]:
         """What a worker must load: the spec less how many replicas run it. Batching is
-        left out when off, so models without it keep the fingerprints they had before it."""
+        left out when off, so models without it keep the fingerprints they had before it (and
+        so is an unset credentialsSecret)."""
         loaded = asdict(self)
         del loaded["replicas"], loaded["autoscaling"]
         if loaded["batching"] is None:
             del loaded["batching"]
+        if loaded["source"]["credentials_secret"] is None:
+            del loaded["source"]["credentials_secret"]
         return loaded
 
 
@@ -167,12 +173,21 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
     _label(origin, "spec.origin")
 
     raw_source = _mapping(spec.get("source"), "spec.source")
-    _no_unknown(raw_source, {"uri", "sha256"}, "spec.source")
+    _no_unknown(raw_source, {"uri", "sha256", "credentialsSecret"}, "spec.source")
     uri = _string(raw_source.get("uri"), "spec.source.uri")
     if not _URI.match(uri):
         raise ManifestError(
-            f"spec.source.uri: {uri!r} must start with file://, http:// or https://"
+            f"spec.source.uri: {uri!r} must start with file://, http://, https://, s3://, "
+            "gs:// or oci://"
         )
+    credentials_secret = raw_source.get("credentialsSecret")
+    if credentials_secret is not None:
+        credentials_secret = _string(credentials_secret, "spec.source.credentialsSecret")
+        if not _SECRET_NAME.match(credentials_secret):
+            raise ManifestError(
+                "spec.source.credentialsSecret: must be a Secret's name (lowercase letters, "
+                "digits, '-' and '.')"
+            )
     sha256 = raw_source.get("sha256")
     if sha256 is not None:
         sha256 = _string(sha256, "spec.source.sha256")
@@ -210,7 +225,7 @@ def parse_spec(spec: Mapping[str, Any], namespace: str) -> LoadedModelSpec:
         batching = _batching(_mapping(spec["batching"], "spec.batching"))
     return LoadedModelSpec(
         origin=origin,
-        source=Source(uri, sha256),
+        source=Source(uri, sha256, credentials_secret),
         accelerator=accelerator,
         delegation=delegation,
         precision=cast(Precision, _enum(spec, "precision", PRECISIONS, "fp32")),

@@ -49,6 +49,11 @@ def render(
         status["placement"] = shown.placement.to_dict()
     if shown is not None and shown.load_seconds is not None:
         status["loadSeconds"] = round(shown.load_seconds, 4)
+    if shown is not None and shown.model_file is not None:
+        file = shown.model_file
+        status["model"] = {"sha256": file.sha256, "size": file.size}
+        if file.resolved:
+            status["model"]["resolved"] = file.resolved
     ready = len(state.serving)
     status["replicas"] = sum(1 for w in state.replicas if w.state in ("starting", "ready"))
     status["readyReplicas"] = ready

@@ -16,9 +16,9 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from modelloader_workers.fetching import SourceError, SourceRequest
 from modelloader_workers.wire.identity import ModelKey, WorkerIdentity
 from modelloader_workers.wire.signature import Signature
 from modelloader_workers.worker import LoadedInfo
@@ -26,7 +26,6 @@ from modelloader_workers.worker import LoadedInfo
 from modelloader.control_metrics import ControlMetrics
 from modelloader.planner import Effect, ProcessSlot, StartWorker, StopWorker, WorkerView
 from modelloader.resource import LoadedModel
-from modelloader.sources import FetchedModel, SourceError
 from modelloader.worker_names import ProcessName, WorkerName
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class Workers(Protocol[H]):
         self,
         identity: WorkerIdentity,
         model: LoadedModel,
-        model_path: Path,
+        source: SourceRequest,
         accelerator: str,
         resources: dict[str, float],
         *,
@@ -93,7 +92,10 @@ class Workers(Protocol[H]):
 
 
 class Sources(Protocol):
-    def fetch(self, model: LoadedModel) -> FetchedModel: ...
+    async def request(self, model: LoadedModel, max_bytes: int | None) -> SourceRequest:
+        """What the worker's node is to fetch, credentials included; raises SourceError
+        (e.g. the credentials Secret is missing)."""
+        ...
 
 
 @dataclass
@@ -181,16 +183,11 @@ class WorkerPool(Generic[H]):
             effect.replica,
         )
         try:
-            fetched = await asyncio.to_thread(self._sources.fetch, model)
-            if effect.max_model_bytes is not None and fetched.size > effect.max_model_bytes:
-                raise SourceError(
-                    f"the model file is {fetched.size} bytes, over origin "
-                    f"{model.spec.origin!r}'s maxModelBytes of {effect.max_model_bytes}"
-                )
+            source = await self._sources.request(model, effect.max_model_bytes)
             handle, info = await self._workers.start(
                 identity,
                 model,
-                fetched.path,
+                source,
                 effect.accelerator,
                 dict(effect.resources),
                 memory_limit=effect.memory_limit,
@@ -390,4 +387,5 @@ def _loaded(info: LoadedInfo) -> dict[str, Any]:
         "address": info.address,
         "note": info.note,
         "load_seconds": info.load_seconds,
+        "model_file": info.model,
     }

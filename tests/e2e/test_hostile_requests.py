@@ -258,7 +258,7 @@ def test_hostile_sources_end_failed_with_a_message(local: LocalServer) -> None:
         "src-device": "/dev, /proc or /sys",
         "src-traversal": "outside the allowed model roots",
         "src-digest": "sha256 is",
-        "src-scheme": "must start with file://, http:// or https://",
+        "src-scheme": "must start with file://, http://, https://, s3://, gs:// or oci://",
     }
     wrong = {n: m for n, m in messages.items() if expected[n] not in m}
     assert not wrong, wrong

@@ -26,7 +26,7 @@ from modelloader_gateway.server import Gateway, GatewayConfig
 
 from tests.conftest import EXAMPLE
 from tests.integration.conftest import CPU_RESOURCE, Nodes
-from tests.support.calls import identity, infer
+from tests.support.calls import from_file, identity, infer
 from tests.support.cluster import EmulatorThread, OperatorThread, wait_until
 from tests.support.ports import free_port
 
@@ -187,7 +187,9 @@ def test_a_worker_nobody_asked_for_is_removed(
     stray = LoadedModel("default", "stray", LoadedModelSpec("default", Source("file://x")))
     workers = RayWorkers(config.state_dir, detached=True)
     asyncio.run(
-        workers.start(identity(stray), stray, EXAMPLE / "digits.tflite", "cpu", {CPU_RESOURCE: 1.0})
+        workers.start(
+            identity(stray), stray, from_file(EXAMPLE / "digits.tflite"), "cpu", {CPU_RESOURCE: 1.0}
+        )
     )
     assert any(".stray." in w for w in worker_names())
     wait_until(

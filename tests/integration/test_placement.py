@@ -14,7 +14,7 @@ from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.worker_pool import WorkerStartError
 
 from tests.integration.conftest import CPU_RESOURCE, NPU_RESOURCE, Nodes
-from tests.support.calls import identity
+from tests.support.calls import from_file, identity
 
 CONFIG = PlacementConfig(cpu_resource=CPU_RESOURCE, npu_resource=NPU_RESOURCE)
 
@@ -44,7 +44,7 @@ def test_each_accelerator_lands_on_its_node(
 
     async def scenario() -> None:
         handle, info = await workers.start(
-            identity(m), m, digits_model, accelerator, dict(decision.resources)
+            identity(m), m, from_file(digits_model), accelerator, dict(decision.resources)
         )
         assert info.placement.node_id == getattr(ray_cluster, node)
         if accelerator == "gpu":
@@ -69,7 +69,7 @@ def test_whole_delegation_fails_without_the_accelerator(
 
     async def scenario() -> str:
         with pytest.raises(WorkerStartError) as caught:
-            await workers.start(identity(m), m, digits_model, "gpu", {"GPU": 1.0})
+            await workers.start(identity(m), m, from_file(digits_model), "gpu", {"GPU": 1.0})
         return str(caught.value)
 
     message = asyncio.run(scenario())
@@ -80,7 +80,9 @@ def test_a_new_control_plane_finds_running_workers(workers: RayWorkers, digits_m
     m = model("adoptable", "cpu")
 
     async def scenario() -> None:
-        handle, info = await workers.start(identity(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})
+        handle, info = await workers.start(
+            identity(m), m, from_file(digits_model), "cpu", {CPU_RESOURCE: 1.0}
+        )
         successor = RayWorkers(Path(f"/tmp/mlp-{os.getpid()}"), detached=True)
         found = {h.worker_id: i for h, i in await successor.running()}
         name = identity(m).worker_id
@@ -89,7 +91,9 @@ def test_a_new_control_plane_finds_running_workers(workers: RayWorkers, digits_m
         assert again is not None and again.placement.pid == info.placement.pid
         assert again.identity == identity(m)
         # Starting the same worker again takes over the running one: no duplicate process.
-        _, same = await successor.start(identity(m), m, digits_model, "cpu", {CPU_RESOURCE: 1.0})
+        _, same = await successor.start(
+            identity(m), m, from_file(digits_model), "cpu", {CPU_RESOURCE: 1.0}
+        )
         assert same.placement.pid == info.placement.pid
         workers.stop(handle)
 

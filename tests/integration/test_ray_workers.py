@@ -16,7 +16,7 @@ from modelloader_gateway.worker_client import WorkerClients
 from modelloader_workers.litert_runner import LiteRTRunner
 
 from tests.broken_models import write_broken_models
-from tests.support.calls import identity, infer_worker
+from tests.support.calls import from_file, identity, infer_worker
 
 
 def model(name: str, origin: str = "default") -> LoadedModel:
@@ -33,7 +33,11 @@ def test_worker_serves_over_its_socket_like_the_interpreter(
 ) -> None:
     async def scenario() -> None:
         handle, info = await workers.start(
-            identity(model("dtypes"), "w-dtypes"), model("dtypes"), dtypes_model, "cpu", {}
+            identity(model("dtypes"), "w-dtypes"),
+            model("dtypes"),
+            from_file(dtypes_model),
+            "cpu",
+            {},
         )
         assert info.placement.pid != os.getpid()
         assert info.address.kind == "unix"
@@ -68,7 +72,7 @@ def test_a_worker_over_tcp_for_gateways_on_other_nodes(local_ray: str, digits_mo
 
     async def scenario() -> None:
         handle, info = await workers.start(
-            identity(model("tcp"), "w-tcp"), model("tcp"), digits_model, "cpu", {}
+            identity(model("tcp"), "w-tcp"), model("tcp"), from_file(digits_model), "cpu", {}
         )
         assert info.address.kind == "tcp" and info.address.where != "0.0.0.0"
         clients = WorkerClients()
@@ -90,7 +94,9 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 
     async def scenario() -> str:
         with pytest.raises(WorkerStartError) as caught:
-            await workers.start(identity(model(kind), f"w-{kind}"), model(kind), broken, "cpu", {})
+            await workers.start(
+                identity(model(kind), f"w-{kind}"), model(kind), from_file(broken), "cpu", {}
+            )
         return str(caught.value)
 
     message = asyncio.run(scenario())
@@ -104,7 +110,11 @@ def test_a_broken_file_fails_its_worker_with_a_message(
 def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Path) -> None:
     async def scenario() -> str | None:
         handle, info = await workers.start(
-            identity(model("victim"), "w-victim"), model("victim"), digits_model, "cpu", {}
+            identity(model("victim"), "w-victim"),
+            model("victim"),
+            from_file(digits_model),
+            "cpu",
+            {},
         )
         os.kill(info.placement.pid, signal.SIGKILL)
         for _ in range(50):

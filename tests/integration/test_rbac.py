@@ -175,7 +175,11 @@ def model(threads: int) -> dict[str, Any]:
         "kind": "LoadedModel",
         "metadata": {"name": "rbac-digits", "namespace": "default"},
         "spec": {
-            "source": {"uri": f"file://{EXAMPLE / 'digits.tflite'}"},
+            # A credentials Secret, though a file needs none: the operator reads it (GET).
+            "source": {
+                "uri": f"file://{EXAMPLE / 'digits.tflite'}",
+                "credentialsSecret": "rbac-store",
+            },
             "accelerator": "cpu",
             "threads": threads,
         },
@@ -203,6 +207,14 @@ def operator_calls(kube: EmulatorThread, namespaces: tuple[str, ...], tmp_path: 
     operator.start()
     try:
         assert operator.ready_flag.wait(30), operator.error
+        store = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "rbac-store", "namespace": "default"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "unused"},
+        }
+        code, _ = kube.request("POST", "/api/v1/namespaces/default/secrets", store)
+        assert code in (200, 201, 409)
         kube.apply(model(threads=1))
         wait_until(lambda: phase(kube, 1), what="Ready")
         kube.apply(model(threads=2))
@@ -244,4 +256,5 @@ def test_rbac_rules_are_exactly_what_the_operator_uses(
         ("modelloader.dev", "loadedmodels", "patch"),
         ("modelloader.dev", "loadedmodels/status", "patch"),
         ("", "events", "create"),
+        ("", "secrets", "get"),  # spec.source.credentialsSecret, read at load
     } <= used, used

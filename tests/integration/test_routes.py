@@ -25,7 +25,7 @@ from modelloader_gateway.server import Gateway, GatewayConfig
 from modelloader_workers.litert_runner import LiteRTRunner
 
 from tests.integration.conftest import CPU_RESOURCE
-from tests.support.calls import identity
+from tests.support.calls import from_file, identity
 
 TOKENS = {"a": "token-of-origin-a-0123456789", "b": "token-of-origin-b-0123456789"}
 TOKENS["c"] = "token-of-origin-c-0123456789"  # an origin that serves nothing
@@ -61,8 +61,8 @@ def test_local_and_cluster_gateways_route_alike_from_one_published_table(
     async def scenario() -> list[tuple[str, str, str, int, Any]]:
         resources = {CPU_RESOURCE: 1.0}
         started = [
-            await workers.start(identity(for_a), for_a, digits_model, "cpu", resources),
-            await workers.start(identity(for_b), for_b, dtypes_model, "cpu", resources),
+            await workers.start(identity(for_a), for_a, from_file(digits_model), "cpu", resources),
+            await workers.start(identity(for_b), for_b, from_file(dtypes_model), "cpu", resources),
         ]
         views = [
             WorkerView(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -12,6 +13,7 @@ from modelloader.worker_names import WorkerName
 from modelloader_gateway.dataplane import DataPlane, InferResult
 from modelloader_gateway.errors import DataPlaneError
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply, request_prefix
+from modelloader_workers.fetching import SourceRequest
 from modelloader_workers.wire import ipc
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
@@ -58,6 +60,11 @@ async def infer(
     return await completion(
         lambda done: dataplane.submit(origin, name, None, inputs, outputs, done)
     )
+
+
+def from_file(path: Path) -> SourceRequest:
+    """A worker's source for a model file on this machine."""
+    return SourceRequest(f"file://{path}")
 
 
 def identity(model: LoadedModel, worker_id: str | None = None, replica: int = 0) -> WorkerIdentity:

@@ -105,7 +105,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "minimal": {
         "webhook": {"enabled": False},
         "networkPolicy": {"enabled": False},
-        "modelCache": {"persistence": {"enabled": False}},
+        "modelCache": {"hostPath": "/var/lib/modelloader-cache", "maxSize": 0},
         "ray": {"auth": {"mode": "disabled"}, "resources": {"cpuNode": ""}},
         "gateway": {"replicas": 1},
         "fullnameOverride": "models",
@@ -387,6 +387,31 @@ def test_existing_ray_is_joined_by_address(chart: helm.Chart) -> None:
 # Contract flags another change adds to `modelloader operator`/`gateway`; drop each from here
 # once the CLI has it, so that a typo in the chart cannot hide behind this list.
 PENDING_FLAGS: set[str] = set()  # flags the chart passes before the CLI has them
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_each_ray_pod_has_its_own_model_cache_and_nothing_is_shared(
+    chart: helm.Chart, values: dict[str, Any]
+) -> None:
+    objects = render(chart, values)
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    cache_dir = flag(operator_args(objects), "--cache-dir")
+    assert cache_dir is not None and flag(operator_args(objects), "--cache-max-bytes") is not None
+    for name, pod in pod_specs(objects).items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        if "/" not in name:  # operator and gateway: they fetch nothing
+            assert "model-cache" not in volumes, name
+            continue
+        cache = volumes["model-cache"]
+        assert ("emptyDir" in cache) != ("hostPath" in cache), name
+        for volume in volumes.values():
+            claim = volume.get("persistentVolumeClaim")
+            assert claim is None, f"{name} mounts a shared claim {claim}"
+        ray = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in ray["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in ray["volumeMounts"]}
+        assert env["MODELLOADER_CACHE_DIR"].startswith(mounts["model-cache"]), name
+        assert env["MODELLOADER_CACHE_DIR"] == cache_dir
 
 
 def test_the_cli_accepts_the_arguments_the_chart_passes(chart: helm.Chart) -> None:

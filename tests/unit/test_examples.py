@@ -89,7 +89,7 @@ Change = Callable[[dict[str, Any]], None]
         ("LoadedModel", lambda d: d["spec"].update(delegation="some"), "spec/delegation"),
         ("LoadedModel", lambda d: d["spec"].pop("source"), "spec: 'source' is a required"),
         ("LoadedModel", lambda d: d["spec"]["source"].pop("uri"), "spec/source: 'uri'"),
-        ("LoadedModel", lambda d: d["spec"]["source"].update(uri="s3://b/m"), "spec/source/uri"),
+        ("LoadedModel", lambda d: d["spec"]["source"].update(uri="ftp://b/m"), "spec/source/uri"),
         ("LoadedModel", lambda d: d["spec"].update(threads=0), "spec/threads"),
         (
             "LoadedModel",

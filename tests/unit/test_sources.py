@@ -1,5 +1,5 @@
-"""Model sources against real files and a real HTTP server on loopback (allowed explicitly:
-by default a source may reach public addresses only)."""
+"""Model sources (the node's fetcher) against real files and a real HTTP server on loopback
+(allowed explicitly: by default a source may reach public addresses only)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
-from modelloader.sources import ModelSources, SourceError, SourcePolicy
+from modelloader_workers.fetching import FetchedModel, SourceError, SourcePolicy, SourceRequest
+from modelloader_workers.fetching.fetcher import fetch
 
 DATA = b"TFL3 pretend model bytes" * 100
 DIGEST = hashlib.sha256(DATA).hexdigest()
@@ -23,6 +24,18 @@ def model(uri: str, sha256: str | None = None, base_dir: Path | None = None) -> 
     return LoadedModel(
         "default", "m", LoadedModelSpec("default", Source(uri, sha256)), base_dir=base_dir
     )
+
+
+class ModelSources:
+    """A LoadedModel's source fetched as its worker's node does (in this process)."""
+
+    def __init__(self, policy: SourcePolicy) -> None:
+        self.policy = policy
+
+    def fetch(self, model: LoadedModel) -> FetchedModel:
+        source = model.spec.source
+        base_dir = str(model.base_dir) if model.base_dir else None
+        return fetch(SourceRequest(source.uri, source.sha256, base_dir), self.policy)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from modelloader.control_metrics import ControlMetrics
@@ -21,9 +20,9 @@ from modelloader.planner import (
     plan,
 )
 from modelloader.resource import LoadedModel, LoadedModelSpec, Source
-from modelloader.sources import FetchedModel, SourceError
 from modelloader.worker_names import ProcessName, WorkerName
 from modelloader.worker_pool import CRASH_WINDOW_SECONDS, WorkerPool, WorkerStartError
+from modelloader_workers.fetching import SourceError, SourceRequest
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.wire.placement import Placement
@@ -50,13 +49,14 @@ class FakeWorkers:
     unloaded: list[str] = field(default_factory=list)
     killed: set[str] = field(default_factory=set)
     failing: dict[str, str] = field(default_factory=dict)  # model name -> load error
+    sources: dict[str, SourceRequest] = field(default_factory=dict)  # what each was to fetch
     pids: int = 100
 
     async def start(
         self,
         identity: WorkerIdentity,
         model: LoadedModel,
-        model_path: Path,
+        source: SourceRequest,
         accelerator: str,
         resources: dict[str, float],
         *,
@@ -65,6 +65,7 @@ class FakeWorkers:
         node: str | None = None,
     ) -> tuple[FakeHandle, LoadedInfo]:
         await asyncio.sleep(0)
+        self.sources[model.name] = source
         if model.name in self.failing:
             raise WorkerStartError(self.failing[model.name])
         self.pids += 1
@@ -100,13 +101,10 @@ class FakeWorkers:
 
 
 class FakeSources:
-    def __init__(self, size: int = 1000) -> None:
-        self.size = size
-
-    def fetch(self, model: LoadedModel) -> FetchedModel:
+    async def request(self, model: LoadedModel, max_bytes: int | None) -> SourceRequest:
         if model.spec.source.uri.endswith("missing"):
-            raise SourceError("no such file")
-        return FetchedModel(Path("/models/m.tflite"), "0" * 64, self.size)
+            raise SourceError("spec.source.credentialsSecret: there is no Secret")
+        return SourceRequest(model.spec.source.uri, max_bytes=max_bytes)
 
 
 class Clock:
@@ -182,7 +180,7 @@ def test_a_start_is_starting_until_the_worker_reports_its_model() -> None:
     run(scenario())
 
 
-def test_a_failed_load_or_fetch_is_observed_with_its_message() -> None:
+def test_a_failed_load_or_source_is_observed_with_its_message() -> None:
     async def scenario() -> None:
         workers = FakeWorkers(failing={"broken": "LiteRT could not load the model: bad"})
         h = harness(workers)
@@ -196,8 +194,9 @@ def test_a_failed_load_or_fetch_is_observed_with_its_message() -> None:
         await h.settle()
         messages = {v.key.name: (v.state, v.message) for v in h.pool.views()}
         assert messages["broken"] == ("failed", "LiteRT could not load the model: bad")
-        assert messages["gone"] == ("failed", "no such file")
-        assert messages["big"][0] == "failed" and "over origin" in messages["big"][1]
+        assert messages["gone"] == ("failed", "spec.source.credentialsSecret: there is no Secret")
+        # The origin's limit travels to the node that fetches.
+        assert workers.sources["big"].max_bytes == 10
 
     run(scenario())
 
@@ -319,7 +318,7 @@ def test_an_adopted_restart_suffix_is_not_reused() -> None:
         m = model()
         name = WorkerName(m.key, m.fingerprint, restarts=2).format()
         identity = WorkerIdentity(m.key, "default", m.fingerprint, 1, name)
-        await workers.start(identity, m, Path("/m"), "cpu", {})
+        await workers.start(identity, m, SourceRequest("file:///m"), "cpu", {})
         h = harness(workers)
         await h.pool.adopt()
         workers.killed.add(name)

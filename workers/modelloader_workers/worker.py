@@ -11,12 +11,14 @@ the first model is parsed, the process limits itself (`process_limits`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import ray
@@ -25,6 +27,9 @@ from modelloader_workers import process_limits, sandbox
 from modelloader_workers.accelerated_runner import Execution, load_runner
 from modelloader_workers.batch_runner import check_batchable
 from modelloader_workers.batching import BatchPolicy
+from modelloader_workers.fetching import FetchedModel, SourceError, SourcePolicy, SourceRequest
+from modelloader_workers.fetching.fetch_process import fetch_on_node
+from modelloader_workers.fetching.node_cache import Lease
 from modelloader_workers.gc_pauses import freeze_long_lived
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError, Runner
 from modelloader_workers.wire.address import Address
@@ -35,10 +40,14 @@ from modelloader_workers.worker_server import WorkerServer
 
 log = logging.getLogger(__name__)
 
+# Set on a node (a Ray pod's environment): its model cache, over the operator's --cache-dir.
+NODE_CACHE_ENV = "MODELLOADER_CACHE_DIR"
+
 
 @dataclass(frozen=True)
 class LoadRequest:
-    model_path: str
+    source: SourceRequest  # fetched by this node into its own cache
+    sources: SourcePolicy  # the admin's rules for sources, and where the node's cache is
     listen: Address  # a Unix socket's path, or a TCP host (the port is chosen at listen)
     identity: WorkerIdentity  # whom it serves: reported back, for adoption
     threads: int = 1
@@ -64,6 +73,7 @@ class LoadedInfo:
     placement: Placement
     load_seconds: float
     note: str = ""  # e.g. the accelerator fell back to the CPU
+    model: FetchedModel | None = None  # the file: its digest, size, what a tag resolved to
 
 
 def _node_id() -> str:
@@ -116,9 +126,9 @@ def _in_sandbox(work: Callable[[], T]) -> tuple[T, bool]:
     return result[0], confined[0]
 
 
-def _load(request: LoadRequest) -> tuple[Runner, Execution]:
+def _load(request: LoadRequest, model_path: str) -> tuple[Runner, Execution]:
     loaded = load_runner(
-        request.model_path,
+        model_path,
         request.threads,
         request.accelerator,
         request.delegation,
@@ -130,11 +140,33 @@ def _load(request: LoadRequest) -> tuple[Runner, Execution]:
     return loaded
 
 
+def _fetch(request: LoadRequest) -> tuple[FetchedModel, Lease]:
+    """The model's file in this node's cache, held (see `node_cache`) until it is unloaded.
+    A file evicted between the fetch and the hold is fetched once more."""
+    policy = request.sources
+    if NODE_CACHE_ENV in os.environ:  # the node says where its cache is (the chart's Ray pods)
+        policy = dataclasses.replace(policy, cache_dir=Path(os.environ[NODE_CACHE_ENV]))
+    for attempt in range(2):
+        try:
+            fetched = fetch_on_node(request.source, policy)
+        except SourceError as error:
+            raise ModelLoadError(str(error)) from None
+        try:
+            return fetched, Lease(fetched.path)
+        except FileNotFoundError:
+            if attempt:
+                raise ModelLoadError(
+                    f"{request.source.uri}: the node's cache lost the file twice while loading"
+                ) from None
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class _Hosted:
     server: WorkerServer
     info: LoadedInfo
     budget: int  # bytes of address space this model may take
+    lease: Lease  # keeps the node's cache from evicting the file while it is served
 
 
 class ModelWorker:
@@ -150,14 +182,17 @@ class ModelWorker:
         if not self.hardening:
             self.hardening = process_limits.harden()
             self._baseline = process_limits.address_space()
+        fetched, lease = _fetch(request)
         budget = process_limits.model_budget(request.memory_limit, request.threads)
         limited = self._limit_memory(budget) if budget else False
         try:
-            (runner, execution), confined = _in_sandbox(lambda: _load(request))
+            path = str(fetched.path)
+            (runner, execution), confined = _in_sandbox(lambda: _load(request, path))
             server = WorkerServer(
                 runner, request.listen, thread_setup=_confine, batching=request.batching
             )
         except (ModelLoadError, MemoryError, OSError) as error:
+            lease.release()
             self._limit_memory(0)
             text = str(error).strip() or type(error).__name__
             if limited:
@@ -182,11 +217,12 @@ class ModelWorker:
             ),
             load_seconds=runner.load_seconds,
             note=execution.note,
+            model=fetched,
         )
         # A collection must not stall a serving thread mid-request; the first load may
         # collect first, later ones have models serving beside them.
         freeze_long_lived(collect=not self._hosted)
-        self._hosted[request.model_id] = _Hosted(server, info, budget)
+        self._hosted[request.model_id] = _Hosted(server, info, budget, lease)
         return info
 
     def _limit_memory(self, extra: int) -> bool:
@@ -209,6 +245,7 @@ class ModelWorker:
         hosted = self._hosted.pop(model_id, None)
         if hosted is not None:
             hosted.server.close()
+            hosted.lease.release()
             self._limit_memory(0)
         return len(self._hosted)
 

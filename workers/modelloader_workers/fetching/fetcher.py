@@ -1,0 +1,91 @@
+"""One fetch on this node: the pin checked against the cache first, then the source located,
+then its bytes copied into the cache once, under the node's lock for that digest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import urllib.parse
+
+from modelloader_workers.fetching import file_source, http_source
+from modelloader_workers.fetching.located import Located
+from modelloader_workers.fetching.node_cache import NodeCache
+from modelloader_workers.fetching.request import (
+    FetchedModel,
+    SourceError,
+    SourcePolicy,
+    SourceRequest,
+)
+
+SCHEMES = ("file", "http", "https", "s3", "gs", "oci")
+
+
+def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
+    cache = NodeCache(policy.cache_dir, policy.cache_max_bytes)
+    limit = request.byte_limit(policy)
+    if request.sha256 is not None and (hit := cache.lookup(request.sha256)) is not None:
+        return _within(hit, request, policy)
+    located = locate(request, policy)
+    if located.size is not None and located.size > limit:
+        raise SourceError(
+            f"{request.uri}: the model is {located.size} bytes, over "
+            + request.byte_limit_text(policy)
+        )
+    if request.sha256 and located.digest and located.digest != request.sha256:
+        raise SourceError(
+            f"{request.uri}: sha256 is {located.digest}, but the manifest says {request.sha256}"
+        )
+    want = request.sha256 or located.digest
+    key = want or "uri:" + hashlib.sha256(request.uri.encode()).hexdigest()
+    with cache.fetching(key):
+        if want is not None and (hit := cache.lookup(want)) is not None:
+            fetched = _within(hit, request, policy)
+        else:
+            deadline = (
+                time.monotonic() + policy.download_deadline_seconds if located.timed else None
+            )
+            with located.open() as read:
+                fetched = cache.store(
+                    read,
+                    want,
+                    request.uri,
+                    limit,
+                    deadline,
+                    f"{policy.download_deadline_seconds:g} s",
+                    request.byte_limit_text(policy),
+                )
+    return dataclasses.replace(fetched, resolved=located.resolved)
+
+
+def locate(request: SourceRequest, policy: SourcePolicy) -> Located:
+    """The source adapter for the URI's scheme (storage libraries imported only when used)."""
+    uri = request.uri
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "file":
+        return file_source.locate(uri, request.base_dir, policy)
+    if scheme in ("http", "https"):
+        return http_source.locate(uri, policy)
+    if scheme == "s3":
+        from modelloader_workers.fetching import s3_source
+
+        return s3_source.locate(uri, request.credentials, policy)
+    if scheme == "gs":
+        from modelloader_workers.fetching import gcs_source
+
+        return gcs_source.locate(uri, request.credentials, policy)
+    if scheme == "oci":
+        from modelloader_workers.fetching import oci_source
+
+        return oci_source.locate(uri, request.credentials, policy)
+    raise SourceError(
+        f"unsupported source {uri!r}: use file://, http(s)://, s3://, gs:// or oci://"
+    )
+
+
+def _within(hit: FetchedModel, request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
+    if hit.size > request.byte_limit(policy):
+        raise SourceError(
+            f"{request.uri}: the model is {hit.size} bytes, over {request.byte_limit_text(policy)}"
+        )
+    return hit

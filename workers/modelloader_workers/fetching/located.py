@@ -1,0 +1,18 @@
+"""What a source adapter reports before any model byte moves, and how to read the bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+Reader = Callable[[int], bytes]
+
+
+@dataclass(frozen=True)
+class Located:
+    open: Callable[[], AbstractContextManager[Reader]]
+    size: int | None = None  # when the store says so: refused over the limit before reading
+    digest: str | None = None  # sha256 the bytes have (an OCI layer's): a cached copy serves
+    resolved: str = ""  # e.g. a tag resolved to its manifest digest
+    timed: bool = False  # the download deadline applies while reading

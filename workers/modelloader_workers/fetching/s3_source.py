@@ -1,0 +1,109 @@
+"""`s3://bucket/key` sources, through obstore (the Rust `object_store` crate: signing, retries
+and timeouts maintained upstream; nothing of S3's protocol is written here).
+
+Credentials (the LoadedModel's Secret, with the keys AWS's tools use): `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`, `AWS_ENDPOINT_URL` (MinIO, Ceph, any
+S3-compatible store: path-style requests) and `AWS_REGION` or `AWS_DEFAULT_REGION`. Without
+keys the request is unsigned (a public bucket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from modelloader_workers.fetching.http_source import check_endpoint
+from modelloader_workers.fetching.located import Located, Reader
+from modelloader_workers.fetching.request import SourceError, SourcePolicy
+from modelloader_workers.fetching.scrub import first_line, scrub
+
+CHUNK = 1 << 20
+
+
+def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Located:
+    import obstore
+    from obstore.store import S3Store
+
+    parsed = urllib.parse.urlsplit(uri)
+    bucket, key = parsed.netloc, urllib.parse.unquote(parsed.path.lstrip("/"))
+    if not bucket or not key:
+        raise SourceError(f"{uri}: expected s3://BUCKET/KEY")
+    endpoint = credentials.get("AWS_ENDPOINT_URL", "").strip()
+    region = (
+        credentials.get("AWS_REGION") or credentials.get("AWS_DEFAULT_REGION") or "us-east-1"
+    ).strip()
+    timeout = policy.http_timeout_seconds
+    options: dict[str, Any] = {
+        "region": region,
+        "client_options": {
+            "timeout": f"{max(1, round(policy.download_deadline_seconds))}s",
+            "connect_timeout": f"{max(1, round(timeout))}s",
+            "allow_http": endpoint.startswith("http://"),
+        },
+        # A few quick retries, bounded in time: an unreachable endpoint ends within it.
+        "retry_config": {
+            "max_retries": 2,
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=2),
+                "base": 2.0,
+            },
+            "retry_timeout": timedelta(seconds=timeout),
+        },
+    }
+    if endpoint:
+        check_endpoint(endpoint, policy, uri)
+        options["endpoint"] = endpoint
+        options["virtual_hosted_style_request"] = False
+    key_id = credentials.get("AWS_ACCESS_KEY_ID", "").strip()
+    if key_id:
+        options["access_key_id"] = key_id
+        options["secret_access_key"] = credentials.get("AWS_SECRET_ACCESS_KEY", "").strip()
+        if token := credentials.get("AWS_SESSION_TOKEN", "").strip():
+            options["token"] = token
+    else:
+        options["skip_signature"] = True
+    try:
+        store = S3Store(bucket, **options)
+        result = obstore.get(store, key)
+    except Exception as error:  # obstore's errors: one per HTTP outcome
+        raise SourceError(f"{uri}: {_reason(error, bucket, key, credentials)}") from None
+
+    @contextlib.contextmanager
+    def read() -> Iterator[Reader]:
+        chunks = iter(result.stream(min_chunk_size=CHUNK))
+
+        def next_chunk(_: int) -> bytes:
+            try:
+                return bytes(next(chunks))
+            except StopIteration:
+                return b""
+            except Exception as error:
+                raise SourceError(
+                    f"{uri}: the download failed: {first_line(scrub(str(error), credentials))}"
+                ) from None
+
+        yield next_chunk
+
+    return Located(read, size=int(result.meta["size"]), timed=True)
+
+
+def _reason(error: Exception, bucket: str, key: str, credentials: Mapping[str, str]) -> str:
+    text = scrub(str(error), credentials)
+    name = type(error).__name__
+    if "NoSuchBucket" in text:
+        return f"bucket {bucket!r} does not exist"
+    if "NoSuchKey" in text or name in ("FileNotFoundError", "NotFoundError"):
+        return f"no object {key!r} in bucket {bucket!r}"
+    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken"):
+        if code in text:
+            return (
+                f"the store refused the credentials ({code}): check spec.source."
+                "credentialsSecret's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "the store refused the credentials: check spec.source.credentialsSecret"
+    return f"cannot get the object: {first_line(text)}"
