@@ -38,6 +38,8 @@ PIXELS = np.array(
 READY = ("s3-digits", "gs-digits", "oci-digits", "oci-pinned")
 FAILED = {
     "s3-wrong-key": "refused the credentials (SignatureDoesNotMatch)",
+    # The node's cache holds these bytes (s3-digits): a digest is still no capability.
+    "s3-pinned-wrong-key": "refused the credentials (SignatureDoesNotMatch)",
     "s3-no-bucket": "bucket 'nobucket' does not exist",
     "s3-no-object": "no object 'missing.tflite' in bucket 'models'",
     "s3-digest": "but the manifest says " + "0" * 64,
@@ -118,6 +120,13 @@ def local(
         loaded_model("oci-digits", "default", f"{oci}/digits:v1", "oci-creds"),
         loaded_model("oci-pinned", "default", f"{oci}/digits@{manifest_digest}", "oci-creds"),
         loaded_model("s3-wrong-key", "default", "s3://models/digits.tflite", "s3-wrong"),
+        loaded_model(
+            "s3-pinned-wrong-key",
+            "default",
+            "s3://models/digits.tflite",
+            "s3-wrong",
+            sha256=DIGEST,
+        ),
         loaded_model("s3-no-bucket", "default", "s3://nobucket/digits.tflite", "s3-creds"),
         loaded_model("s3-no-object", "default", "s3://models/missing.tflite", "s3-creds"),
         loaded_model(

@@ -1,7 +1,8 @@
 """Each node fetches for itself: two Ray nodes of a real multi-node cluster, each with its own
 cache folder (as each Ray pod has its own emptyDir), load the same S3 model from a real S3
 server (moto). Each fetches it once into its own cache, with no shared volume and nothing in
-the operator's; a second model with the same digest on a node is not fetched again."""
+the operator's; a second model with the same digest on a node is not fetched again, nor is an
+unpinned object whose version the node has seen."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ DIGEST = hashlib.sha256(DATA).hexdigest()
 def s3() -> Iterator[S3]:
     with s3_server() as server:
         server.put("models", "digits.tflite", DATA)
+        server.put("models", "copy.tflite", DATA)  # the same bytes under another name
         yield server
 
 
@@ -85,6 +87,16 @@ def test_two_nodes_each_fetch_once_into_their_own_caches(
         assert first.model.path.parent.parent == two_nodes["a"][1]
         assert second.model.path.parent.parent == two_nodes["b"][1]
         assert not operator_cache.exists()  # the operator's own disk holds nothing
+        # Unpinned: the first fetch on a node learns the object's version (its ETag) and digest;
+        # the next load of the same version there moves no bytes.
+        unpinned = SourceRequest("s3://models/copy.tflite", credentials=s3.credentials())
+        for name in ("unpinned", "unpinned-again"):
+            m = model(name)
+            started.append(await workers.start(identity(m), m, unpinned, "cpu", {"fetch-b": 1.0}))
+        (_, learnt), (_, known) = started[-2:]
+        assert learnt.model is not None and known.model is not None
+        assert learnt.model.transferred and not known.model.transferred
+        assert known.model.sha256 == DIGEST
         for handle, _ in started:
             workers.stop(handle)
 

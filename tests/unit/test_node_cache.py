@@ -135,3 +135,17 @@ def test_the_fetch_process_answers_and_a_pinned_digest_is_served_from_the_cache(
         fetch_on_node(SourceRequest(counting_server, digest, max_bytes=10), policy)
     with pytest.raises(SourceError, match="not a public address"):
         fetch_on_node(SourceRequest(counting_server), SourcePolicy((), tmp_path))
+
+
+def test_a_cached_digest_is_no_way_round_the_source_checks(tmp_path: Path) -> None:
+    """A pin the cache holds is served only to a source that passes its own checks."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "m.tflite").write_bytes(b"model")
+    digest = hashlib.sha256(b"model").hexdigest()
+    policy = SourcePolicy(roots=(root,), cache_dir=tmp_path / "cache")
+    assert fetch(SourceRequest(f"file://{root}/m.tflite", digest), policy).transferred
+    again = fetch(SourceRequest(f"file://{root}/m.tflite", digest), policy)
+    assert not again.transferred
+    with pytest.raises(SourceError, match="outside the allowed model roots"):
+        fetch(SourceRequest("file:///etc/hostname", digest), policy)

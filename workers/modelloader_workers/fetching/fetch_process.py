@@ -1,10 +1,11 @@
-"""Fetching in a process of its own, started by the worker for each object-store fetch
-(s3, gs, oci) the cache cannot answer: a fresh interpreter with a clean environment (no Ray
-token, nothing of the worker's) that takes the request, credentials included, on stdin and
-answers on stdout. The credentials and the storage libraries never enter a process that parses
-a model, and a fetch that hangs or crashes takes nothing else with it. `file://` and
-`http(s)://` sources carry no credentials and need nothing but the standard library: they are
-fetched in the worker, sparing an interpreter's start (about 0.17 s) per model.
+"""Fetching in a process of its own, started by the worker for each object-store source (s3,
+gs, oci; the store is asked even when the node's cache holds the digest, see `fetcher`): a
+fresh interpreter with a clean environment (no Ray token, nothing of the worker's) that takes
+the request, credentials included, on stdin and answers on stdout. The credentials and the
+storage libraries never enter a process that parses a model, and a fetch that hangs or crashes
+takes nothing else with it. `file://` and `http(s)://` sources carry no credentials and need
+nothing but the standard library: they are fetched in the worker, sparing an interpreter's
+start (about 0.17 s) per model.
 
 `python -m modelloader_workers.fetching.fetch_process` is the child's side.
 """
@@ -18,7 +19,6 @@ import subprocess
 import sys
 from typing import Any
 
-from modelloader_workers.fetching.node_cache import NodeCache
 from modelloader_workers.fetching.request import (
     FetchedModel,
     SourceError,
@@ -37,15 +37,11 @@ IN_PROCESS_SCHEMES = ("file", "http", "https")
 
 
 def fetch_on_node(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
-    """From the cache when the pin is there; else here or in a fetch process."""
+    """Fetched here (file, http(s)) or in a fetch process (object stores)."""
     if request.uri.split("://", 1)[0] in IN_PROCESS_SCHEMES and not request.credentials:
         from modelloader_workers.fetching.fetcher import fetch
 
         return fetch(request, policy)
-    if request.sha256 is not None:
-        hit = NodeCache(policy.cache_dir, policy.cache_max_bytes).lookup(request.sha256)
-        if hit is not None and hit.size <= request.byte_limit(policy):
-            return hit
     message = json.dumps({"request": request.to_json(), "policy": policy.to_json()})
     environment = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
     try:

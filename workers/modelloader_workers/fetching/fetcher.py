@@ -1,5 +1,8 @@
-"""One fetch on this node: the pin checked against the cache first, then the source located,
-then its bytes copied into the cache once, under the node's lock for that digest."""
+"""One fetch on this node: the source located first, always (a path under the roots, the
+store's answer to these credentials: a digest is no capability, so a cached copy is handed only
+to whoever could fetch it), then the cache asked by digest (the pin, an OCI layer's digest, or
+the digest an object's version was last seen to have), then the bytes copied into the cache
+once, under the node's lock for that digest or URI."""
 
 from __future__ import annotations
 
@@ -24,8 +27,6 @@ SCHEMES = ("file", "http", "https", "s3", "gs", "oci")
 def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     cache = NodeCache(policy.cache_dir, policy.cache_max_bytes)
     limit = request.byte_limit(policy)
-    if request.sha256 is not None and (hit := cache.lookup(request.sha256)) is not None:
-        return _within(hit, request, policy)
     located = locate(request, policy)
     if located.size is not None and located.size > limit:
         raise SourceError(
@@ -39,7 +40,10 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     want = request.sha256 or located.digest
     key = want or "uri:" + hashlib.sha256(request.uri.encode()).hexdigest()
     with cache.fetching(key):
-        if want is not None and (hit := cache.lookup(want)) is not None:
+        known = want
+        if known is None and located.version:
+            known = cache.version_digest(request.uri, located.version)
+        if known is not None and (hit := cache.lookup(known)) is not None:
             fetched = _within(hit, request, policy)
         else:
             deadline = (
@@ -55,6 +59,8 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
                     f"{policy.download_deadline_seconds:g} s",
                     request.byte_limit_text(policy),
                 )
+            if located.version:
+                cache.remember_version(request.uri, located.version, fetched.sha256)
     return dataclasses.replace(fetched, resolved=located.resolved)
 
 

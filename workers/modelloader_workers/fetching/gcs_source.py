@@ -96,4 +96,5 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
                 f"{uri}: the download failed: {first_line(scrub(str(error), credentials))}"
             ) from None
 
-    return Located(read, size=int(blob.size or 0) or None, timed=True)
+    version = f"{endpoint or 'google'}|{blob.generation}|{blob.size}"
+    return Located(read, size=int(blob.size or 0) or None, timed=True, version=version)

@@ -16,3 +16,6 @@ class Located:
     digest: str | None = None  # sha256 the bytes have (an OCI layer's): a cached copy serves
     resolved: str = ""  # e.g. a tag resolved to its manifest digest
     timed: bool = False  # the download deadline applies while reading
+    # The object's version as its store names it (endpoint, ETag or generation, size): the
+    # same version seen again is the digest it had, not another download.
+    version: str = ""

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from modelloader_workers.fetching.request import FetchedModel, SourceError
 
 CHUNK = 1 << 20
 SUFFIX = ".tflite"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,9 @@ class NodeCache:
         self.max_bytes = max_bytes
         self.models = root / "sha256"
         self._locks = root / "locks"
-        self.models.mkdir(parents=True, exist_ok=True)
-        self._locks.mkdir(parents=True, exist_ok=True)
+        self._versions = root / "versions"
+        for folder in (self.models, self._locks, self._versions):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
         return self.models / f"{sha256}{SUFFIX}"
@@ -49,6 +52,24 @@ class NodeCache:
         except FileNotFoundError:
             return None
         return FetchedModel(path, sha256, size)
+
+    def version_digest(self, uri: str, version: str) -> str | None:
+        """The digest this object had when last fetched at this version, if known."""
+        try:
+            digest = self._version_path(uri, version).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return digest if _DIGEST.match(digest) else None
+
+    def remember_version(self, uri: str, version: str, digest: str) -> None:
+        path = self._version_path(uri, version)
+        fd, tmp_name = tempfile.mkstemp(dir=self._versions, prefix=".incoming-")
+        with os.fdopen(fd, "w") as out:
+            out.write(digest)
+        os.replace(tmp_name, path)
+
+    def _version_path(self, uri: str, version: str) -> Path:
+        return self._versions / hashlib.sha256(f"{uri}\0{version}".encode()).hexdigest()
 
     @contextlib.contextmanager
     def fetching(self, key: str) -> Iterator[None]:

@@ -88,7 +88,11 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
 
         yield next_chunk
 
-    return Located(read, size=int(result.meta["size"]), timed=True)
+    meta = result.meta
+    version = (
+        f"{endpoint or 'aws'}|{region}|{meta.get('e_tag')}|{meta.get('version')}|{meta['size']}"
+    )
+    return Located(read, size=int(meta["size"]), timed=True, version=version)
 
 
 def _reason(error: Exception, bucket: str, key: str, credentials: Mapping[str, str]) -> str:
