@@ -614,7 +614,9 @@ def _state(
     if fallback is not None:
         missing.append(f"rolling out generation {model.generation}")
     if notes:
-        degraded = Condition(True, "AcceleratorFallback", notes[0])
+        # spec.precision fp16 the node could not give, else an accelerator fallback.
+        kind = "PrecisionFallback" if notes[0].startswith("precision ") else "AcceleratorFallback"
+        degraded = Condition(True, kind, notes[0])
     elif restarted:
         degraded = Condition(True, "WorkerDied", restarted[0].message)
     elif missing and count > 0 and len(ready) < count:

@@ -299,6 +299,7 @@ class RayWorkers:
             delegate=self._delegates.get(accelerator),
             memory_limit=memory_limit,
             batching=_batch_policy(spec.batching),
+            precision=spec.precision,
         )
         try:
             info: LoadedInfo = await actor.load.remote(request)

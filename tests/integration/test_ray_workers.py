@@ -14,6 +14,7 @@ from modelloader.resource import LoadedModel, LoadedModelSpec, Source
 from modelloader.worker_pool import WorkerStartError
 from modelloader_gateway.worker_client import WorkerClients
 from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers.precision import host_fp16_problem
 
 from tests.broken_models import write_broken_models
 from tests.support.calls import from_file, identity, infer_worker
@@ -126,3 +127,30 @@ def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Pat
 
     verdict = asyncio.run(scenario())
     assert verdict is not None and "exited" in verdict
+
+
+def test_fp16_runs_in_the_sandboxed_worker_and_status_says_so(
+    workers: RayWorkers, digits_model: Path
+) -> None:
+    """precision fp16 through the real worker (its load runs under the seccomp filter)."""
+    half = LoadedModel(
+        "default", "half", LoadedModelSpec("default", Source("file://unused"), precision="fp16")
+    )
+
+    async def scenario() -> None:
+        handle, info = await workers.start(
+            identity(half, "w-half"), half, from_file(digits_model), "cpu", {}
+        )
+        clients = WorkerClients()
+        pixels = np.eye(64, dtype=np.float32)[:4]
+        reply = await infer_worker(clients, info.address, {"pixels": pixels}, ["probabilities"])
+        fp32 = LiteRTRunner(str(digits_model)).run({"pixels": pixels})["probabilities"]
+        clients.close()
+        workers.stop(handle)
+        if host_fp16_problem() is None:
+            assert info.placement.precision == "fp16" and not info.note
+            np.testing.assert_allclose(reply.outputs["probabilities"], fp32, atol=2e-3)
+        else:
+            assert info.placement.precision == "fp32" and info.note.startswith("precision fp16")
+
+    asyncio.run(scenario())

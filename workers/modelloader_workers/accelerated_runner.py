@@ -9,9 +9,10 @@ accelerator cannot be initialised at all on this node (no Vulkan adapter, no ven
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from modelloader_workers.litert_runner import (
     check_identifier,
     delegated_whole_graph,
 )
+from modelloader_workers.precision import XNNPACK_FORCE_FP16, host_fp16_problem
 from modelloader_workers.wire.tensor_types import numpy_dtype
 
 SIGNATURE_INDEX = 0
@@ -47,14 +49,33 @@ class Execution:
     delegate: str  # xnnpack, gpu, npu
     delegated_ops_share: float | None  # 1.0 whole graph; None when LiteRT does not say
     note: str = ""  # why it differs from what was asked, if it does
+    precision: str = "fp32"  # what the kernels compute in: fp32, or fp16 where asked and able
 
 
 class CompiledModelRunner:
     """One `CompiledModel`. Not thread-safe: the worker serialises calls to `run`."""
 
-    def __init__(self, model_path: str, accelerator: str, delegation: str) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        accelerator: str,
+        delegation: str,
+        precision: str = "fp32",
+        threads: int = 1,
+    ) -> None:
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator as HA
+        from ai_edge_litert.options import CpuOptions, GpuOptions, Options
+
+        def options(accelerators: Any) -> Any:
+            # fp16: XNNPACK forced to half precision on the CPU; the GPU computes in fp16
+            # unless told to keep fp32, so fp32 is enforced there when asked.
+            flags = XNNPACK_FORCE_FP16 if precision == "fp16" else None
+            return Options(
+                accelerators,
+                cpu_options=CpuOptions(num_threads=threads, xnnpack_flags=flags),
+                gpu_options=GpuOptions(enforce_f32=precision != "fp16"),
+            )
 
         started = time.perf_counter()
         check_identifier(model_path)
@@ -65,12 +86,12 @@ class CompiledModelRunner:
         fully = True
         try:
             try:
-                self._model = CompiledModel.from_file(model_path, hardware_accel=alone)
+                self._model = CompiledModel.from_file(model_path, options=options(alone))
             except Exception:
                 if delegation == "whole" or accelerator == "cpu":
                     raise
                 fully = False
-                self._model = CompiledModel.from_file(model_path, hardware_accel=alone | HA.CPU)
+                self._model = CompiledModel.from_file(model_path, options=options(alone | HA.CPU))
             signatures = self._model.get_signature_list()
             self._key = next(iter(signatures))
             self._input_names: list[str] = list(signatures[self._key]["inputs"])
@@ -107,7 +128,10 @@ class CompiledModelRunner:
                 "on the CPU"
             )
         )
-        self.execution = Execution(accelerator, accelerator, 1.0 if fully else None, note)
+        delegate = "xnnpack" if accelerator == "cpu" else accelerator
+        self.execution = Execution(
+            accelerator, delegate, 1.0 if fully else None, note, precision=precision
+        )
         self.load_seconds = time.perf_counter() - started
 
     def _allocate(self) -> None:
@@ -147,37 +171,66 @@ def load_runner(
     accelerator: str,
     delegation: str,
     delegate: ExternalDelegate | None = None,
+    precision: str = "fp32",
+    fp16_problem: Callable[[], str | None] = host_fp16_problem,
 ) -> tuple[Runner, Execution]:
     """The runner for this placement. CPU: the classic interpreter with XNNPACK (faster here
-    than CompiledModel's defaults); GPU/NPU: an external delegate library when the operator's
-    configuration names one for that class, else CompiledModel; with the CPU fallback above."""
+    than CompiledModel's defaults), or CompiledModel with XNNPACK forced to fp16 when asked
+    and the CPU can; GPU/NPU: an external delegate library when the operator's configuration
+    names one for that class, else CompiledModel; with the CPU fallback above. fp16 that
+    cannot be had fails the load with `whole`, and runs in fp32 with a note (`Degraded`) with
+    `partitioned`."""
     if accelerator == "cpu":
+        if precision == "fp16":
+            problem = fp16_problem()
+            if problem is None:
+                runner = CompiledModelRunner(model_path, "cpu", delegation, "fp16", threads)
+                return runner, runner.execution
+            note = f"precision fp16: {problem}; running in fp32"
+            return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0, note)
         return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0)
     try:
         if delegate is not None:
-            return _with_delegate(model_path, threads, accelerator, delegation, delegate)
-        runner = CompiledModelRunner(model_path, accelerator, delegation)
+            return _with_delegate(model_path, threads, accelerator, delegation, delegate, precision)
+        runner = CompiledModelRunner(model_path, accelerator, delegation, precision)
         return runner, runner.execution
     except AcceleratorUnavailable as error:
         if delegation == "whole":
             raise
-        cpu = LiteRTRunner(model_path, threads)
-        note = f"running on the CPU instead: {error}"
-        return cpu, Execution("cpu", "xnnpack", 0.0, note)
+        cpu, execution = load_runner(
+            model_path, threads, "cpu", "partitioned", None, precision, fp16_problem
+        )
+        note = "; ".join(n for n in (f"running on the CPU instead: {error}", execution.note) if n)
+        return cpu, dataclasses.replace(execution, delegated_ops_share=0.0, note=note)
 
 
 def _with_delegate(
-    model_path: str, threads: int, accelerator: str, delegation: str, delegate: ExternalDelegate
+    model_path: str,
+    threads: int,
+    accelerator: str,
+    delegation: str,
+    delegate: ExternalDelegate,
+    precision: str = "fp32",
 ) -> tuple[Runner, Execution]:
+    name = Path(delegate.path).name
+    unsupported = ""
+    if precision == "fp16":
+        unsupported = (
+            f"precision fp16: the delegate {name} chooses its own precision and takes no "
+            "setting for it"
+        )
+        if delegation == "whole":
+            raise ModelLoadError(f"{unsupported}; use precision fp32, or delegation 'partitioned'")
     runner = LiteRTRunner(model_path, threads, delegate)
     whole = delegated_whole_graph(runner.interpreter)
-    name = Path(delegate.path).name
     if delegation == "whole" and not whole:
         raise ModelLoadError(
             f"delegation 'whole': the delegate {name} did not take the whole graph; use "
             "delegation 'partitioned' to let the CPU run the rest"
         )
     note = "" if whole else f"the delegate {name} took part of the graph; the CPU runs the rest"
+    if unsupported:
+        note = "; ".join(n for n in (f"{unsupported}: running as it chooses", note) if n)
     return runner, Execution(accelerator, name, 1.0 if whole else None, note)
 
 

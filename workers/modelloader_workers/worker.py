@@ -56,6 +56,7 @@ class LoadRequest:
     delegate: ExternalDelegate | None = None  # a delegate library for this accelerator class
     memory_limit: int = 0  # bytes this model may add to the process; 0: unlimited
     batching: BatchPolicy | None = None  # spec.batching: stack concurrent requests
+    precision: str = "fp32"  # spec.precision: fp16 takes effect where the hardware path can
 
     @property
     def model_id(self) -> str:
@@ -133,6 +134,7 @@ def _load(request: LoadRequest, model_path: str) -> tuple[Runner, Execution]:
         request.accelerator,
         request.delegation,
         request.delegate,
+        request.precision,
     )
     if request.batching is not None:
         # Runs the model: in the sandbox, as the load does.
@@ -214,6 +216,7 @@ class ModelWorker:
                 pid=os.getpid(),
                 sandbox=sandbox.describe() if confined else "",
                 delegated_ops_share=execution.delegated_ops_share,
+                precision=execution.precision,
             ),
             load_seconds=runner.load_seconds,
             note=execution.note,

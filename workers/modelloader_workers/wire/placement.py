@@ -16,6 +16,7 @@ class Placement:
     pid: int
     sandbox: str = ""  # what confines the model's threads ("": nothing)
     delegated_ops_share: float | None = None
+    precision: str = "fp32"  # what the kernels compute in (spec.precision, where it took)
 
     def to_dict(self) -> dict[str, Any]:
         """The resource's camelCase shape."""
@@ -25,6 +26,7 @@ class Placement:
             "accelerator": self.accelerator,
             "delegate": self.delegate,
             "pid": self.pid,
+            "precision": self.precision,
         }
         if self.sandbox:
             shown["sandbox"] = self.sandbox
