@@ -246,6 +246,7 @@ def test_routes_carry_the_serving_workers_endpoint_and_accelerator() -> None:
         "accelerator": "gpu",
         "delegate": "gpu",
         "pid": 7,
+        "precision": "fp32",
     }
     assert not routes["b"].ready and routes["b"].endpoints == ()
     assert "loading" in routes["b"].message
