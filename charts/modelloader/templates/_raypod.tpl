@@ -38,6 +38,27 @@ spec:
       {{- end }}
       securityContext:
         {{- toYaml $ctx.Values.containerSecurityContext | nindent 8 }}
+      {{- /* Our own probes, so KubeRay injects none: its probes ask Ray's dashboard agent,
+      which the runtime image does not carry (modelloader_workers/node_probe.py says why).
+      Timings follow KubeRay's defaults. */}}
+      {{- $probe := list "python" "-m" "modelloader_workers.node_probe" "raylet" }}
+      {{- if .gcsPort }}
+      {{- $probe = list "python" "-m" "modelloader_workers.node_probe" "gcs" (printf "--port=%v" .gcsPort) }}
+      {{- end }}
+      readinessProbe:
+        exec:
+          command: {{ toJson $probe }}
+        initialDelaySeconds: 10
+        periodSeconds: 5
+        timeoutSeconds: 3
+        failureThreshold: 10
+      livenessProbe:
+        exec:
+          command: {{ toJson $probe }}
+        initialDelaySeconds: 30
+        periodSeconds: 5
+        timeoutSeconds: 3
+        failureThreshold: 120
       {{- $resources := deepCopy .spec.resources }}
       {{- if .limits }}
       {{- $_ := set $resources "limits" (merge (deepCopy .limits) (default dict $resources.limits)) }}
