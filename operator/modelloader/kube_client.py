@@ -23,6 +23,10 @@ PLURAL = "loadedmodels"
 POLICY_PLURAL = "originpolicies"
 
 
+class SecretNotText(ValueError):
+    """A Secret key whose value is not UTF-8 text (credentials are read as text)."""
+
+
 class KubeClient:
     def __init__(self, info: kopf.ConnectionInfo) -> None:
         self._server = info.server.rstrip("/")
@@ -91,7 +95,12 @@ class KubeClient:
                 return None
             response.raise_for_status()
             body = await response.json()
-        data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        data: dict[str, str] = {}
+        for key, value in (body.get("data") or {}).items():
+            try:
+                data[key] = base64.b64decode(value).decode()
+            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                raise SecretNotText(f"Secret {namespace}/{name}: key {key!r} is not text") from None
         return data | {k: str(v) for k, v in (body.get("stringData") or {}).items()}
 
     async def close(self) -> None:

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from modelloader import API_GROUP, API_VERSION
 from modelloader.control_loop import ControlLoop, Desired, LoopSettings, Outcome
 from modelloader.control_metrics import ControlMetrics
-from modelloader.kube_client import PLURAL, POLICY_PLURAL, KubeClient
+from modelloader.kube_client import PLURAL, POLICY_PLURAL, KubeClient, SecretNotText
 from modelloader.manifests import Rejected
 from modelloader.planner import unbound_message
 from modelloader.policy import OriginPolicy, Policies, parse_origin_policy, policies
@@ -339,9 +339,12 @@ class LoadedModelOperator:
             raise SourceError("not yet connected to the Kubernetes API; trying again")
         try:
             return await client.secret_data(namespace, name)
-        except aiohttp.ClientError as error:
+        except SecretNotText as error:
+            raise SourceError(f"spec.source.credentialsSecret: {error}") from None
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise SourceError(
-                f"spec.source.credentialsSecret: cannot read Secret {namespace}/{name}: {error}"
+                f"spec.source.credentialsSecret: cannot read Secret {namespace}/{name}: "
+                f"{error or type(error).__name__}"
             ) from None
 
     async def _stop(self) -> None:

@@ -183,9 +183,12 @@ def server() -> Iterator[str]:
 def test_http_download_verified_and_cached(sources: ModelSources, server: str) -> None:
     fetched = sources.fetch(model(f"{server}/m.tflite", sha256=DIGEST))
     assert fetched.path.read_bytes() == DATA
-    # A second fetch with the digest comes from the cache, even if the server is gone.
-    again = sources.fetch(model("http://127.0.0.1:9/gone.tflite", sha256=DIGEST))
-    assert again.path == fetched.path
+    # The same URL pinned to the digest it gave: from the cache, no second download.
+    again = sources.fetch(model(f"{server}/m.tflite", sha256=DIGEST))
+    assert again.path == fetched.path and not again.transferred
+    # Another URL naming that digest gets nothing from the cache: a digest is no capability.
+    with pytest.raises(SourceError, match="download failed"):
+        sources.fetch(model("http://127.0.0.1:9/gone.tflite", sha256=DIGEST))
 
 
 @pytest.mark.parametrize(

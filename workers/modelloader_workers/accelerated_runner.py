@@ -178,21 +178,24 @@ def load_runner(
     than CompiledModel's defaults), or CompiledModel with XNNPACK forced to fp16 when asked
     and the CPU can; GPU/NPU: an external delegate library when the operator's configuration
     names one for that class, else CompiledModel; with the CPU fallback above. fp16 that
-    cannot be had fails the load with `whole`, and runs in fp32 with a note (`Degraded`) with
-    `partitioned`."""
+    cannot be had runs in fp32 with a note (`Degraded`); only an external delegate asked for
+    the `whole` graph fails the load instead."""
     if accelerator == "cpu":
         if precision == "fp16":
             problem = fp16_problem()
             if problem is None:
-                runner = CompiledModelRunner(model_path, "cpu", delegation, "fp16", threads)
-                return runner, runner.execution
+                try:
+                    runner = CompiledModelRunner(model_path, "cpu", delegation, "fp16", threads)
+                    return runner, runner.execution
+                except AcceleratorUnavailable as error:  # e.g. tensor types it cannot buffer
+                    problem = str(error).rstrip("; ")
             note = f"precision fp16: {problem}; running in fp32"
             return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0, note)
         return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0)
     try:
         if delegate is not None:
             return _with_delegate(model_path, threads, accelerator, delegation, delegate, precision)
-        runner = CompiledModelRunner(model_path, accelerator, delegation, precision)
+        runner = CompiledModelRunner(model_path, accelerator, delegation, precision, threads)
         return runner, runner.execution
     except AcceleratorUnavailable as error:
         if delegation == "whole":

@@ -153,6 +153,11 @@ def _fetch(request: LoadRequest) -> tuple[FetchedModel, Lease]:
             fetched = fetch_on_node(request.source, policy)
         except SourceError as error:
             raise ModelLoadError(str(error)) from None
+        except OSError as error:  # the node's cache: not writable, full
+            raise ModelLoadError(
+                f"{request.source.uri}: the node's model cache {policy.cache_dir}: "
+                f"{error.strerror or error}"
+            ) from None
         try:
             return fetched, Lease(fetched.path)
         except FileNotFoundError:

@@ -1,11 +1,12 @@
-"""Fetching in a process of its own, started by the worker for each object-store source (s3,
-gs, oci; the store is asked even when the node's cache holds the digest, see `fetcher`): a
-fresh interpreter with a clean environment (no Ray token, nothing of the worker's) that takes
-the request, credentials included, on stdin and answers on stdout. The credentials and the
-storage libraries never enter a process that parses a model, and a fetch that hangs or crashes
-takes nothing else with it. `file://` and `http(s)://` sources carry no credentials and need
-nothing but the standard library: they are fetched in the worker, sparing an interpreter's
-start (about 0.17 s) per model.
+"""Fetching in a process of its own, started by the worker for each object-store source (s3, gs,
+oci; the store is asked even when the node's cache holds the digest, see `fetcher`): a fresh
+interpreter with a clean environment (no Ray token, nothing of the worker's) that takes the
+request, credentials included, on stdin and answers on stdout. The storage libraries never load
+into a process that parses models (the credentials only pass through the worker, of the same
+origin, as the load's argument), every connection they make passes the address guard
+(`egress_proxy`), and a fetch that hangs or crashes takes nothing else with it. `file://` and
+`http(s)://` sources carry no credentials and need nothing but the standard library: they are
+fetched in the worker, sparing an interpreter's start (about 0.17 s) per model.
 
 `python -m modelloader_workers.fetching.fetch_process` is the child's side.
 """
@@ -31,6 +32,8 @@ from modelloader_workers.fetching.scrub import first_line, scrub
 GRACE_SECONDS = 60.0
 # What the child keeps of the worker's environment: where programs and certificates are.
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "HOME")
+# Where the storage clients find the guarded way out (set in the fetch process only).
+PROXY_ENV = "MODELLOADER_EGRESS_PROXY"
 
 
 IN_PROCESS_SCHEMES = ("file", "http", "https")
@@ -62,7 +65,8 @@ def fetch_on_node(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     try:
         answer: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        text = scrub(done.stderr.decode(errors="replace"), request.credentials)
+        tail = text.strip().splitlines()[-1:] or ["no output"]
         raise SourceError(
             f"{request.uri}: the fetch process failed (exit {done.returncode}): {tail[0][:300]}"
         ) from None
@@ -72,7 +76,9 @@ def fetch_on_node(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
 
 
 def main() -> int:
+    from modelloader_workers.fetching.egress_proxy import EgressProxy
     from modelloader_workers.fetching.fetcher import fetch
+    from modelloader_workers.fetching.http_source import AddressGuard
 
     # A worker may run under an address-space limit for its models; the fetch is not theirs.
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -80,10 +86,21 @@ def main() -> int:
     message = json.loads(sys.stdin.buffer.read())
     request = SourceRequest.from_json(message["request"])
     policy = SourcePolicy.from_json(message["policy"])
+    # Every connection the storage clients make goes through the guard (egress_proxy).
+    proxy = EgressProxy(AddressGuard(policy.allow_hosts), policy.http_timeout_seconds)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", PROXY_ENV):
+        os.environ[name] = proxy.url
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ.pop(name, None)
     try:
         fetched = fetch(request, policy)
     except SourceError as error:
-        answer: dict[str, Any] = {"error": str(error)}
+        text = str(error)
+        if proxy.refused:  # the clients' own message would hide why
+            text = f"{request.uri}: {proxy.refused[0]}"
+        elif proxy.unreachable:
+            text = f"{request.uri}: cannot reach the store: {proxy.unreachable[0]}"
+        answer: dict[str, Any] = {"error": text}
     except Exception as error:  # a library's surprise: still a message, never a traceback
         text = first_line(scrub(str(error), request.credentials))
         answer = {"error": f"{request.uri}: the fetch failed: {type(error).__name__}: {text}"}

@@ -1,8 +1,8 @@
 """One fetch on this node: the source located first, always (a path under the roots, the
-store's answer to these credentials: a digest is no capability, so a cached copy is handed only
-to whoever could fetch it), then the cache asked by digest (the pin, an OCI layer's digest, or
-the digest an object's version was last seen to have), then the bytes copied into the cache
-once, under the node's lock for that digest or URI."""
+store's answer to these credentials), then the cache asked for what this very source gave at
+this version before (a digest alone is no capability: another origin may know the digest of a
+private model, so a cached copy goes only to a request whose source once delivered it), then
+the bytes copied into the cache once, under the node's lock for that digest or URI."""
 
 from __future__ import annotations
 
@@ -40,10 +40,13 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     want = request.sha256 or located.digest
     key = want or "uri:" + hashlib.sha256(request.uri.encode()).hexdigest()
     with cache.fetching(key):
-        known = want
-        if known is None and located.version:
-            known = cache.version_digest(request.uri, located.version)
-        if known is not None and (hit := cache.lookup(known)) is not None:
+        # Only a digest this source gave before, at this version, is served from the cache: a
+        # digest alone is no capability (another origin may know one of a private model).
+        known = cache.version_digest(request.uri, located.version) if located.version else None
+        usable = known is not None and (
+            known == want if not located.strong_version else want is None or known == want
+        )
+        if usable and known is not None and (hit := cache.lookup(known)) is not None:
             fetched = _within(hit, request, policy)
         else:
             deadline = (

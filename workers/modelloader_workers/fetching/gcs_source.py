@@ -24,6 +24,7 @@ from modelloader_workers.fetching.request import SourceError, SourcePolicy
 from modelloader_workers.fetching.scrub import first_line, scrub
 
 KEY_NAMES = ("gcloud-application-credentials.json", "key.json")
+TOKEN_URIS = ("https://oauth2.googleapis.com/token", "https://accounts.google.com/o/oauth2/token")
 READ_ONLY = "https://www.googleapis.com/auth/devstorage.read_only"
 CHUNK = 1 << 20
 
@@ -32,6 +33,7 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
     from google.api_core import exceptions
     from google.api_core.retry import Retry
     from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import RefreshError
     from google.cloud import storage
     from google.oauth2 import service_account
 
@@ -50,6 +52,14 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
     else:
         try:
             info = json.loads(key_text)
+            # google-auth posts the signed assertion to the key's token_uri: a tenant's key
+            # must not point it at an address of the admin's network.
+            token_uri = info.get("token_uri", TOKEN_URIS[0])
+            if token_uri not in TOKEN_URIS:
+                raise SourceError(
+                    f"{uri}: the service-account key's token_uri {str(token_uri)[:80]!r} is not "
+                    "Google's token endpoint"
+                )
             identity = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
                 info, scopes=[READ_ONLY]
             )
@@ -73,7 +83,8 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
             if not bucket.exists(timeout=timeout, retry=retry):
                 raise SourceError(f"{uri}: bucket {bucket_name!r} does not exist")
             raise SourceError(f"{uri}: no object {name!r} in bucket {bucket_name!r}")
-    except (exceptions.Unauthorized, exceptions.Forbidden):
+    except (exceptions.Unauthorized, exceptions.Forbidden, RefreshError):
+        # A refresh error's text may quote the token endpoint's answer: not shown.
         raise SourceError(
             f"{uri}: the store refused the credentials: check spec.source.credentialsSecret"
         ) from None

@@ -45,7 +45,8 @@ def locate(uri: str, policy: SourcePolicy) -> Located:
             # read1: whatever has arrived, so a slow drip meets the deadline chunk by chunk
             yield response.read1
 
-    return Located(download, timed=True)
+    # The URL alone: a pinned request may have what this URL once gave, nothing else.
+    return Located(download, timed=True, version="url", strong_version=False)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,11 @@ class Located:
     digest: str | None = None  # sha256 the bytes have (an OCI layer's): a cached copy serves
     resolved: str = ""  # e.g. a tag resolved to its manifest digest
     timed: bool = False  # the download deadline applies while reading
-    # The object's version as its store names it (endpoint, ETag or generation, size): the
-    # same version seen again is the digest it had, not another download.
+    # The source's version as its store names it (endpoint, ETag or generation, size; a
+    # registry's manifest digest; a file's inode and times): the same version seen again is
+    # the digest it had, not another download. Empty: no way to know.
     version: str = ""
+    # Whether the version says the bytes did not change (a validator). A weak one (an http
+    # URL: the same URL may serve other bytes now) serves only a request pinned to the digest
+    # the URL once gave.
+    strong_version: bool = True

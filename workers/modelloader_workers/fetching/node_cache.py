@@ -42,6 +42,8 @@ class NodeCache:
             folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
+        if not _DIGEST.match(sha256):  # a name from outside must never leave the folder
+            raise SourceError(f"{sha256!r} is not a sha256 digest")
         return self.models / f"{sha256}{SUFFIX}"
 
     def lookup(self, sha256: str) -> FetchedModel | None:
@@ -54,7 +56,8 @@ class NodeCache:
         return FetchedModel(path, sha256, size)
 
     def version_digest(self, uri: str, version: str) -> str | None:
-        """The digest this object had when last fetched at this version, if known."""
+        """The digest this source gave when last fetched at this version, if known: the only
+        way to a cached copy (see `fetcher`)."""
         try:
             digest = self._version_path(uri, version).read_text().strip()
         except FileNotFoundError:
@@ -111,8 +114,13 @@ class NodeCache:
             if want is not None and got != want:
                 raise SourceError(f"{label}: sha256 is {got}, but the manifest says {want}")
             final = self.path(got)
-            os.chmod(tmp_name, 0o444)
-            os.replace(tmp_name, final)
+            if final.exists():
+                # The same bytes are here already, perhaps held by a worker: keep that file
+                # (replacing it would leave the holder on an unlinked copy nobody can evict).
+                os.utime(final)
+            else:
+                os.chmod(tmp_name, 0o444)
+                os.replace(tmp_name, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)

@@ -48,6 +48,7 @@ INDEX_TYPES = (
 )
 TITLE = "org.opencontainers.image.title"
 MAX_MANIFEST_BYTES = 4 << 20
+_LAYER_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REFERENCE = re.compile(
     r"^(?P<host>[^/]+)/(?P<repo>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
@@ -81,8 +82,8 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
         )
     layer = _model_layer(uri, manifest.get("layers") or [])
     digest = str(layer.get("digest", ""))
-    if not digest.startswith("sha256:") or len(digest) != 71:
-        raise SourceError(f"{uri}: the model layer's digest {digest!r} is not a sha256")
+    if not _LAYER_DIGEST.match(digest):
+        raise SourceError(f"{uri}: the model layer's digest {digest[:80]!r} is not a sha256")
     size = layer.get("size")
 
     @contextlib.contextmanager
@@ -96,6 +97,9 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
         digest=digest.removeprefix("sha256:"),
         resolved=f"oci://{host}/{repo}@{manifest_digest}",
         timed=True,
+        # This registry's manifest, fetched with these credentials, names this layer: the
+        # node may serve its cached copy of a layer it fetched from here before.
+        version=f"{scheme}|{manifest_digest}|{digest}",
     )
 
 

@@ -10,6 +10,8 @@ keys the request is unsigned (a public bucket).
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
@@ -21,6 +23,8 @@ from modelloader_workers.fetching.request import SourceError, SourcePolicy
 from modelloader_workers.fetching.scrub import first_line, scrub
 
 CHUNK = 1 << 20
+PROXY_ENV = "MODELLOADER_EGRESS_PROXY"  # fetch_process sets it
+_REGION = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
 def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Located:
@@ -54,6 +58,10 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
             "retry_timeout": timedelta(seconds=timeout),
         },
     }
+    if not _REGION.match(region):  # it becomes part of AWS's host name
+        raise SourceError(f"{uri}: AWS_REGION {region[:40]!r} is not a region name")
+    if proxy := os.environ.get(PROXY_ENV):  # in the fetch process: the guarded way out
+        options["client_options"]["proxy_url"] = proxy
     if endpoint:
         check_endpoint(endpoint, policy, uri)
         options["endpoint"] = endpoint
