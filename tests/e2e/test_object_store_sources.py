@@ -43,7 +43,7 @@ FAILED = {
     "s3-no-bucket": "bucket 'nobucket' does not exist",
     "s3-no-object": "no object 'missing.tflite' in bucket 'models'",
     "s3-digest": "but the manifest says " + "0" * 64,
-    "s3-unreachable": "cannot reach the store: http://127.0.0.1:9/models/digits.tflite: Connection",
+    "s3-unreachable": "cannot reach the store: 127.0.0.1:9: Connection refused",
     "gs-no-object": "no object 'missing.tflite' in bucket 'gmodels'",
     "oci-no-tag": "no tag 'v9' in repository 'models/digits'",
     "oci-no-layer": "no model layer",

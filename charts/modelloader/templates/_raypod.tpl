@@ -45,6 +45,9 @@ spec:
       {{- if .gcsPort }}
       {{- $probe = list "python" "-m" "modelloader_workers.node_probe" "gcs" (printf "--port=%v" .gcsPort) }}
       {{- end }}
+      {{- with .tempDir }}
+      {{- $probe = append $probe (printf "--temp-dir=%v" .) }}
+      {{- end }}
       readinessProbe:
         exec:
           command: {{ toJson $probe }}

@@ -28,42 +28,45 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     cache = NodeCache(policy.cache_dir, policy.cache_max_bytes)
     limit = request.byte_limit(policy)
     located = locate(request, policy)
-    if located.size is not None and located.size > limit:
-        raise SourceError(
-            f"{request.uri}: the model is {located.size} bytes, over "
-            + request.byte_limit_text(policy)
-        )
-    if request.sha256 and located.digest and located.digest != request.sha256:
-        raise SourceError(
-            f"{request.uri}: sha256 is {located.digest}, but the manifest says {request.sha256}"
-        )
-    want = request.sha256 or located.digest
-    key = want or "uri:" + hashlib.sha256(request.uri.encode()).hexdigest()
-    with cache.fetching(key):
-        # Only a digest this source gave before, at this version, is served from the cache: a
-        # digest alone is no capability (another origin may know one of a private model).
-        known = cache.version_digest(request.uri, located.version) if located.version else None
-        usable = known is not None and (
-            known == want if not located.strong_version else want is None or known == want
-        )
-        if usable and known is not None and (hit := cache.lookup(known)) is not None:
-            fetched = _within(hit, request, policy)
-        else:
-            deadline = (
-                time.monotonic() + policy.download_deadline_seconds if located.timed else None
+    try:
+        if located.size is not None and located.size > limit:
+            raise SourceError(
+                f"{request.uri}: the model is {located.size} bytes, over "
+                + request.byte_limit_text(policy)
             )
-            with located.open() as read:
-                fetched = cache.store(
-                    read,
-                    want,
-                    request.uri,
-                    limit,
-                    deadline,
-                    f"{policy.download_deadline_seconds:g} s",
-                    request.byte_limit_text(policy),
+        if request.sha256 and located.digest and located.digest != request.sha256:
+            raise SourceError(
+                f"{request.uri}: sha256 is {located.digest}, but the manifest says {request.sha256}"
+            )
+        want = request.sha256 or located.digest
+        key = want or "uri:" + hashlib.sha256(request.uri.encode()).hexdigest()
+        with cache.fetching(key):
+            # Only a digest this source gave before, at this version, is served from the cache: a
+            # digest alone is no capability (another origin may know one of a private model).
+            known = cache.version_digest(request.uri, located.version) if located.version else None
+            usable = known is not None and (
+                known == want if not located.strong_version else want is None or known == want
+            )
+            if usable and known is not None and (hit := cache.lookup(known)) is not None:
+                fetched = _within(hit, request, policy)
+            else:
+                deadline = (
+                    time.monotonic() + policy.download_deadline_seconds if located.timed else None
                 )
-            if located.version:
-                cache.remember_version(request.uri, located.version, fetched.sha256)
+                with located.open() as read:
+                    fetched = cache.store(
+                        read,
+                        want,
+                        request.uri,
+                        limit,
+                        deadline,
+                        f"{policy.download_deadline_seconds:g} s",
+                        request.byte_limit_text(policy),
+                    )
+                if located.version:
+                    cache.remember_version(request.uri, located.version, fetched.sha256)
+    finally:
+        located.close()
     return dataclasses.replace(fetched, resolved=located.resolved)
 
 

@@ -20,16 +20,16 @@ FORBIDDEN_TREES = (Path("/dev"), Path("/proc"), Path("/sys"))
 
 def locate(uri: str, base_dir: str | None, policy: SourcePolicy) -> Located:
     path = local_path(uri, Path(base_dir) if base_dir else None, policy.roots)
-    with open_regular(path) as stream:  # it exists, and is a regular file, now
-        st = os.fstat(stream.fileno())
+    stack = contextlib.ExitStack()
+    stream = stack.enter_context(open_regular(path))  # the bytes come from this very file
+    st = os.fstat(stream.fileno())
     version = f"file|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
     @contextlib.contextmanager
     def open_file() -> Iterator[Reader]:
-        with open_regular(path) as stream:
-            yield stream.read
+        yield stream.read
 
-    return Located(open_file, version=version)
+    return Located(open_file, size=st.st_size, version=version, close=stack.close)
 
 
 def local_path(uri: str, base_dir: Path | None, roots: tuple[Path, ...]) -> Path:

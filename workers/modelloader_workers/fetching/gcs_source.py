@@ -107,5 +107,6 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
                 f"{uri}: the download failed: {first_line(scrub(str(error), credentials))}"
             ) from None
 
-    version = f"{endpoint or 'google'}|{blob.generation}|{blob.size}"
+    # Without a generation the store gives no version to trust: no cached copy by version.
+    version = f"{endpoint or 'google'}|{blob.generation}|{blob.size}" if blob.generation else ""
     return Located(read, size=int(blob.size or 0) or None, timed=True, version=version)

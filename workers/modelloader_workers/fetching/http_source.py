@@ -30,23 +30,35 @@ class BlockedAddress(OSError):
 
 
 def locate(uri: str, policy: SourcePolicy) -> Located:
+    """The answer's head is had here: a cached copy goes only to a URL that answers now."""
     guard = AddressGuard(policy.allow_hosts)
     guard.check_url(uri)
+    stack = contextlib.ExitStack()
+    response = stack.enter_context(guarded_get(uri, guard, policy.http_timeout_seconds))
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+        stack.close()
+        raise SourceError(
+            f"{uri}: the model is {length} bytes, over the limit of {policy.max_bytes} bytes"
+        )
 
     @contextlib.contextmanager
     def download() -> Iterator[Reader]:
-        with guarded_get(uri, guard, policy.http_timeout_seconds) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-                raise SourceError(
-                    f"{uri}: the model is {length} bytes, over the limit of "
-                    f"{policy.max_bytes} bytes"
-                )
+        try:
             # read1: whatever has arrived, so a slow drip meets the deadline chunk by chunk
             yield response.read1
+        except (OSError, http.client.HTTPException) as error:
+            raise SourceError(f"{uri}: download failed: {error}") from None
 
     # The URL alone: a pinned request may have what this URL once gave, nothing else.
-    return Located(download, timed=True, version="url", strong_version=False)
+    return Located(
+        download,
+        size=int(length) if length is not None and length.isdigit() else None,
+        timed=True,
+        version="url",
+        strong_version=False,
+        close=stack.close,
+    )
 
 
 @contextlib.contextmanager

@@ -24,3 +24,5 @@ class Located:
     # URL: the same URL may serve other bytes now) serves only a request pinned to the digest
     # the URL once gave.
     strong_version: bool = True
+    # Ends what locating began (an answer not read, a file kept open): called in any case.
+    close: Callable[[], None] = lambda: None

@@ -114,13 +114,13 @@ class NodeCache:
             if want is not None and got != want:
                 raise SourceError(f"{label}: sha256 is {got}, but the manifest says {want}")
             final = self.path(got)
-            if final.exists():
+            os.chmod(tmp_name, 0o444)
+            try:
+                os.link(tmp_name, final)  # atomic, and never over an existing file
+            except FileExistsError:
                 # The same bytes are here already, perhaps held by a worker: keep that file
                 # (replacing it would leave the holder on an unlinked copy nobody can evict).
                 os.utime(final)
-            else:
-                os.chmod(tmp_name, 0o444)
-                os.replace(tmp_name, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)

@@ -76,12 +76,24 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
         options["skip_signature"] = True
     try:
         store = S3Store(bucket, **options)
-        result = obstore.get(store, key)
-    except Exception as error:  # obstore's errors: one per HTTP outcome
-        raise SourceError(f"{uri}: {_reason(error, bucket, key, credentials)}") from None
+        # The head only: a cached copy needs no body; a failed head is asked again as a GET,
+        # whose answer says which of bucket and key is missing.
+        meta = obstore.head(store, key)
+    except Exception:  # obstore's errors: one per HTTP outcome
+        try:
+            obstore.get(store, key)
+        except Exception as error:
+            raise SourceError(f"{uri}: {_reason(error, bucket, key, credentials)}") from None
+        raise SourceError(f"{uri}: the store answered the object's head with an error") from None
+    e_tag = meta.get("e_tag")
 
     @contextlib.contextmanager
     def read() -> Iterator[Reader]:
+        try:
+            # The version the head saw, or an error: the digest recorded is this version's.
+            result = obstore.get(store, key, options={"if_match": e_tag} if e_tag else None)
+        except Exception as error:
+            raise SourceError(f"{uri}: {_reason(error, bucket, key, credentials)}") from None
         chunks = iter(result.stream(min_chunk_size=CHUNK))
 
         def next_chunk(_: int) -> bytes:
@@ -96,9 +108,11 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
 
         yield next_chunk
 
-    meta = result.meta
+    # Without an ETag the store gives no version to trust: no cached copy by version.
     version = (
-        f"{endpoint or 'aws'}|{region}|{meta.get('e_tag')}|{meta.get('version')}|{meta['size']}"
+        f"{endpoint or 'aws'}|{region}|{e_tag}|{meta.get('version')}|{meta['size']}"
+        if e_tag
+        else ""
     )
     return Located(read, size=int(meta["size"]), timed=True, version=version)
 
@@ -116,6 +130,8 @@ def _reason(error: Exception, bucket: str, key: str, credentials: Mapping[str, s
                 f"the store refused the credentials ({code}): check spec.source."
                 "credentialsSecret's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
+    if name == "PreconditionError":
+        return "the object changed while it was being fetched; try again"
     if name in ("PermissionDeniedError", "UnauthenticatedError"):
         return "the store refused the credentials: check spec.source.credentialsSecret"
     return f"cannot get the object: {first_line(text)}"
