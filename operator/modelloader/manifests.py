@@ -73,7 +73,7 @@ class ManifestReader:
     """Reads the given paths on each call, remembering each file's last good documents. Files
     are parsed again only when they change (by inode, size and times): the loop asks every
     half second, and parsing YAML holds the interpreter's lock, which the gateway in the same
-    process needs (the figure: bench/RESULTS.md, "Figures behind the code")."""
+    process needs (the figure: bench/RESULTS.md, "What changed, and what each change bought")."""
 
     paths: Sequence[Path]
     default_namespace: str = "default"

@@ -74,7 +74,8 @@ def start_local_ray(num_cpus: int | None) -> str:
     started = time.perf_counter()
     temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
     # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
-    # shares the cores with the gateway (bench/RESULTS.md, "Figures behind the code").
+    # shares the cores with the gateway (bench/RESULTS.md, "What changed, and what each
+    # change bought").
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",

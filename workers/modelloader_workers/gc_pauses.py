@@ -2,9 +2,9 @@
 
 A full collection walks every object the process holds, and a process that holds Ray's
 driver, kopf and the control plane holds many: the gateway answers nobody meanwhile
-(bench/RESULTS.md, "Figures behind the code"). Python runs a full collection rarely (when the
-objects that survived since the last one reach a quarter of the rest), so it shows at the
-99th percentile and beyond, not at the median.
+(bench/RESULTS.md, "What changed, and what each change bought"). Python runs a full
+collection rarely (when the objects that survived since the last one reach a quarter of the
+rest), so it shows at the 99th percentile and beyond, not at the median.
 """
 
 from __future__ import annotations

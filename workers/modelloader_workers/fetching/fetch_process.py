@@ -6,7 +6,7 @@ into a process that parses models (the credentials only pass through the worker,
 origin, as the load's argument), every connection they make passes the address guard
 (`egress_proxy`), and a fetch that hangs or crashes takes nothing else with it. `file://` and
 `http(s)://` sources carry no credentials and need nothing but the standard library: they are
-fetched in the worker, sparing an interpreter's start (about 0.17 s) per model.
+fetched in the worker, sparing an interpreter's start per model (bench/RESULTS.md).
 
 `python -m modelloader_workers.fetching.fetch_process` is the child's side.
 """
