@@ -1,8 +1,8 @@
 """The one adapter to LiteRT: load a .tflite file, describe it, run it.
 
 CPU inference goes through the classic `Interpreter`, which applies XNNPACK by default and takes
-an explicit thread count: about twice as fast here as `CompiledModel` with default options
-(bench/RESULTS.md, "Figures behind the code").
+an explicit thread count: faster here than `CompiledModel` (bench/RESULTS.md, "What changed,
+and what each change bought"), which the CPU uses only for fp16.
 """
 
 from __future__ import annotations
