@@ -414,6 +414,25 @@ def test_each_ray_pod_has_its_own_model_cache_and_nothing_is_shared(
         assert env["MODELLOADER_CACHE_DIR"] == cache_dir
 
 
+def test_ray_probes_look_where_each_group_keeps_ray(chart: helm.Chart) -> None:
+    """Ray's temp-dir: a group's own, else the head's (worker nodes take the head's)."""
+    kuberay = {
+        "head": {"rayStartParams": {"temp-dir": "/data/ray"}},
+        "workerGroups": {"gpu": {"enabled": True, "rayStartParams": {"temp-dir": "/scratch/ray"}}},
+    }
+    probes = {
+        name: pod["containers"][0]["readinessProbe"]["exec"]["command"]
+        for name, pod in pod_specs(render(chart, {"ray": {"kuberay": kuberay}})).items()
+        if "/" in name
+    }
+    assert probes[f"{RELEASE}-modelloader-ray/head"][-2:] == ["--port=6379", "--temp-dir=/data/ray"]
+    assert probes[f"{RELEASE}-modelloader-ray/cpu"][-1] == "--temp-dir=/data/ray"
+    assert probes[f"{RELEASE}-modelloader-ray/gpu"][-1] == "--temp-dir=/scratch/ray"
+    default = pod_specs(render(chart, {}))[f"{RELEASE}-modelloader-ray/cpu"]
+    command = default["containers"][0]["livenessProbe"]["exec"]["command"]
+    assert command == ["python", "-m", "modelloader_workers.node_probe", "raylet"]
+
+
 def test_the_cli_accepts_the_arguments_the_chart_passes(chart: helm.Chart) -> None:
     objects = render(
         chart,

@@ -150,3 +150,27 @@ def test_a_cached_digest_is_no_way_round_the_source_checks(tmp_path: Path) -> No
     assert not again.transferred
     with pytest.raises(SourceError, match="outside the allowed model roots"):
         fetch(SourceRequest("file:///etc/hostname", digest), policy)
+
+
+class _Truncating(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 500)  # and the connection closes
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_download_cut_short_is_refused_not_cached(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        policy = SourcePolicy(roots=(), cache_dir=tmp_path, allow_hosts=("127.0.0.1",))
+        url = f"http://127.0.0.1:{server.server_address[1]}/m.tflite"
+        with pytest.raises(SourceError, match="ended after 500 of 1000 bytes"):
+            fetch(SourceRequest(url), policy)
+        assert list((tmp_path / "sha256").iterdir()) == []
+    finally:
+        server.shutdown()

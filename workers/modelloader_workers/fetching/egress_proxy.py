@@ -73,7 +73,7 @@ class EgressProxy:
                 self.unreachable.append(f"{where or 'the store'}: {reason}")
                 _answer(client, b"502 Bad Gateway")
                 return
-            with contextlib.closing(upstream):
+            with contextlib.closing(upstream), contextlib.suppress(OSError, ValueError):
                 if method == "CONNECT":
                     client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     if extra:

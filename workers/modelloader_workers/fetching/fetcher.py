@@ -12,7 +12,7 @@ import time
 import urllib.parse
 
 from modelloader_workers.fetching import file_source, http_source
-from modelloader_workers.fetching.located import Located
+from modelloader_workers.fetching.located import Located, Reader
 from modelloader_workers.fetching.node_cache import NodeCache
 from modelloader_workers.fetching.request import (
     FetchedModel,
@@ -55,7 +55,7 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
                 )
                 with located.open() as read:
                     fetched = cache.store(
-                        read,
+                        _complete(read, located.size, request.uri),
                         want,
                         request.uri,
                         limit,
@@ -93,6 +93,22 @@ def locate(request: SourceRequest, policy: SourcePolicy) -> Located:
     raise SourceError(
         f"unsupported source {uri!r}: use file://, http(s)://, s3://, gs:// or oci://"
     )
+
+
+def _complete(read: Reader, expected: int | None, uri: str) -> Reader:
+    """The stream, refused when it ends before the size its source announced (a connection
+    closed early ends an http body without an error)."""
+    got = 0
+
+    def reader(size: int) -> bytes:
+        nonlocal got
+        chunk = read(size)
+        got += len(chunk)
+        if not chunk and expected is not None and got < expected:
+            raise SourceError(f"{uri}: the download ended after {got} of {expected} bytes")
+        return chunk
+
+    return reader
 
 
 def _within(hit: FetchedModel, request: SourceRequest, policy: SourcePolicy) -> FetchedModel:

@@ -76,6 +76,9 @@ def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Lo
         options["skip_signature"] = True
     try:
         store = S3Store(bucket, **options)
+    except Exception as error:  # a setting obstore refuses (an endpoint it cannot parse)
+        raise SourceError(f"{uri}: {_reason(error, bucket, key, credentials)}") from None
+    try:
         # The head only: a cached copy needs no body; a failed head is asked again as a GET,
         # whose answer says which of bucket and key is missing.
         meta = obstore.head(store, key)
