@@ -10,6 +10,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -69,6 +70,38 @@ def test_every_example_is_valid(name: str) -> None:
     if doc["kind"] == "LoadedModel":
         parsed = resource.parse_loaded_model(doc)  # and the operator's parser agrees
         assert parsed.spec.origin == doc["spec"]["origin"] == doc["metadata"]["namespace"]
+
+
+OBJECT_STORES = REPO / "examples" / "04-object-stores"
+
+
+def object_store_docs() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(OBJECT_STORES.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def test_object_store_examples_are_valid_and_name_secrets_of_their_namespace() -> None:
+    docs = object_store_docs()
+    secrets = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] == "Secret"
+    }
+    models = [d for d in docs if d["kind"] == "LoadedModel"]
+    assert {urlsplit(m["spec"]["source"]["uri"]).scheme for m in models} == {"s3", "oci"}
+    for doc in docs:
+        if doc["kind"] in VALIDATORS:
+            assert errors(doc) == []
+        else:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for model in models:
+        parsed = resource.parse_loaded_model(model)
+        key = (model["metadata"]["namespace"], parsed.spec.source.credentials_secret)
+        assert key in secrets, key
 
 
 def test_the_token_secret_is_what_the_operator_looks_for() -> None:
