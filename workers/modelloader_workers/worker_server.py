@@ -240,6 +240,10 @@ class WorkerServer:
 
     def _drop(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
         selector.unregister(conn)
+        self._forget(selector, conn)
+
+    def _forget(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        """Close a connection the selector no longer watches; take new ones again if full."""
         self._readers.pop(conn, None)
         conn.close()
         if len(self._readers) == MAX_CONNECTIONS - 1 and not self._closed:
@@ -294,10 +298,7 @@ class WorkerServer:
                     conn, body, buffers, time.perf_counter() - started, invoke_seconds, count
                 )
             except OSError:
-                self._readers.pop(conn, None)
-                conn.close()
-                if len(self._readers) == MAX_CONNECTIONS - 1 and not self._closed:
-                    selector.register(self._listener, selectors.EVENT_READ)
+                self._forget(selector, conn)  # held for the batch: not in the selector
                 continue
             if not self._closed:
                 selector.register(conn, selectors.EVENT_READ)
