@@ -18,8 +18,10 @@ import os
 import resource
 import subprocess
 import sys
+import urllib.parse
 from typing import Any
 
+from modelloader_workers.fetching.located import PROXY_ENV
 from modelloader_workers.fetching.request import (
     FetchedModel,
     SourceError,
@@ -32,8 +34,6 @@ from modelloader_workers.fetching.scrub import first_line, scrub
 GRACE_SECONDS = 60.0
 # What the child keeps of the worker's environment: where programs and certificates are.
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "HOME")
-# Where the storage clients find the guarded way out (set in the fetch process only).
-PROXY_ENV = "MODELLOADER_EGRESS_PROXY"
 
 
 IN_PROCESS_SCHEMES = ("file", "http", "https")
@@ -41,7 +41,8 @@ IN_PROCESS_SCHEMES = ("file", "http", "https")
 
 def fetch_on_node(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     """Fetched here (file, http(s)) or in a fetch process (object stores)."""
-    if request.uri.split("://", 1)[0] in IN_PROCESS_SCHEMES and not request.credentials:
+    scheme = urllib.parse.urlsplit(request.uri).scheme  # as fetcher.locate routes it
+    if scheme in IN_PROCESS_SCHEMES and not request.credentials:
         from modelloader_workers.fetching.fetcher import fetch
 
         return fetch(request, policy)

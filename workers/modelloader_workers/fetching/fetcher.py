@@ -21,8 +21,6 @@ from modelloader_workers.fetching.request import (
     SourceRequest,
 )
 
-SCHEMES = ("file", "http", "https", "s3", "gs", "oci")
-
 
 def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
     cache = NodeCache(policy.cache_dir, policy.cache_max_bytes)
@@ -45,7 +43,7 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
             # digest alone is no capability (another origin may know one of a private model).
             known = cache.version_digest(request.uri, located.version) if located.version else None
             usable = known is not None and (
-                known == want if not located.strong_version else want is None or known == want
+                known == want or (located.strong_version and want is None)
             )
             if usable and known is not None and (hit := cache.lookup(known)) is not None:
                 fetched = _within(hit, request, policy)

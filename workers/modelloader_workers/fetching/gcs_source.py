@@ -20,13 +20,13 @@ from typing import Any
 
 from modelloader_workers.fetching.http_source import check_endpoint
 from modelloader_workers.fetching.located import Located, Reader
+from modelloader_workers.fetching.node_cache import CHUNK
 from modelloader_workers.fetching.request import SourceError, SourcePolicy
 from modelloader_workers.fetching.scrub import first_line, scrub
 
 KEY_NAMES = ("gcloud-application-credentials.json", "key.json")
 TOKEN_URIS = ("https://oauth2.googleapis.com/token", "https://accounts.google.com/o/oauth2/token")
 READ_ONLY = "https://www.googleapis.com/auth/devstorage.read_only"
-CHUNK = 1 << 20
 
 
 def locate(uri: str, credentials: Mapping[str, str], policy: SourcePolicy) -> Located:

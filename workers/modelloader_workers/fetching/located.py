@@ -7,6 +7,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 Reader = Callable[[int], bytes]
+# Where the storage clients find the guarded way out (set in the fetch process only).
+PROXY_ENV = "MODELLOADER_EGRESS_PROXY"
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ class _Session:
         self._login = login
         self._timeout = policy.http_timeout_seconds
         self._guard = AddressGuard(policy.allow_hosts)
+        self._opener = opener(self._guard)  # once: every request goes through the guard
         self._authorization: str | None = None
 
     def manifest(self, repo: str, reference: str) -> tuple[bytes, str]:
@@ -186,7 +187,7 @@ class _Session:
                 sent["Authorization"] = self._authorization
             request = urllib.request.Request(url, headers={"User-Agent": "modelloader", **sent})
             try:
-                response = opener(self._guard).open(request, timeout=self._timeout)
+                response = self._opener.open(request, timeout=self._timeout)
             except urllib.error.HTTPError as error:
                 challenge = error.headers.get("WWW-Authenticate", "")
                 error.close()

@@ -18,12 +18,11 @@ from datetime import timedelta
 from typing import Any
 
 from modelloader_workers.fetching.http_source import check_endpoint
-from modelloader_workers.fetching.located import Located, Reader
+from modelloader_workers.fetching.located import PROXY_ENV, Located, Reader
+from modelloader_workers.fetching.node_cache import CHUNK
 from modelloader_workers.fetching.request import SourceError, SourcePolicy
 from modelloader_workers.fetching.scrub import first_line, scrub
 
-CHUNK = 1 << 20
-PROXY_ENV = "MODELLOADER_EGRESS_PROXY"  # fetch_process sets it
 _REGION = re.compile(r"^[a-z0-9-]{1,32}$")
 
 
