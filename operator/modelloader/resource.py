@@ -28,6 +28,7 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
 MAX_THREADS = 64
 MAX_REPLICAS = 100
 MAX_BATCH_SIZE = 1024
+MAX_PREFERRED_BATCH_SIZES = 16
 MAX_QUEUE_DELAY_MICROSECONDS = 1_000_000  # a second: past that a queue is not a batcher's
 
 # Kubernetes object names (DNS-1123 subdomain) and origins (DNS-1123 label).
@@ -254,6 +255,10 @@ def _batching(raw: Mapping[str, Any]) -> Batching:
         )
     if len(set(preferred)) != len(preferred):
         raise ManifestError(f"{where}.preferredBatchSizes: a size is listed twice")
+    if len(preferred) > MAX_PREFERRED_BATCH_SIZES:  # the CRD's maxItems
+        raise ManifestError(
+            f"{where}.preferredBatchSizes: at most {MAX_PREFERRED_BATCH_SIZES} sizes"
+        )
     return Batching(size, delay, tuple(sorted(preferred)))
 
 

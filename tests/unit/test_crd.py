@@ -151,6 +151,7 @@ def test_a_fixed_count_or_autoscaling_parse_and_leave_the_fingerprint_alone() ->
         ({"maxBatchSize": 8, "preferredBatchSizes": [16]}, "preferredBatchSizes"),
         ({"maxBatchSize": 8, "preferredBatchSizes": [4, 4]}, "preferredBatchSizes"),
         ({"maxBatchSize": 8, "preferredBatchSizes": 4}, "preferredBatchSizes"),
+        ({"maxBatchSize": 32, "preferredBatchSizes": list(range(1, 18))}, "preferredBatchSizes"),
         ({"maxBatchSize": 8, "delay": 5}, "spec.batching"),
     ],
 )
