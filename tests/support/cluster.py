@@ -5,9 +5,12 @@ configured the standard way: KUBECONFIG)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -109,17 +112,54 @@ class OperatorThread(threading.Thread):
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
         try:
-            asyncio.run(run_operator(self.config, self.stop_flag, self.ready_flag))  # type: ignore[arg-type]
+            with asyncio.Runner() as runner:
+                self.loop = runner.get_loop()
+                runner.run(run_operator(self.config, self.stop_flag, self.ready_flag))  # type: ignore[arg-type]
         except BaseException as error:  # surfaced by the test
             self.error = error
 
     def stop(self) -> None:
         self.stop_flag.set()
         self.join(30)
-        assert not self.is_alive(), "the operator did not stop"
+        if not self.is_alive():
+            return
+        # Say where it hangs, then cancel what it still runs, so that a stuck operator's
+        # control loop cannot go on removing the workers of the tests after this one.
+        report = self._where()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(_cancel_everything, self.loop)
+        self.join(15)
+        raise AssertionError(f"the operator did not stop within 30 s:\n{report}")
+
+    def _where(self) -> str:
+        lines = []
+        frames = sys._current_frames()
+        for thread in threading.enumerate():
+            frame = frames.get(thread.ident or -1)
+            if frame is not None and thread is not threading.current_thread():
+                stack = "".join(traceback.format_stack(frame, limit=12))
+                lines.append(f"--- thread {thread.name}\n{stack}")
+        if self.loop is not None:
+            for _ in range(3):  # the set may change under us: the loop runs in its thread
+                try:
+                    tasks = list(asyncio.all_tasks(self.loop))
+                    break
+                except RuntimeError:
+                    tasks = []
+            for task in tasks:
+                out = io.StringIO()
+                task.print_stack(limit=8, file=out)
+                lines.append(f"--- task {task.get_name()}\n{out.getvalue()}")
+        return "\n".join(lines)
+
+
+def _cancel_everything(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
