@@ -195,7 +195,8 @@ class LoadedModelOperator:
         self._metrics_runner: web.AppRunner | None = None
         self._register()
 
-    # kopf wiring: thin handlers
+    # kopf wiring: thin handlers. All async: they run on the control loop's event loop, whose
+    # wake-up Event is not thread-safe, and kopf would run sync ones in its thread pool.
 
     def _register(self) -> None:
         resource = (API_GROUP, API_VERSION, PLURAL)
@@ -238,7 +239,7 @@ class LoadedModelOperator:
         cache = self.cache
 
         @on.event(*resource, registry=self.registry)
-        def watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        async def watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
             key = _key(body)
             if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
                 cache.bodies.pop(key, None)
@@ -247,7 +248,7 @@ class LoadedModelOperator:
             self._wake()
 
         @on.event(API_GROUP, API_VERSION, POLICY_PLURAL, registry=self.registry)
-        def policy_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        async def policy_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
             if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
                 cache.origin_policies.pop(str(body.metadata.name), None)
             else:
@@ -262,7 +263,7 @@ class LoadedModelOperator:
             return ORIGIN_LABEL in body.metadata.labels or _key(body) in cache.token_secrets
 
         @on.event("", "v1", "secrets", when=token_related, registry=self.registry)
-        def secret_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        async def secret_watched(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
             # Only the token's digest is kept: the operator never holds tokens.
             key = _key(body)
             gone = event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp")
@@ -276,7 +277,7 @@ class LoadedModelOperator:
         if self.config.webhook_port:
 
             @on.validate(*resource, id=WEBHOOK_ID, registry=self.registry)
-            def admit_loaded_model(body: kopf.Body, **_: Any) -> None:
+            async def admit_loaded_model(body: kopf.Body, **_: Any) -> None:
                 """Fail `kubectl apply` fast on what reconciling would fail; the reconcile loop
                 stays the authority (quotas are not checked here: over-quota models wait)."""
                 meta = body.get("metadata", {})
@@ -291,7 +292,7 @@ class LoadedModelOperator:
                     raise kopf.AdmissionError(unbound_message(origin, namespace), code=403)
 
         @on.delete(*resource, registry=self.registry)
-        def deleted(body: kopf.Body, **_: Any) -> None:
+        async def deleted(body: kopf.Body, **_: Any) -> None:
             key = _key(body)
             cache.bodies.pop(key, None)
             self._wake()
