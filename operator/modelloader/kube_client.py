@@ -8,7 +8,6 @@ with a merge patch, using the credentials kopf logged in with.
 
 from __future__ import annotations
 
-import base64
 import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -18,13 +17,10 @@ import aiohttp
 import kopf
 
 from modelloader import API_GROUP, API_VERSION
+from modelloader.secret_data import secret_values
 
 PLURAL = "loadedmodels"
 POLICY_PLURAL = "originpolicies"
-
-
-class SecretNotText(ValueError):
-    """A Secret key whose value is not UTF-8 text (credentials are read as text)."""
 
 
 class KubeClient:
@@ -95,13 +91,8 @@ class KubeClient:
                 return None
             response.raise_for_status()
             body = await response.json()
-        data: dict[str, str] = {}
-        for key, value in (body.get("data") or {}).items():
-            try:
-                data[key] = base64.b64decode(value).decode()
-            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-                raise SecretNotText(f"Secret {namespace}/{name}: key {key!r} is not text") from None
-        return data | {k: str(v) for k, v in (body.get("stringData") or {}).items()}
+        body.setdefault("metadata", {}).update(namespace=namespace, name=name)
+        return secret_values(body)
 
     async def close(self) -> None:
         await self._session.close()

@@ -7,7 +7,6 @@ documents: a typo must not unload models that are serving.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from modelloader import policy as policy_kind
 from modelloader.policy import OriginPolicy, parse_origin_policy
 from modelloader.resource import KIND, LoadedModel, ManifestError, parse_loaded_model
+from modelloader.secret_data import SecretNotText, secret_values
 from modelloader.tenancy import TokenSecret, is_token_secret, parse_token_secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -161,17 +161,10 @@ def parse_secret_data(
         if not isinstance(doc, Mapping) or doc.get("kind") != "Secret":
             continue
         namespace, name = _identity(doc, default_namespace)
-        data: dict[str, str] = {}
         try:
-            for key, value in (doc.get("data") or {}).items():
-                data[str(key)] = base64.b64decode(str(value), validate=True).decode()
-            for key, value in (doc.get("stringData") or {}).items():
-                data[str(key)] = str(value)
-        except (ValueError, AttributeError):
-            # The message names the key, never the value.
-            problems.append(
-                f"{path}#{index + 1}: Secret {namespace}/{name}: data must map keys to base64 text"
-            )
+            data = secret_values({**doc, "metadata": {"namespace": namespace, "name": name}})
+        except SecretNotText as error:
+            problems.append(f"{path}#{index + 1}: {error}")
             continue
         found[(namespace, name)] = data
     return found, problems

@@ -31,12 +31,13 @@ from prometheus_client import CollectorRegistry
 from modelloader import API_GROUP, API_VERSION
 from modelloader.control_loop import ControlLoop, Desired, LoopSettings, Outcome
 from modelloader.control_metrics import ControlMetrics
-from modelloader.kube_client import PLURAL, POLICY_PLURAL, KubeClient, SecretNotText
+from modelloader.kube_client import PLURAL, POLICY_PLURAL, KubeClient
 from modelloader.manifests import Rejected
 from modelloader.planner import unbound_message
 from modelloader.policy import OriginPolicy, Policies, parse_origin_policy, policies
 from modelloader.ray_workers import RayWorkers, WorkerHandle, connect_ray
 from modelloader.resource import LoadedModel, ManifestError, parse_loaded_model
+from modelloader.secret_data import SecretNotText
 from modelloader.sources import ModelSources, SourceError, SourcePolicy
 from modelloader.status import render_origins
 from modelloader.tenancy import (
