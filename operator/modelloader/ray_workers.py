@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,11 @@ class RayWorkers:
             taken, actor = warm
         else:
             taken = ""
-            actor = self._remote.options(**options).remote()
+            # Off the event loop: a named actor's creation waits on the GCS (its name is
+            # looked up, then registered), and a GCS slow to answer, as one just started on
+            # a busy machine, must not stall the gateway served from this loop.
+            # (An origin's shared process may serve its other models: never killed here.)
+            actor = await _create(self._remote.options(**options).remote, own=not process)
             if not self._detached:
                 self._owned.setdefault(options["name"], actor)
         handle = WorkerHandle(
@@ -434,6 +438,24 @@ class RayWorkers:
             with contextlib.suppress(FileNotFoundError):
                 handle.socket_path.unlink()
         return remaining
+
+
+async def _create(create: Callable[[], Any], own: bool) -> Any:
+    """An actor created in a thread. If the start is cancelled meanwhile, an actor of its `own`
+    is killed as soon as it exists, so that it is not left running unrecorded."""
+    creating = asyncio.ensure_future(asyncio.to_thread(create))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        if own:
+            creating.add_done_callback(_kill_created)
+        raise
+
+
+def _kill_created(creating: asyncio.Future[Any]) -> None:
+    if not creating.cancelled() and creating.exception() is None:
+        with contextlib.suppress(Exception):
+            ray.kill(creating.result(), no_restart=True)
 
 
 def _resolved(ref: Any) -> str | None:
