@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint unit integration e2e bench models clean
+.PHONY: demo test lint unit integration cluster e2e bench models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/01-digits/demo.py
 
-test: lint unit integration e2e
+test: lint unit integration cluster e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator workers tests tools bench examples
@@ -31,6 +31,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The chart's pods, each in a network namespace of its own (needs root and iproute2).
+cluster: $(STAMP)
+	$(BIN)/python -m pytest -q tests/cluster
 
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
