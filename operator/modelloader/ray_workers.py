@@ -19,8 +19,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,7 @@ class RayWorkers:
         # not count), so the adapter keeps the handles it made: a control loop restarted in
         # the same process then finds its workers alive.
         self._owned: dict[str, Any] = {}
+        self._creating: dict[str, _Turn] = {}  # actor name -> creations of it, in turn
         # The warm pool: idle processes that have imported everything a worker needs, so
         # apply -> Ready does not wait for a process to start. Each serves one model of one
         # origin and dies with it; it is never given to anyone else. Which models may take one
@@ -232,6 +233,43 @@ class RayWorkers:
                 return name, actor
         return None
 
+    async def _create(self, options: dict[str, Any], shared: bool) -> Any:
+        """Create (or, by its name, find) an actor, off the event loop: a named actor's
+        creation waits on the GCS (the name looked up, then registered), and a GCS slow to
+        answer, as one just started on a busy machine, must not stall the gateway served from
+        this loop. Atomic, as it was on the loop: a start cancelled meanwhile finishes the
+        creation, then kills what it made (an origin's shared process, which may serve its
+        other models, is kept), and creations of one name take turns, so a later start never
+        finds the actor an earlier, cancelled one is about to kill."""
+        name = options["name"]
+        turn = self._creating.setdefault(name, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                creating = asyncio.ensure_future(
+                    asyncio.to_thread(self._remote.options(**options).remote)
+                )
+                try:
+                    actor = await asyncio.shield(creating)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        made = await creating
+                        if shared:
+                            self._keep(name, made)
+                        else:
+                            ray.kill(made, no_restart=True)
+                    raise
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._creating[name]
+        self._keep(name, actor)
+        return actor
+
+    def _keep(self, name: str, actor: Any) -> None:
+        if not self._detached:  # a handle must stay alive, or Ray ends the actor
+            self._owned.setdefault(name, actor)
+
     async def start(
         self,
         identity: WorkerIdentity,
@@ -280,13 +318,7 @@ class RayWorkers:
             taken, actor = warm
         else:
             taken = ""
-            # Off the event loop: a named actor's creation waits on the GCS (its name is
-            # looked up, then registered), and a GCS slow to answer, as one just started on
-            # a busy machine, must not stall the gateway served from this loop.
-            # (An origin's shared process may serve its other models: never killed here.)
-            actor = await _create(self._remote.options(**options).remote, own=not process)
-            if not self._detached:
-                self._owned.setdefault(options["name"], actor)
+            actor = await self._create(options, shared=bool(process))
         handle = WorkerHandle(
             worker_id, namespace, actor, self._socket_path(worker_id), process, taken
         )
@@ -440,22 +472,10 @@ class RayWorkers:
         return remaining
 
 
-async def _create(create: Callable[[], Any], own: bool) -> Any:
-    """An actor created in a thread. If the start is cancelled meanwhile, an actor of its `own`
-    is killed as soon as it exists, so that it is not left running unrecorded."""
-    creating = asyncio.ensure_future(asyncio.to_thread(create))
-    try:
-        return await asyncio.shield(creating)
-    except asyncio.CancelledError:
-        if own:
-            creating.add_done_callback(_kill_created)
-        raise
-
-
-def _kill_created(creating: asyncio.Future[Any]) -> None:
-    if not creating.cancelled() and creating.exception() is None:
-        with contextlib.suppress(Exception):
-            ray.kill(creating.result(), no_restart=True)
+@dataclass
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def _resolved(ref: Any) -> str | None:
