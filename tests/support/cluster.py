@@ -5,6 +5,7 @@ configured the standard way: KUBECONFIG)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import sys
@@ -128,10 +129,15 @@ class OperatorThread(threading.Thread):
         if not self.is_alive():
             return
         # Say where it hangs, then cancel what it still runs, so that a stuck operator's
-        # control loop cannot go on removing the workers of the tests after this one.
-        report = self._where()
+        # control loop (unless blocked in a call that never returns) cannot go on removing
+        # the workers of the tests after this one.
+        try:
+            report = self._where()
+        except Exception as error:  # the loop runs on meanwhile: report what can be had
+            report = f"(no report: {error!r})"
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(_cancel_everything, self.loop)
+            with contextlib.suppress(RuntimeError):  # it closed since: nothing to cancel
+                self.loop.call_soon_threadsafe(_cancel_everything, self.loop)
         self.join(15)
         raise AssertionError(f"the operator did not stop within 30 s:\n{report}")
 
@@ -162,7 +168,11 @@ def _cancel_everything(loop: asyncio.AbstractEventLoop) -> None:
         task.cancel()
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout: float = 60, what: str | Callable[[], str] = ""
+) -> Any:
+    """`check()`'s first true value within `timeout` seconds. `what` names what is awaited
+    in the failure; a callable is asked then (e.g. for a log as it is at the end)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -170,4 +180,5 @@ def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "") ->
         if last:
             return last
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
+    named = what() if callable(what) else what
+    raise AssertionError(f"timed out waiting for {named or check}: last {last!r}")
