@@ -420,6 +420,9 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 str(request.headers.get("User-Agent", "")),
             )
         )
+        listed = self._resource_list(request.url.path) if request.method == "GET" else None
+        if listed is not None:
+            return aiohttp.web.json_response(listed)
         if request.resource is None:
             return await super()._handle(request)
 
@@ -449,6 +452,52 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             return await apps.RawHandler._handle(self, request)
         finally:
             self._results.pop(id(request), None)
+
+    def _resource_list(self, path: str) -> dict[str, Any] | None:
+        """A group version's APIResourceList as the API server writes it. KMock's names the
+        core group "/v1" (kubectl then finds no Namespace or Secret kind) and gives
+        subresources their resource's short names (kubectl warns that `lm` is ambiguous)."""
+        parts = path.strip("/").split("/")
+        if parts == ["api", "v1"]:
+            group_version = "v1"
+        elif len(parts) == 3 and parts[0] == "apis":
+            group_version = f"{parts[1]}/{parts[2]}"
+        else:
+            return None
+        listed: list[dict[str, Any]] = []
+        for resource in self._get_resources():
+            info, plural = self._resources[resource], resource.plural
+            group = f"{resource.group}/" if resource.group else ""
+            if f"{group}{resource.version}" != group_version or plural is None:
+                continue
+            listed.append(
+                {
+                    "name": plural,
+                    "singularName": info.singular,
+                    "namespaced": info.namespaced,
+                    "kind": info.kind,
+                    "verbs": sorted(str(v) for v in info.verbs),
+                    "shortNames": sorted(info.shortnames),
+                    "categories": sorted(info.categories),
+                }
+            )
+            for sub in sorted(info.subresources):
+                entry = {
+                    "name": f"{plural}/{sub}",
+                    "singularName": "",
+                    "namespaced": info.namespaced,
+                    "kind": info.kind,
+                    "verbs": ["get", "patch", "update"],
+                }
+                if sub == "scale":
+                    entry.update(group="autoscaling", version="v1", kind="Scale")
+                listed.append(entry)
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": listed,
+        }
 
     async def _serve_stashed(self, request: rendering.Request) -> Any:
         return self._results[id(request)]
