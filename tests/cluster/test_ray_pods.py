@@ -16,27 +16,22 @@ the test shows nothing answers there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import pytest
-import yaml
 
+from tests.support import chart_pods as chart
 from tests.support import pods
 from tests.support.cluster import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "modelloader"
-BIN = Path(sys.executable).parent
-NAMESPACE = "modelloader"
 KUBERAY_AGENT_PORT = 52365
 # Ready within: the chart's readiness probe allows 10 s + 10 failures 5 s apart.
 READY_SECONDS = 90
@@ -52,42 +47,6 @@ while True:
         last = alive
     time.sleep(0.1)
 """
-
-
-def rendered() -> dict[str, Any]:
-    """The RayCluster, as the chart renders it with its defaults."""
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render({}, name="ml", namespace=NAMESPACE, is_install=True)
-    for path, text in manifests.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc and doc.get("kind") == "RayCluster":
-                return dict(doc)
-    raise AssertionError("no RayCluster rendered")
-
-
-def head_service(cluster: dict[str, Any]) -> str:
-    return f"{cluster['metadata']['name']}-head-svc"
-
-
-def start_line(params: dict[str, str], head_address: str | None) -> str:
-    """`ray start` as KubeRay builds it from rayStartParams."""
-    flags = [f"--{key}={value}" for key, value in params.items()]
-    where = ["--head"] if head_address is None else [f"--address={head_address}"]
-    return " ".join(["ray", "start", *where, *flags, "--block"])
-
-
-def environment(container: dict[str, Any], temp: Path, token: str) -> dict[str, str]:
-    """The container's rendered environment; a Secret's value is the test's token."""
-    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": str(temp), "LANG": "C.UTF-8"}
-    for entry in container.get("env", []):
-        if "value" in entry:
-            env[entry["name"]] = str(entry["value"])
-        elif "secretKeyRef" in entry.get("valueFrom", {}):
-            env[entry["name"]] = token
-    env["HOME"] = str(temp)
-    return env
 
 
 def probe(pod: pods.Pod, container: dict[str, Any], kind: str) -> Any:
@@ -115,13 +74,18 @@ def network(tmp_path: Path) -> Iterator[pods.PodNetwork]:
 
 
 def alive_nodes(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    seen = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line still being written
+            seen.append(json.loads(line))
+    return [s for s in seen if isinstance(s, dict)]
 
 
+@pytest.mark.timeout(600)
 def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_dead(
     network: pods.PodNetwork, tmp_path: Path
 ) -> None:
-    cluster = rendered()
+    cluster = chart.one(chart.render({}), "RayCluster")
     spec = cluster["spec"]
     head_spec = spec["headGroupSpec"]
     (cpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu"]
@@ -136,22 +100,22 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
             "modelloader_workers.node_probe",
         ]
     gcs_port = int(head_spec["rayStartParams"].get("port", "6379"))
-    service = f"{head_service(cluster)}.{NAMESPACE}.svc.cluster.local"
+    service = chart.head_services(cluster)[2]
     token = secrets.token_hex(16)
     head = network.add("head")
     workers = [network.add(f"cpu-{i}") for i in range(cpu["replicas"])]
-    network.serve(service, "head")
-    network.serve(head_service(cluster), "head")
+    for name in chart.head_services(cluster):
+        network.serve(name, "head")
 
     network.start(
         head,
-        start_line(head_spec["rayStartParams"], None),
-        environment(head_container, network.shared_tmp, token),
+        chart.ray_start(head_spec["rayStartParams"], None),
+        chart.environment(head_container, network.shared_tmp, token, head.address),
     )
     wait_until(
         lambda: probe(head, head_container, "readinessProbe").returncode == 0,
         READY_SECONDS,
-        f"the head Ready\n{head.log.read_text()}",
+        lambda: f"the head Ready\n{head.log.read_text()}",
     )
     # Where KubeRay's injected probes would ask, nothing answers (plain `ray`; `make bench`
     # adds ray[serve], whose dependencies start the agent).
@@ -163,14 +127,14 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
     for worker in workers:
         network.start(
             worker,
-            start_line(cpu["rayStartParams"], f"{service}:{gcs_port}"),
-            environment(worker_container, network.shared_tmp, token),
+            chart.ray_start(cpu["rayStartParams"], f"{service}:{gcs_port}"),
+            chart.environment(worker_container, network.shared_tmp, token, worker.address),
         )
     for worker in workers:
         wait_until(
             lambda w=worker: probe(w, worker_container, "readinessProbe").returncode == 0,
             READY_SECONDS,
-            f"{worker.name} Ready\n{worker.log.read_text()}",
+            lambda w=worker: f"{w.name} Ready\n{w.log.read_text()}",
         )
         assert probe(worker, worker_container, "livenessProbe").returncode == 0
 
@@ -182,7 +146,7 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
         wait_until(
             lambda: any(e["alive"] == everyone for e in alive_nodes(observed)),
             60,
-            f"all three nodes alive, each at its pod's address\n{observed.read_text()}",
+            lambda: f"all three nodes alive, each at its pod's address\n{observed.read_text()}",
         )
 
         # A worker pod cut off: the GCS finds its node dead, by the chart's health checks.
@@ -196,7 +160,7 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
                 None,
             ),
             90,
-            f"the cut-off node declared dead\n{observed.read_text()}",
+            lambda: f"the cut-off node declared dead\n{observed.read_text()}",
         )
         print(f"node cut off -> declared dead: {seen['at'] - cut:.1f} s")
     finally:

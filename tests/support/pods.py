@@ -2,9 +2,11 @@
 network namespace with an address on a bridge (the pod network), Service names resolved by a
 hosts file (`ip netns exec` mounts /etc/netns/<namespace>/hosts over /etc/hosts, standing in
 for the cluster's DNS), and its own mount namespace, where its own folder is mounted at the
-temporary folder every pod names alike (its emptyDir). As in Kubernetes, a sandbox process
-(the pause container) holds the namespaces, so they outlive the container: the container's
-command line runs inside them as rendered, and so do the probes, as the kubelet's exec probes.
+temporary folder every pod names alike (its emptyDir), its own hostname (UTS namespace) and
+its own process IDs (PID namespace: a pod sees only its own processes, as Ray's discovery of
+its local raylet relies on). As in Kubernetes, a sandbox process (the pause container) holds
+the namespaces, so they outlive the container: the container's command line runs inside them
+as rendered, and so do the probes, as the kubelet's exec probes.
 
 Needs root and iproute2; `available()` says why not, for a test to skip (or fail under CI).
 """
@@ -30,14 +32,22 @@ def available() -> str | None:
     """Why pods cannot run here, or None."""
     if os.geteuid() != 0:
         return "pods need root (network and mount namespaces)"
-    for tool in ("ip", "nsenter", "mount"):
+    for tool in ("ip", "nsenter", "mount", "unshare"):
         if shutil.which(tool) is None:
             return f"pods need {tool} (iproute2, util-linux)"
+    tried = subprocess.run(
+        ["unshare", "--net", "--mount", "true"], capture_output=True, text=True, check=False
+    )
+    if tried.returncode != 0:
+        return f"pods need network and mount namespaces: {tried.stderr.strip()}"
     return None
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+def _ip(*args: str) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
 
 
 @dataclass
@@ -48,24 +58,29 @@ class Pod:
     link: str  # the host's end of the pod's veth pair, on the bridge
     own_tmp: Path
     log: Path
-    sandbox: subprocess.Popen[bytes] | None = None  # holds the namespaces
+    sandbox: subprocess.Popen[bytes] | None = None  # `unshare`, the holder's parent
+    holder: int = 0  # the pod's PID 1 (host PID), which holds its namespaces
     process: subprocess.Popen[bytes] | None = None  # the container
+    line: str = ""  # the container's command line
     env: dict[str, str] = field(default_factory=dict)
 
     def _enter(self) -> list[str]:
-        assert self.sandbox is not None, f"pod {self.name} has not started"
-        return ["nsenter", "-t", str(self.sandbox.pid), "-m", "-n", "--"]
+        assert self.holder, f"pod {self.name} has not started"
+        return ["nsenter", "-t", str(self.holder), "-m", "-n", "-u", "-p", "--"]
 
     def run(self, command: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """A command inside the pod (its network and mount namespaces), as an exec probe."""
-        return subprocess.run(
-            [*self._enter(), *command],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        try:
+            return subprocess.run(
+                [*self._enter(), *command],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:  # a probe that times out has failed
+            return subprocess.CompletedProcess(command, 124, "", f"timed out after {timeout} s")
 
     def popen(self, command: Sequence[str], out: Path) -> subprocess.Popen[bytes]:
         """A long-running command inside the pod; its output goes to `out`."""
@@ -82,6 +97,16 @@ class Pod:
             ["ip", "netns", "pids", self.netns], capture_output=True, text=True, check=False
         )
         return [int(p) for p in listed.stdout.split()]
+
+    def inner_pids(self) -> dict[int, int]:
+        """The pod's processes: the PID the pod sees -> the host's."""
+        seen = {}
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                line = next(x for x in status.splitlines() if x.startswith("NSpid:"))
+                seen[int(line.split()[-1])] = pid
+        return seen
 
     def program_pid(self, program: str) -> int:
         """The pid of the pod's process running `program` (e.g. raylet)."""
@@ -104,27 +129,41 @@ class PodNetwork:
         tag = secrets.token_hex(2)
         self.tag = tag
         self.bridge = f"mlbr{tag}"
-        self.prefix = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+        taken = _ip("-o", "addr", "show") + _ip("route", "show")
+        while True:  # a /24 of its own, clear of every address and route of the host
+            self.prefix = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+            if f"{self.prefix}." not in taken:
+                break
         self.host_address = f"{self.prefix}.1"
         self.root = root
         # Every pod mounts its own folder here: short, as Ray's Unix socket paths must be.
         self.shared_tmp = Path(f"/tmp/mlpod-{tag}")
         self.pods: dict[str, Pod] = {}
         self.services: dict[str, str] = {}
+        self._made: list[Path] = []  # mount points made on the host's file system
 
     def __enter__(self) -> PodNetwork:
-        self.shared_tmp.mkdir()
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        try:
+            self.shared_tmp.mkdir()
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
         for pod in self.pods.values():
-            self._remove(pod)
-        with contextlib.suppress(subprocess.CalledProcessError):
+            try:
+                self._remove(pod)
+            except Exception as error:  # the other pods still go
+                print(f"removing pod {pod.name}: {error}")
+        with contextlib.suppress(RuntimeError):
             _ip("link", "del", self.bridge)
         shutil.rmtree(self.shared_tmp, ignore_errors=True)
+        for made in self._made:  # empty: what was mounted there was the pods' own
+            shutil.rmtree(made, ignore_errors=True)
 
     def add(self, name: str) -> Pod:
         index = len(self.pods) + 2
@@ -159,34 +198,69 @@ class PodNetwork:
             lines.append(f"{self.pods[target].address} {service}")
         return "\n".join(lines) + "\n"
 
-    def start(self, pod: Pod, line: str, env: Mapping[str, str]) -> None:
+    def start(
+        self, pod: Pod, line: str, env: Mapping[str, str], mounts: Mapping[str, Path] = {}
+    ) -> None:
         """The pod's container: `line` (a shell command line, as KubeRay writes Ray's) with
-        `env`, its own folder mounted at the shared temporary path."""
+        `env`, its own folder mounted at the shared temporary path, and each folder of `mounts`
+        at its path (its volumes: a ConfigMap's files, a service account's token)."""
         etc = NETNS_ETC / pod.netns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "hosts").write_text(self._hosts(pod))
         # gRPC's own resolver (c-ares) asks DNS servers and skips hosts files: the resolver of
         # the C library reads the pod's hosts file, where the cluster's DNS would answer.
         pod.env = {**env, "GRPC_DNS_RESOLVER": "native"}
-        inner = (
-            f"mount --bind {shlex.quote(str(pod.own_tmp))} {shlex.quote(str(self.shared_tmp))}"
-            " && exec sleep infinity"
+        binds = {str(self.shared_tmp): pod.own_tmp, **mounts}
+        for target in binds:
+            self._made.extend(_missing_top(Path(target)))
+        inner = " && ".join(
+            f"mkdir -p {shlex.quote(target)} && mount --bind {shlex.quote(str(source))} "
+            f"{shlex.quote(target)}"
+            for target, source in binds.items()
         )
+        inner += f" && hostname {shlex.quote(pod.name)} && exec sleep infinity"
+        namespaces = ["unshare", "--uts", "--pid", "--fork", "--mount-proc"]
         pod.sandbox = subprocess.Popen(
-            ["ip", "netns", "exec", pod.netns, "bash", "-c", inner], start_new_session=True
+            ["ip", "netns", "exec", pod.netns, *namespaces, "bash", "-c", inner],
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
-        while _program(pod.sandbox.pid) != "sleep":  # its namespaces and mounts are in place
-            assert time.monotonic() < deadline and pod.sandbox.poll() is None, "no sandbox"
+        while not pod.holder:  # its namespaces and mounts are in place
+            if time.monotonic() > deadline or pod.sandbox.poll() is not None:
+                raise RuntimeError(f"pod {pod.name}: its sandbox did not start ({inner})")
             time.sleep(0.02)
-        with open(pod.log, "wb") as out:
+            for child in _children(pod.sandbox.pid):
+                if _program(child) == "sleep":
+                    pod.holder = child
+        pod.line = line
+        self._run_container(pod)
+
+    def _run_container(self, pod: Pod) -> None:
+        with open(pod.log, "ab") as out:
             pod.process = subprocess.Popen(
-                [*pod._enter(), "bash", "-c", f"exec {line}"],
+                [*pod._enter(), "bash", "-c", f"exec {pod.line}"],
                 env=pod.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def restart(self, pod: Pod) -> None:
+        """The container killed (every process of the pod but its sandbox) and started
+        again, as the kubelet restarts a container: same namespaces, same volumes."""
+        assert pod.sandbox is not None
+        for _ in range(3):
+            others = [p for p in pod.pids() if p not in (pod.sandbox.pid, pod.holder)]
+            if not others:
+                break
+            for pid in others:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        if pod.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                pod.process.wait(10)
+        self._run_container(pod)
 
     def _remove(self, pod: Pod) -> None:
         # Every process in its network namespace: the container's and what it started (Ray's
@@ -203,9 +277,26 @@ class PodNetwork:
             if process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(10)
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(RuntimeError):
             _ip("netns", "del", pod.netns)
         shutil.rmtree(NETNS_ETC / pod.netns, ignore_errors=True)
+
+
+def _missing_top(path: Path) -> list[Path]:
+    """The outermost folder of `path` that does not exist yet ([] if it does)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return [] if missing is None else [missing]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _program(pid: int) -> str | None:
