@@ -237,10 +237,11 @@ class RayWorkers:
         """Create (or, by its name, find) an actor, off the event loop: a named actor's
         creation waits on the GCS (the name looked up, then registered), and a GCS slow to
         answer, as one just started on a busy machine, must not stall the gateway served from
-        this loop. Atomic, as it was on the loop: a start cancelled meanwhile finishes the
-        creation, then kills what it made (an origin's shared process, which may serve its
-        other models, is kept), and creations of one name take turns, so a later start never
-        finds the actor an earlier, cancelled one is about to kill."""
+        this loop. Atomic, as it was on the loop: a start cancelled meanwhile (even again and
+        again) finishes the creation, then kills what it made (an origin's shared process, which
+        may serve its other models, is kept), and creations of one name take turns. (A later
+        start can still find a killed actor that Ray has not yet ended, as before: its load
+        then fails and the planner starts it again.)"""
         name = options["name"]
         turn = self._creating.setdefault(name, _Turn())
         turn.users += 1
@@ -252,12 +253,16 @@ class RayWorkers:
                 try:
                     actor = await asyncio.shield(creating)
                 except asyncio.CancelledError:
-                    with contextlib.suppress(Exception):
-                        made = await creating
+                    while not creating.done():  # cancelled again meanwhile: still wait
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.wait({creating})
+                    if not creating.cancelled() and creating.exception() is None:
+                        made = creating.result()
                         if shared:
                             self._keep(name, made)
                         else:
-                            ray.kill(made, no_restart=True)
+                            with contextlib.suppress(Exception):
+                                ray.kill(made, no_restart=True)
                     raise
         finally:
             turn.users -= 1
