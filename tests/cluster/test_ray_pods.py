@@ -164,8 +164,7 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
         )
         print(f"node cut off -> declared dead: {seen['at'] - cut:.1f} s")
     finally:
-        observer.kill()
-        observer.wait(10)
+        pods.stop(observer)
 
     # The other worker's raylet dies: its probes fail, with the reason, and its container
     # (`ray start --block`) exits for the kubelet to restart; the head stays Ready.

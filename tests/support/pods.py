@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -69,27 +70,33 @@ class Pod:
         return ["nsenter", "-t", str(self.holder), "-m", "-n", "-u", "-p", "--"]
 
     def run(self, command: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        """A command inside the pod (its network and mount namespaces), as an exec probe."""
+        """A command inside the pod, as an exec probe: one that times out has failed, and is
+        killed with what nsenter forked for it."""
+        process = subprocess.Popen(
+            [*self._enter(), *command],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            return subprocess.run(
-                [*self._enter(), *command],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:  # a probe that times out has failed
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(process)
             return subprocess.CompletedProcess(command, 124, "", f"timed out after {timeout} s")
+        return subprocess.CompletedProcess(command, process.returncode, out, err)
 
     def popen(self, command: Sequence[str], out: Path) -> subprocess.Popen[bytes]:
-        """A long-running command inside the pod; its output goes to `out`."""
+        """A long-running command inside the pod; its output goes to `out`. End it with
+        `stop` (nsenter forks: killing nsenter alone leaves the command running)."""
         with open(out, "wb") as sink:
             return subprocess.Popen(
                 [*self._enter(), *command],
                 env=self.env,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def pids(self) -> list[int]:
@@ -99,13 +106,15 @@ class Pod:
         return [int(p) for p in listed.stdout.split()]
 
     def inner_pids(self) -> dict[int, int]:
-        """The pod's processes: the PID the pod sees -> the host's."""
+        """The processes in the pod's PID namespace: the PID the pod sees -> the host's."""
         seen = {}
         for pid in self.pids():
-            with contextlib.suppress(OSError, ValueError, IndexError):
+            with contextlib.suppress(OSError, ValueError, StopIteration):
                 status = Path(f"/proc/{pid}/status").read_text()
                 line = next(x for x in status.splitlines() if x.startswith("NSpid:"))
-                seen[int(line.split()[-1])] = pid
+                levels = line.split()[1:]
+                if len(levels) > 1:  # not `ip netns exec`'s unshare, which is the host's
+                    seen[int(levels[-1])] = pid
         return seen
 
     def program_pid(self, program: str) -> int:
@@ -141,11 +150,14 @@ class PodNetwork:
         self.pods: dict[str, Pod] = {}
         self.services: dict[str, str] = {}
         self._made: list[Path] = []  # mount points made on the host's file system
+        self._owns_tmp = self._owns_bridge = False
 
     def __enter__(self) -> PodNetwork:
         try:
             self.shared_tmp.mkdir()
+            self._owns_tmp = True
             _ip("link", "add", self.bridge, "type", "bridge")
+            self._owns_bridge = True
             _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
         except BaseException:
@@ -159,9 +171,11 @@ class PodNetwork:
                 self._remove(pod)
             except Exception as error:  # the other pods still go
                 print(f"removing pod {pod.name}: {error}")
-        with contextlib.suppress(RuntimeError):
-            _ip("link", "del", self.bridge)
-        shutil.rmtree(self.shared_tmp, ignore_errors=True)
+        if self._owns_bridge:  # only what this network made: never a concurrent run's
+            with contextlib.suppress(RuntimeError):
+                _ip("link", "del", self.bridge)
+        if self._owns_tmp:
+            shutil.rmtree(self.shared_tmp, ignore_errors=True)
         for made in self._made:  # empty: what was mounted there was the pods' own
             shutil.rmtree(made, ignore_errors=True)
 
@@ -246,17 +260,15 @@ class PodNetwork:
             )
 
     def restart(self, pod: Pod) -> None:
-        """The container killed (every process of the pod but its sandbox) and started
-        again, as the kubelet restarts a container: same namespaces, same volumes."""
-        assert pod.sandbox is not None
-        for _ in range(3):
-            others = [p for p in pod.pids() if p not in (pod.sandbox.pid, pod.holder)]
-            if not others:
-                break
-            for pid in others:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
+        """The container killed (every process of the pod but its PID 1, the sandbox) and
+        started again, as the kubelet restarts a container: same namespaces, same volumes."""
+        deadline = time.monotonic() + 10
+        while set(pod.inner_pids()) - {1}:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pod {pod.name}: its container's processes did not end")
+            # From inside: -1 is every process of the namespace but its PID 1 and the caller.
+            pod.run(["kill", "-KILL", "-1"], timeout=10)
+            time.sleep(0.1)
         if pod.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 pod.process.wait(10)
@@ -290,6 +302,14 @@ def _missing_top(path: Path) -> list[Path]:
             break
         missing = folder
     return [] if missing is None else [missing]
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """End a command started in a pod, with what nsenter forked for it (its session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
 
 
 def _children(pid: int) -> list[int]:

@@ -119,4 +119,5 @@ def tls_front(
 
         asyncio.run_coroutine_threadsafe(stop(), loop)
         thread.join(10)
-        loop.close()
+        if not thread.is_alive():  # else leave it: closing a running loop would raise
+            loop.close()
