@@ -10,8 +10,8 @@ each `key: value` becomes `--key=value` on `ray start` (the head gets `--head`, 
 `--address=<head Service FQDN>:<GCS port>`, the head Service being `<RayCluster name>-head-svc`),
 values pasted verbatim into a shell command line, and `--block` keeps the container's process
 in the foreground. KubeRay injects its own probes only into a Ray container that has none; those
-ask the dashboard agent on :52365, which the runtime environment (plain `ray`) does not start:
-the test shows nothing answers there.
+ask the dashboard agent on :52365, which the images' environment (plain `ray`, installed by
+the Dockerfiles' steps: `tests/support/image_env.py`) does not start: nothing answers there.
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ while True:
 def probe(pod: pods.Pod, container: dict[str, Any], kind: str) -> Any:
     spec = container[kind]
     return pod.run(spec["exec"]["command"], timeout=spec["timeoutSeconds"] + 5)
-
-
-def dashboard_agent_installed() -> bool:
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401  (what the agent needs)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -117,12 +109,11 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
         READY_SECONDS,
         lambda: f"the head Ready\n{head.log.read_text()}",
     )
-    # Where KubeRay's injected probes would ask, nothing answers (plain `ray`; `make bench`
-    # adds ray[serve], whose dependencies start the agent).
-    if not dashboard_agent_installed():
-        connect = f"import socket; socket.create_connection(('127.0.0.1', {KUBERAY_AGENT_PORT}), 2)"
-        refused = head.run(["python", "-c", connect])
-        assert "ConnectionRefusedError" in refused.stderr, refused
+    # Where KubeRay's injected probes would ask, nothing answers: the pods run the images'
+    # environment, whose plain `ray` starts no dashboard agent.
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {KUBERAY_AGENT_PORT}), 2)"
+    refused = head.run(["python", "-c", connect])
+    assert "ConnectionRefusedError" in refused.stderr, refused
 
     for worker in workers:
         network.start(

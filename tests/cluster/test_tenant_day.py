@@ -11,7 +11,7 @@ The tenant then does what `examples/02-kubernetes/README.md` says: `kubectl appl
 binary) of the folder, waits for Ready, infers through the gateway with `tritonclient` and the
 origin's token. Then the faults: the operator's container restarted under load (no request
 fails), the gateway's restarted (it serves again from the published state), and a Ray worker
-pod cut off (the model comes back on the other worker, within the time printed).
+pod cut off (the model comes back on the other worker, within the time printed), then deleted.
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +39,7 @@ from modelloader_workers.litert_runner import LiteRTRunner
 from tests.support import chart_pods as chart
 from tests.support import pods, tls
 from tests.support.cluster import EmulatorThread, wait_until
+from tests.support.image_env import image_bin
 from tests.support.kube_tools import tool
 
 EXAMPLE = chart.REPO / "examples" / "02-kubernetes"
@@ -88,22 +86,6 @@ def kube() -> Iterator[EmulatorThread]:
     assert emulator.ready.wait(10)
     yield emulator
     emulator.stop()
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-def tcp_open(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=2).close()
-    except OSError:
-        return False
-    return True
 
 
 def example_token() -> str:
@@ -180,7 +162,7 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
         mounts = chart.volumes(pod_spec, container, docs, pod.own_tmp.parent)
         network.start(pod, chart.ray_start(spec["rayStartParams"], address), env, mounts)
         wait_until(
-            lambda: pod.run(container["readinessProbe"]["exec"]["command"]).returncode == 0,
+            lambda: chart.probe(pod, container, "readinessProbe"),
             READY_SECONDS,
             lambda: f"{pod.name} Ready\n{pod.log.read_text()[-3000:]}",
         )
@@ -208,20 +190,21 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
         (store_dir / "digits.tflite").write_bytes((DIGITS / "digits.tflite").read_bytes())
         network.start(
             store,
-            f"{chart.BIN}/python -c '{MODEL_STORE}' {store_dir} {store_cert[0]} {store_cert[1]}",
-            {"PATH": os.environ["PATH"]},
+            f"python -c '{MODEL_STORE}' {store_dir} {store_cert[0]} {store_cert[1]}",
+            {"PATH": f"{image_bin()}:{os.environ['PATH']}"},
         )
 
-        deployment(operator, "-operator")
+        # Up when the kubelet would have it so: the rendered probes pass (the operator has no
+        # readiness probe, so its liveness probe is what says it is up).
+        operator_container = deployment(operator, "-operator")
         wait_until(
-            lambda: tcp_open(operator.address, 9090),
+            lambda: chart.probe(operator, operator_container, "livenessProbe"),
             120,
             lambda: f"the operator's liveness port\n{operator.log.read_text()[-3000:]}",
         )
-        deployment(gateway, "-gateway")
-        ready = f"http://{gateway.address}:8080/v2/health/ready"
+        gateway_container = deployment(gateway, "-gateway")
         wait_until(
-            lambda: http_ok(ready),
+            lambda: chart.probe(gateway, gateway_container, "readinessProbe"),
             120,
             lambda: f"the gateway Ready\n{gateway.log.read_text()[-3000:]}",
         )
@@ -250,11 +233,14 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
         rows = [line.split() for line in listed.splitlines()]
         assert any(row[:1] == ["digits"] and "Ready" in row for row in rows), listed
 
+        # The gateway Service's http port leads to this container port of the pod.
+        ports = gateway_container["ports"]
+        (http_port,) = [p["containerPort"] for p in ports if p["name"] == "http"]
         expected = LiteRTRunner(str(DIGITS / "digits.tflite")).run({"pixels": PIXELS})
         headers = {"Authorization": f"Bearer {example_token()}"}
 
         def infer() -> np.ndarray[Any, Any]:
-            client = triton.InferenceServerClient(f"{gateway.address}:8080")
+            client = triton.InferenceServerClient(f"{gateway.address}:{http_port}")
             try:
                 tensor = triton.InferInput("pixels", list(PIXELS.shape), "FP32")
                 tensor.set_data_from_numpy(PIXELS, binary_data=True)
@@ -284,7 +270,12 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
 
         # The gateway pod's container restarted: it serves again from the published state.
         network.restart(gateway)
-        wait_until(lambda: http_ok(ready), 120, "the restarted gateway Ready")
+        wait_until(
+            lambda: chart.probe(gateway, gateway_container, "readinessProbe"),
+            120,
+            "the restarted gateway Ready",
+        )
+        assert chart.probe(operator, operator_container, "livenessProbe")
         np.testing.assert_array_equal(infer(), expected["probabilities"])
 
         # A Ray worker pod cut off: the model is placed on the other one and serves again.
@@ -308,3 +299,7 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
 
         wait_until(serving_again, 180, f"digits serving from {other.name}")
         print(f"worker pod cut off -> digits answering again: {time.monotonic() - cut:.1f} s")
+        # Then the cut-off pod is deleted, as Kubernetes does with a node gone: nothing changes.
+        network.remove(lost)
+        np.testing.assert_array_equal(infer(), expected["probabilities"])
+        assert phase(kube, "digits")[1]["placement"]["node"] == other.name

@@ -3,7 +3,8 @@ container's environment (a Secret's value given by the test, a pod's own address
 as folders (ConfigMaps and Secrets written out, emptyDirs empty), its service account token, and
 the command line: for Ray pods the `ray start` line KubeRay builds from `rayStartParams`, for
 the operator and gateway the images' entry point (`images/entrypoint.sh`) with the container's
-arguments.
+arguments; every pod runs the images' Python environment, installed by the Dockerfiles' own
+steps (`tests/support/image_env.py`).
 
 KubeRay's conventions (docs.ray.io, "RayCluster configuration", rayStartParams): each
 `key: value` becomes `--key=value` on `ray start`, the head gets `--head`, workers
@@ -17,7 +18,9 @@ from __future__ import annotations
 import base64
 import os
 import shlex
-import sys
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,11 @@ from typing import Any
 import helm_python as helm
 import yaml
 
+from tests.support.image_env import image_bin
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "modelloader"
 ENTRYPOINT = REPO / "images" / "entrypoint.sh"
-BIN = Path(sys.executable).parent
 NAMESPACE = "modelloader"
 RELEASE = "ml"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -74,7 +78,7 @@ def environment(
     """The container's rendered environment: every Secret reference is the test's value (the
     chart's only one is the Ray token), `status.podIP` the pod's address. HOME and Ray's
     temporary folder are the pod's own (its /tmp emptyDir)."""
-    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "LANG": "C.UTF-8"}
+    env = {"PATH": f"{image_bin()}:{os.environ['PATH']}", "LANG": "C.UTF-8"}
     for entry in container.get("env", []):
         source = entry.get("valueFrom", {})
         if "value" in entry:
@@ -124,3 +128,29 @@ def volumes(
             (folder / key).write_bytes(value)
         mounts[SERVICE_ACCOUNT] = folder
     return mounts
+
+
+def probe(pod: Any, container: Mapping[str, Any], kind: str) -> bool:
+    """The container's `kind` probe (readinessProbe, livenessProbe) once, as the kubelet runs
+    it: exec inside the pod, httpGet and tcpSocket from the node to the pod's address (ports by
+    number or by the container's port names), within timeoutSeconds. No probe: success."""
+    spec = container.get(kind)
+    if not spec:
+        return True
+    timeout = float(spec.get("timeoutSeconds", 1))
+    if "exec" in spec:
+        return bool(pod.run(spec["exec"]["command"], timeout=timeout).returncode == 0)
+    action = spec.get("httpGet") or spec.get("tcpSocket")
+    assert action is not None, f"an unknown probe: {spec}"
+    port = action["port"]
+    if isinstance(port, str):
+        (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    try:
+        if "tcpSocket" in spec:
+            socket.create_connection((pod.address, port), timeout=timeout).close()
+            return True
+        url = f"http://{pod.address}:{port}{action.get('path', '/')}"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(200 <= response.status < 400)
+    except (OSError, urllib.error.URLError):
+        return False

@@ -274,6 +274,11 @@ class PodNetwork:
                 pod.process.wait(10)
         self._run_container(pod)
 
+    def remove(self, pod: Pod) -> None:
+        """The pod deleted: its processes, namespaces and hosts file gone."""
+        self._remove(pod)
+        del self.pods[pod.name]
+
     def _remove(self, pod: Pod) -> None:
         # Every process in its network namespace: the container's and what it started (Ray's
         # daemons leave the process group).
