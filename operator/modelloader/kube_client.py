@@ -91,8 +91,7 @@ class KubeClient:
                 return None
             response.raise_for_status()
             body = await response.json()
-        body.setdefault("metadata", {}).update(namespace=namespace, name=name)
-        return secret_values(body)
+        return secret_values(body, namespace, name)
 
     async def close(self) -> None:
         await self._session.close()

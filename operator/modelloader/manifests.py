@@ -162,7 +162,7 @@ def parse_secret_data(
             continue
         namespace, name = _identity(doc, default_namespace)
         try:
-            data = secret_values({**doc, "metadata": {"namespace": namespace, "name": name}})
+            data = secret_values(doc, namespace, name)
         except SecretNotText as error:
             problems.append(f"{path}#{index + 1}: {error}")
             continue

@@ -13,9 +13,9 @@ class SecretNotText(ValueError):
     """A Secret key whose value is not base64 of UTF-8 text (credentials are read as text)."""
 
 
-def secret_values(doc: Mapping[str, Any]) -> dict[str, str]:
-    meta = doc.get("metadata") or {}
-    where = f"Secret {meta.get('namespace') or 'default'}/{meta.get('name') or '?'}"
+def secret_values(doc: Mapping[str, Any], namespace: str, name: str) -> dict[str, str]:
+    """The values of Secret `namespace/name` (its identity names it in messages)."""
+    where = f"Secret {namespace}/{name}"
     data, string_data = doc.get("data") or {}, doc.get("stringData") or {}
     if not isinstance(data, Mapping) or not isinstance(string_data, Mapping):
         raise SecretNotText(f"{where}: data and stringData must map keys to text")
