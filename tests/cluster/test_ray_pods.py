@@ -22,7 +22,6 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +53,6 @@ def probe(pod: pods.Pod, container: dict[str, Any], kind: str) -> Any:
     return pod.run(spec["exec"]["command"], timeout=spec["timeoutSeconds"] + 5)
 
 
-@pytest.fixture
-def network(tmp_path: Path) -> Iterator[pods.PodNetwork]:
-    problem = pods.available()
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    with pods.pod_network(tmp_path) as network:
-        yield network
-
-
 def alive_nodes(log: Path) -> list[dict[str, Any]]:
     seen = []
     for line in log.read_text().splitlines():
@@ -92,11 +80,12 @@ def test_ray_pods_on_their_own_network_become_ready_and_a_node_cut_off_is_found_
             "modelloader_workers.node_probe",
         ]
     gcs_port = int(head_spec["rayStartParams"].get("port", "6379"))
-    service = chart.head_services(cluster)[2]
+    services = chart.head_services(cluster)
+    service = services[2]
     token = secrets.token_hex(16)
     head = network.add("head")
     workers = [network.add(f"cpu-{i}") for i in range(cpu["replicas"])]
-    for name in chart.head_services(cluster):
+    for name in services:
         network.serve(name, "head")
 
     network.start(

@@ -69,17 +69,6 @@ server.serve_forever()
 
 
 @pytest.fixture
-def network(tmp_path: Path) -> Iterator[pods.PodNetwork]:
-    problem = pods.available()
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem)
-        pytest.skip(problem)
-    with pods.pod_network(tmp_path) as network:
-        yield network
-
-
-@pytest.fixture
 def kube() -> Iterator[EmulatorThread]:
     emulator = EmulatorThread(namespaces=("default", chart.NAMESPACE))
     emulator.start()
@@ -149,10 +138,11 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
     store = network.add("models")
     operator = network.add("operator")
     gateway = network.add("gateway")
-    for service in chart.head_services(cluster):
+    services = chart.head_services(cluster)
+    for service in services:
         network.serve(service, "head")
     network.serve("models.example.com", "models")
-    gcs = f"{chart.head_services(cluster)[2]}:{head_spec['rayStartParams'].get('port', '6379')}"
+    gcs = f"{services[2]}:{head_spec['rayStartParams'].get('port', '6379')}"
 
     def ray_pod(pod: pods.Pod, spec: dict[str, Any], address: str | None) -> None:
         pod_spec = spec["template"]["spec"]
@@ -179,7 +169,7 @@ def test_a_tenant_applies_the_example_infers_and_survives_a_lost_node(
         }
         mounts = chart.volumes(pod_spec, container, docs, pod.own_tmp.parent, account)
         network.start(pod, chart.entrypoint(container), env, mounts)
-        return dict(container)
+        return container
 
     with tls.tls_front((network.host_address, 443), ("127.0.0.1", api_port), *api_cert):
         ray_pod(head, head_spec, None)

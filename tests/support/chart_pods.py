@@ -38,19 +38,24 @@ RELEASE = "ml"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def render(values: Mapping[str, Any]) -> list[dict[str, Any]]:
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(dict(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = []
-    for path, text in manifests.items():
+def render(values: Mapping[str, Any], chart: helm.Chart | None = None) -> list[dict[str, Any]]:
+    """Every object the chart renders for `values` (an install of release `ml`)."""
+    if chart is None:
+        with helm.Chart.load(CHART) as loaded:
+            return render(values, loaded)
+    manifests = chart.render(dict(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
         if not path.endswith("NOTES.txt"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+            objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
 
 
-def one(docs: list[dict[str, Any]], kind: str, name_ends: str = "") -> dict[str, Any]:
-    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_ends)]
-    return found
+def one(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    """The one object of `kind` whose name ends with `suffix`."""
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{kind} *{suffix}: {[o['metadata']['name'] for o in found]}"
+    return found[0]
 
 
 def head_services(cluster: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ code under test.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -42,6 +43,7 @@ def _pip(python: Path, *args: str) -> None:
         raise RuntimeError(f"pip {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
 
 
+@functools.cache  # once per test session: the tree does not change under it
 def image_bin() -> Path:
     """The `bin` folder of the images' environment, with this tree's project installed."""
     for dockerfile in DOCKERFILES:

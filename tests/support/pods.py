@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,9 +330,3 @@ def _program(pid: int) -> str | None:
     except OSError:
         return None
     return Path(argv0.decode(errors="replace")).name
-
-
-@contextlib.contextmanager
-def pod_network(root: Path) -> Iterator[PodNetwork]:
-    with PodNetwork(root) as network:
-        yield network

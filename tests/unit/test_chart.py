@@ -23,6 +23,7 @@ from kubernetes_validate.utils import schema_contents
 from modelloader.cli import _parser
 from modelloader.placement import PlacementConfig, Scheduled, choose_accelerator
 
+from tests.support import chart_pods
 from tests.support.crd_schema import crd_schema, json_schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,19 +153,10 @@ def chart() -> Iterator[helm.Chart]:
 
 
 def render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    objects: list[dict[str, Any]] = []
-    for path, text in sorted(manifests.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objects += [doc for doc in yaml.safe_load_all(text) if doc]
-    return objects
+    return chart_pods.render(values, chart)
 
 
-def find(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
-    assert len(found) == 1, f"{kind} *{suffix}: {[o['metadata']['name'] for o in found]}"
-    return found[0]
+find = chart_pods.one
 
 
 def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
