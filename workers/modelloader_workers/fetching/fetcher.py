@@ -12,7 +12,7 @@ import time
 import urllib.parse
 
 from modelloader_workers.fetching import file_source, http_source
-from modelloader_workers.fetching.located import Located, Reader
+from modelloader_workers.fetching.located import Located
 from modelloader_workers.fetching.node_cache import NodeCache
 from modelloader_workers.fetching.request import (
     FetchedModel,
@@ -42,10 +42,8 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
             # Only a digest this source gave before, at this version, is served from the cache: a
             # digest alone is no capability (another origin may know one of a private model).
             known = cache.version_digest(request.uri, located.version) if located.version else None
-            usable = known is not None and (
-                known == want or (located.strong_version and want is None)
-            )
-            if usable and known is not None and (hit := cache.lookup(known)) is not None:
+            reused = _reusable(known, want, located.strong_version)
+            if reused is not None and (hit := cache.lookup(reused)) is not None:
                 fetched = _within(hit, request, policy)
             else:
                 deadline = (
@@ -53,13 +51,14 @@ def fetch(request: SourceRequest, policy: SourcePolicy) -> FetchedModel:
                 )
                 with located.open() as read:
                     fetched = cache.store(
-                        _complete(read, located.size, request.uri),
+                        read,
                         want,
                         request.uri,
                         limit,
                         deadline,
                         f"{policy.download_deadline_seconds:g} s",
                         request.byte_limit_text(policy),
+                        expected=located.size,
                     )
                 if located.version:
                     cache.remember_version(request.uri, located.version, fetched.sha256)
@@ -93,20 +92,13 @@ def locate(request: SourceRequest, policy: SourcePolicy) -> Located:
     )
 
 
-def _complete(read: Reader, expected: int | None, uri: str) -> Reader:
-    """The stream, refused when it ends before the size its source announced (a connection
-    closed early ends an http body without an error)."""
-    got = 0
-
-    def reader(size: int) -> bytes:
-        nonlocal got
-        chunk = read(size)
-        got += len(chunk)
-        if not chunk and expected is not None and got < expected:
-            raise SourceError(f"{uri}: the download ended after {got} of {expected} bytes")
-        return chunk
-
-    return reader
+def _reusable(known: str | None, want: str | None, strong: bool) -> str | None:
+    """The cached digest a fetch may use instead of the source's bytes: the one this source
+    gave at this version, if it is what is wanted, or, with no digest wanted, if the version
+    names its bytes for sure (a strong version); else None."""
+    if known is not None and (known == want or (strong and want is None)):
+        return known
+    return None
 
 
 def _within(hit: FetchedModel, request: SourceRequest, policy: SourcePolicy) -> FetchedModel:

@@ -94,8 +94,11 @@ class NodeCache:
         deadline: float | None = None,
         deadline_text: str = "",
         limit_text: str = "",
+        expected: int | None = None,
     ) -> FetchedModel:
-        """Copy a stream into the cache, checking size, deadline and digest as it goes."""
+        """Copy a stream into the cache, checking size, deadline and digest as it goes, and
+        that it did not end before the `expected` size its source announced (a connection
+        closed early ends an http body without an error)."""
         digest = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.models, prefix=".incoming-")
@@ -110,6 +113,8 @@ class NodeCache:
                         raise SourceError(f"{label}: the download took longer than {deadline_text}")
                     digest.update(chunk)
                     out.write(chunk)
+            if expected is not None and size < expected:
+                raise SourceError(f"{label}: the download ended after {size} of {expected} bytes")
             got = digest.hexdigest()
             if want is not None and got != want:
                 raise SourceError(f"{label}: sha256 is {got}, but the manifest says {want}")
