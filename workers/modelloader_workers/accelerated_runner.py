@@ -116,10 +116,12 @@ class CompiledModelRunner:
         except ModelLoadError:
             raise
         except Exception as error:
-            raise AcceleratorUnavailable(
+            failed = (
                 f"LiteRT could not compile the model for the {accelerator.upper()} "
-                f"({_reason(error)}); {HINTS.get(accelerator, '')}"
-            ) from None
+                f"({_reason(error)})"
+            )
+            hint = HINTS.get(accelerator)
+            raise AcceleratorUnavailable(f"{failed}; {hint}" if hint else failed) from None
         note = (
             ""
             if fully
@@ -188,7 +190,7 @@ def load_runner(
                     runner = CompiledModelRunner(model_path, "cpu", delegation, "fp16", threads)
                     return runner, runner.execution
                 except AcceleratorUnavailable as error:  # e.g. tensor types it cannot buffer
-                    problem = str(error).rstrip("; ")
+                    problem = str(error)
             note = f"precision fp16: {problem}; running in fp32"
             return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0, note)
         return LiteRTRunner(model_path, threads), Execution("cpu", "xnnpack", 1.0)
