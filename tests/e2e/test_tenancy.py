@@ -147,18 +147,25 @@ def test_a_quota_of_5_runs_exactly_5_of_100_and_the_rest_wait(tenants: LocalServ
     assert origin["waiting"] == 95 and "models" in origin["atLimit"]
 
 
-def test_a_perorigin_origin_runs_20_models_in_its_2_processes(tenants: LocalServer) -> None:
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_perorigin_origin_runs_20_models_under_its_2_workers(tenants: LocalServer) -> None:
     games = items(tenants, "games")
     served = {n: i for n, i in games.items() if n in GAMES}
     assert all(i["status"]["phase"] == "Ready" for i in served.values())
+    # Each model has a model process of its own; the origin's 2 workers supervise them.
     pids = {i["status"]["placement"]["pid"] for i in served.values()}
-    assert 1 <= len(pids) <= 2
-    shop_pids = {
-        i["status"]["placement"]["pid"]
+    assert len(pids) == len(served)
+    workers = {parent_of(pid) for pid in pids}
+    assert 1 <= len(workers) <= 2
+    shop_workers = {
+        parent_of(i["status"]["placement"]["pid"])
         for i in items(tenants, "shop").values()
         if "placement" in i["status"]
     }
-    assert not pids & shop_pids  # two origins never share a process
+    assert not workers & shop_workers  # two origins never share a worker
     status, _, _ = infer(tenants, "g07", TOKENS["games"])
     assert status == 200
 

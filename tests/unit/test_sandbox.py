@@ -86,14 +86,51 @@ def test_exec_fork_and_ptrace_kill_the_process(attempt: str) -> None:
     assert "survived" not in done.stdout
 
 
+@pytest.mark.parametrize("whole_process", [False, True])
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
-def test_every_jump_lands_inside_the_program(machine: str) -> None:
-    insns = sandbox.program(machine)
+def test_every_jump_lands_inside_the_program(machine: str, whole_process: bool) -> None:
+    insns = sandbox.program(machine, whole_process)
     for index, insn in enumerate(insns):
         if insn.code & 0x07 == 0x05:  # a jump
             assert index + 1 + max(insn.jt, insn.jf) < len(insns)
     assert insns[-1].code == 0x06  # ends in a return
-    assert len(sandbox.packed(machine)) == 8 * len(insns)
+    assert len(sandbox.packed(machine, whole_process)) == 8 * len(insns)
+
+
+def test_the_process_wide_filter_binds_threads_started_before_it() -> None:
+    """A model process's filter (TSYNC): threads a library started at import are bound too,
+    and no socket of any family may be made."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import socket, threading
+                from modelloader_workers import sandbox
+                go, seen = threading.Event(), []
+                def earlier():
+                    go.wait()
+                    for family in (socket.AF_INET, socket.AF_UNIX):
+                        try:
+                            socket.socket(family).close()
+                            seen.append("allowed")
+                        except PermissionError:
+                            seen.append("refused")
+                thread = threading.Thread(target=earlier)
+                thread.start()
+                assert sandbox.confine_process()
+                go.set(); thread.join()
+                print(seen)
+                """
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['refused', 'refused']"
 
 
 def test_this_machine_is_covered() -> None:

@@ -171,6 +171,11 @@ def _binding(name: str, detail: Mapping[str, Any]) -> _Binding:
     return _Binding(TensorSpec(name, datatype, tuple(int(d) for d in shape)), int(detail["index"]))
 
 
+def preload() -> None:
+    """Import LiteRT's interpreter now (a warm model process pays for it before its load)."""
+    import ai_edge_litert.interpreter  # noqa: F401
+
+
 def _load_delegate(delegate: ExternalDelegate) -> Any:
     from ai_edge_litert.interpreter import load_delegate
 

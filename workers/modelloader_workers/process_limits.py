@@ -1,11 +1,10 @@
-"""Limits a worker process puts on itself before it parses a tenant's model.
+"""Limits a model process (`model_process`) puts on itself before it parses a tenant's model.
 
-- Memory: RLIMIT_AS, the address space. A Ray worker maps several GB it never touches (Ray's
-  own arenas, thread stacks), so the limit is the process's size when it first loads a model
-  plus what its models may grow by (each LoadedModel's `resources.memory`). An allocation past
-  it fails inside LiteRT, which then fails the load (or the request) of that model alone; if
-  the process dies instead, it is that origin's worker and no one else's. Only the soft limit
-  is set, so a perOrigin process can raise it for the next model it hosts.
+- Memory: RLIMIT_AS, the address space. An interpreter maps memory it never touches (thread
+  stacks, libraries' reservations), so the limit is the process's size before it loads its
+  model plus what the model may grow by (its LoadedModel's `resources.memory`). An allocation
+  past it fails inside LiteRT, which then fails the load (or the request) of that model alone;
+  if the process dies instead, it is that model's process and no one else's.
 - Core dumps off, and the process not dumpable: a crash writes no tenant data to disk, and no
   other process of the same user can attach to it.
 - Open files bounded.

@@ -1,23 +1,27 @@
-"""A seccomp filter for the threads that parse and run tenants' models.
+"""The seccomp filter of a model process (`model_process`): the process that parses and runs
+tenants' models, and nothing else.
 
-A worker is a Ray process: Ray's own threads keep talking to the cluster (new connections
-included), so the filter is installed per thread, not process-wide: on the thread that loads
-models (LiteRT parses the file there, and the interpreter's thread pool is started from it)
-and on the data path's serving thread (one per model). In those threads:
+A model process installs it on every thread at once (`confine_process`, SECCOMP_FILTER_FLAG_TSYNC)
+after it has its listener and before it parses a model, so no thread of the process is left
+unfiltered. Under it:
 
 - exec (`execve`, `execveat`), new processes (`fork`, `vfork`, `clone` without
   CLONE_THREAD) and reading or tracing other processes (`ptrace`, `process_vm_readv/writev`)
-  kill the whole process: a model that tries them is hostile, and dies alone (its worker
-  serves nobody else); the control plane reports the death;
-- new network sockets (`socket` for anything but AF_UNIX) and `connect` fail with EPERM;
+  kill the whole process: a model that tries them is hostile, and its process dies alone;
+  the supervisor reports the death;
+- no new sockets of any family (`socket`, `socketpair`), no `bind`, `listen` or `connect`
+  (EPERM): the process only accepts on the listener it was handed;
 - kernel surfaces inference never needs (`bpf`, `perf_event_open`, `userfaultfd`, `mount`,
-  `unshare`, `setns`, `keyctl`, `kexec_load`) fail with EPERM;
+  `unshare`, `setns`, `keyctl`, `kexec_load`, another `seccomp`) fail with EPERM;
 - `clone3` fails with ENOSYS, so glibc creates threads with `clone`, whose flags the filter
   can read;
-- everything else is allowed (memory, files already granted by the model roots, futexes,
-  the sockets the worker already has).
+- everything else is allowed (memory, files Landlock lets it read (`landlock`), futexes,
+  the descriptors it was given).
 
-Linux on x86_64 and aarch64 only; elsewhere `confine_thread` returns False and says so.
+`confine_thread` installs the thread flavour (AF_UNIX sockets allowed) on the calling thread
+only: `bench/sandbox_cost.py` measures the filter's cost with it.
+
+Linux on x86_64 and aarch64 only; elsewhere the calls return False and `supported` says why.
 `MODELLOADER_SANDBOX=off` in the worker's environment turns it off (to measure its cost).
 """
 
@@ -56,6 +60,10 @@ _NUMBERS = {
         "setns": 308,
         "keyctl": 250,
         "kexec_load": 246,
+        "socketpair": 53,
+        "bind": 49,
+        "listen": 50,
+        "seccomp": 317,
     },
     "aarch64": {
         "execve": 221,
@@ -75,6 +83,10 @@ _NUMBERS = {
         "setns": 268,
         "keyctl": 219,
         "kexec_load": 104,
+        "socketpair": 199,
+        "bind": 200,
+        "listen": 201,
+        "seccomp": 277,
     },
 }
 KILLED = ("execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev")
@@ -89,6 +101,8 @@ REFUSED = (
     "keyctl",
     "kexec_load",
 )
+# Refused as well in a model process: it makes no sockets, and filters no further.
+REFUSED_IN_PROCESS = ("socketpair", "bind", "listen", "seccomp")
 
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
@@ -104,6 +118,8 @@ _X32_BIT = 0x40000000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_TSYNC = 1
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6];
 _NR, _ARCH_OFFSET, _ARG0 = 0, 4, 16
 
@@ -129,9 +145,10 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def program(machine: str) -> list[Insn]:
+def program(machine: str, whole_process: bool = False) -> list[Insn]:
     """The filter as classic BPF. Each rule is `if nr == N: <body ending in a return>`, so a
-    mismatch jumps over the body with the syscall number still in the accumulator."""
+    mismatch jumps over the body with the syscall number still in the accumulator.
+    `whole_process`: a model process's, which refuses every new socket."""
     numbers = _NUMBERS[machine]
     out = [
         Insn(_LD_W_ABS, 0, 0, _ARCH_OFFSET),
@@ -159,16 +176,19 @@ def program(machine: str) -> list[Insn]:
         ],
     )
     rule("clone3", [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS)])
-    rule(
-        "socket",
-        [
-            Insn(_LD_W_ABS, 0, 0, _ARG0),  # domain
-            Insn(_JEQ_K, 0, 1, _AF_UNIX),
-            Insn(_RET_K, 0, 0, _RET_ALLOW),
-            Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
-        ],
-    )
-    for name in REFUSED:
+    if whole_process:
+        rule("socket", [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM)])
+    else:
+        rule(
+            "socket",
+            [
+                Insn(_LD_W_ABS, 0, 0, _ARG0),  # domain
+                Insn(_JEQ_K, 0, 1, _AF_UNIX),
+                Insn(_RET_K, 0, 0, _RET_ALLOW),
+                Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+            ],
+        )
+    for name in REFUSED + (REFUSED_IN_PROCESS if whole_process else ()):
         rule(name, [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM)])
     out.append(Insn(_RET_K, 0, 0, _RET_ALLOW))
     return out
@@ -185,30 +205,66 @@ def supported() -> str | None:
     return None
 
 
-def confine_thread() -> bool:
-    """Install the filter on the calling thread (and the threads it starts from now on).
-    Irreversible. False where unsupported; raises OSError if the kernel refuses."""
-    if supported() is not None:
-        return False
-    insns = program(platform.machine())
+def _fprog(whole_process: bool) -> tuple[_SockFprog, ctypes.Array[_SockFilter]]:
+    insns = program(platform.machine(), whole_process)
     array = (_SockFilter * len(insns))(*(_SockFilter(i.code, i.jt, i.jf, i.k) for i in insns))
-    fprog = _SockFprog(len(insns), ctypes.cast(array, ctypes.POINTER(_SockFilter)))
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _SockFprog(len(insns), ctypes.cast(array, ctypes.POINTER(_SockFilter))), array
+
+
+def _no_new_privs(libc: ctypes.CDLL) -> None:
     prctl = libc.prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
     if prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def confine_thread() -> bool:
+    """Install the thread flavour on the calling thread (and the threads it starts from now
+    on). Irreversible. False where unsupported; raises OSError if the kernel refuses."""
+    if supported() is not None:
+        return False
+    fprog, _keep = _fprog(whole_process=False)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _no_new_privs(libc)
+    prctl = libc.prctl
     if prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
     return True
 
 
+def confine_process() -> bool:
+    """Install the model process's filter on every thread of the process at once (threads a
+    library started at import included). Irreversible. False where unsupported; raises OSError
+    if the kernel refuses (or a thread could not be synchronised)."""
+    if supported() is not None:
+        return False
+    fprog, _keep = _fprog(whole_process=True)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _no_new_privs(libc)  # TSYNC carries it to the other threads
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    number = _NUMBERS[platform.machine()]["seccomp"]
+    done = syscall(
+        ctypes.c_long(number),
+        ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+        ctypes.c_ulong(_SECCOMP_FILTER_FLAG_TSYNC),
+        ctypes.c_void_p(ctypes.addressof(fprog)),
+    )
+    if done != 0:
+        if done > 0:
+            raise OSError(errno.EBUSY, f"seccomp: thread {done} could not take the filter")
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER, TSYNC) failed")
+    return True
+
+
 def describe() -> str:
     return (
-        "seccomp: exec, fork and ptrace kill the process; network sockets and connect are refused"
+        "seccomp on every thread: exec, fork and ptrace kill the process; "
+        "no new sockets, bind, listen or connect"
     )
 
 
-def packed(machine: str) -> bytes:
+def packed(machine: str, whole_process: bool = False) -> bytes:
     """The filter as the kernel reads it (for tests and inspection)."""
-    return b"".join(struct.pack("<HBBI", i.code, i.jt, i.jf, i.k) for i in program(machine))
+    insns = program(machine, whole_process)
+    return b"".join(struct.pack("<HBBI", i.code, i.jt, i.jf, i.k) for i in insns)

@@ -1,42 +1,39 @@
-"""The worker: a process hosting one LiteRT model (perModel isolation) or several models of
-one origin (perOrigin), each behind its own data-path listener.
+"""The worker: the supervisor of the model processes of one LiteRT model (perModel isolation)
+or of several models of one origin (perOrigin).
 
 The control plane runs this class as a Ray actor (Ray gives us the process, its placement and
-its lifecycle); the tensors of inference requests bypass Ray and arrive on the worker's own Unix
-socket (`worker_server`). Loading happens in `load`, not in the constructor, so a model that
-LiteRT rejects comes back as a readable error while the process is still alive to say so. The
-worker remembers whom it serves (`info`), so a restarted control plane can adopt it. Before
-the first model is parsed, the process limits itself (`process_limits`).
+its lifecycle). It parses no model: it fetches each model into the node's cache, makes the
+model's data-path listener and hands both to a model process of its own (`model_process`), a
+fresh interpreter sandboxed before it parses the file, which the gateway then talks to
+directly. A model that LiteRT rejects (or that kills its process while loading) comes back as a
+readable error while the worker is alive to say so. The worker remembers whom it serves
+(`info`), so a restarted control plane can adopt it. A model process that dies while serving
+takes its worker with it, so the control plane sees the death as before and replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import ray
 
-from modelloader_workers import process_limits, sandbox
-from modelloader_workers.accelerated_runner import Execution, load_runner
-from modelloader_workers.batch_runner import check_batchable
 from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.fetching import FetchedModel, SourceError, SourcePolicy, SourceRequest
 from modelloader_workers.fetching.fetch_process import fetch_on_node
 from modelloader_workers.fetching.node_cache import Lease
-from modelloader_workers.gc_pauses import freeze_long_lived
-from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError, Runner
+from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.model_process import ModelProcess, ProcessLoad
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.wire.placement import Placement
 from modelloader_workers.wire.signature import Signature
-from modelloader_workers.worker_server import WorkerServer
+from modelloader_workers.worker_server import listen
 
 log = logging.getLogger(__name__)
 
@@ -91,57 +88,6 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-T = TypeVar("T")
-
-
-def _confine() -> bool:
-    """Whether the calling thread now runs under the sandbox."""
-    if sandbox.confine_thread():
-        return True
-    reason = sandbox.supported()
-    if reason is not None and "turned off" not in reason:
-        log.warning("models run without a seccomp sandbox: %s", reason)
-    return False
-
-
-def _in_sandbox(work: Callable[[], T]) -> tuple[T, bool]:
-    """Run `work` (parsing a tenant's model) in a fresh thread confined by the sandbox: the
-    actor's own thread keeps talking to Ray unconfined, and threads the work starts (the
-    interpreter's pool) inherit the filter. Also says whether the sandbox was installed."""
-    result: list[T] = []
-    confined: list[bool] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            confined.append(_confine())
-            result.append(work())
-        except BaseException as error:  # handed to the caller's thread
-            failure.append(error)
-
-    thread = threading.Thread(target=run, name="model-load", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0], confined[0]
-
-
-def _load(request: LoadRequest, model_path: str) -> tuple[Runner, Execution]:
-    loaded = load_runner(
-        model_path,
-        request.threads,
-        request.accelerator,
-        request.delegation,
-        request.delegate,
-        request.precision,
-    )
-    if request.batching is not None:
-        # Runs the model: in the sandbox, as the load does.
-        check_batchable(loaded[0], request.batching.max_batch_size)
-    return loaded
-
-
 def _fetch(request: LoadRequest) -> tuple[FetchedModel, Lease]:
     """The model's file in this node's cache, held (see `node_cache`) until it is unloaded.
     A file evicted between the fetch and the hold is fetched once more."""
@@ -170,76 +116,78 @@ def _fetch(request: LoadRequest) -> tuple[FetchedModel, Lease]:
 
 @dataclass
 class _Hosted:
-    server: WorkerServer
+    process: ModelProcess
     info: LoadedInfo
-    budget: int  # bytes of address space this model may take
     lease: Lease  # keeps the node's cache from evicting the file while it is served
+    socket_path: str | None  # the listener's file, removed when the model is unloaded
+
+
+def _die_with(how: str) -> None:
+    """A model process died while serving: the worker goes too, so the control plane sees a
+    death and replaces it, as it did when the model ran in the worker's own process."""
+    log.error("%s: the worker exits", how)
+    logging.shutdown()
+    os._exit(1)
 
 
 class ModelWorker:
     def __init__(self) -> None:
         self._hosted: dict[str, _Hosted] = {}
-        self._baseline = 0  # the address space before the first model; 0 until then
-        self.hardening: list[str] = []
+        # A warm model process: a warm worker's first model skips the interpreter's start.
+        self._spare: ModelProcess | None = ModelProcess.start()
 
     def load(self, request: LoadRequest) -> LoadedInfo:
         hosted = self._hosted.get(request.model_id)
         if hosted is not None:
             return hosted.info  # idempotent: a retried call finds the model loaded
-        if not self.hardening:
-            self.hardening = process_limits.harden()
-            self._baseline = process_limits.address_space()
         fetched, lease = _fetch(request)
-        budget = process_limits.model_budget(request.memory_limit, request.threads)
-        limited = self._limit_memory(budget) if budget else False
+        process, self._spare = self._spare or ModelProcess.start(), None
+        listener, address = listen(request.listen)
+        socket_path = address.where if address.kind == "unix" else None
         try:
-            path = str(fetched.path)
-            (runner, execution), confined = _in_sandbox(lambda: _load(request, path))
-            server = WorkerServer(
-                runner, request.listen, thread_setup=_confine, batching=request.batching
+            loaded = process.load(
+                ProcessLoad(
+                    model=str(fetched.path),
+                    threads=request.threads,
+                    accelerator=request.accelerator,
+                    delegation=request.delegation,
+                    delegate=request.delegate,
+                    memory_limit=request.memory_limit,
+                    batching=request.batching,
+                    precision=request.precision,
+                ),
+                listener,
             )
-        except (ModelLoadError, MemoryError, OSError) as error:
+        except ModelLoadError:
+            process.stop()
             lease.release()
-            self._limit_memory(0)
-            text = str(error).strip() or type(error).__name__
-            if limited:
-                mib = request.memory_limit // process_limits.MiB
-                text += (
-                    f" (the model may use up to {mib} MiB of memory: "
-                    "raise spec.resources.memory if it needs more)"
-                )
-            raise ModelLoadError(text) from None
+            if socket_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(socket_path)
+            raise
+        finally:
+            listener.close()  # the model process has its own
         info = LoadedInfo(
             identity=request.identity,
-            signature=server.signature,
-            address=server.address.reachable_at(_node_ip()),
+            signature=loaded.signature,
+            address=address.reachable_at(_node_ip()),
             placement=Placement(
                 node=socket.gethostname(),
                 node_id=_node_id(),
-                accelerator=execution.accelerator,
-                delegate=execution.delegate,
-                pid=os.getpid(),
-                sandbox=sandbox.describe() if confined else "",
-                delegated_ops_share=execution.delegated_ops_share,
-                precision=execution.precision,
+                accelerator=loaded.accelerator,
+                delegate=loaded.delegate,
+                pid=process.pid,
+                sandbox=loaded.sandbox,
+                delegated_ops_share=loaded.delegated_ops_share,
+                precision=loaded.precision,
             ),
-            load_seconds=runner.load_seconds,
-            note=execution.note,
+            load_seconds=loaded.load_seconds,
+            note=loaded.note,
             model=fetched,
         )
-        # A collection must not stall a serving thread mid-request; the first load may
-        # collect first, later ones have models serving beside them.
-        freeze_long_lived(collect=not self._hosted)
-        self._hosted[request.model_id] = _Hosted(server, info, budget, lease)
+        self._hosted[request.model_id] = _Hosted(process, info, lease, socket_path)
+        process.watch(_die_with)
         return info
-
-    def _limit_memory(self, extra: int) -> bool:
-        """Room for the hosted models plus `extra`; unlimited while any model asks no limit."""
-        budgets = [h.budget for h in self._hosted.values()]
-        if 0 in budgets:
-            return False
-        total = sum(budgets) + extra
-        return process_limits.limit_memory(process_limits.MemoryBudget(self._baseline, total))
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
     # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).
@@ -252,9 +200,11 @@ class ModelWorker:
         """Stop serving one model; returns how many the process still hosts."""
         hosted = self._hosted.pop(model_id, None)
         if hosted is not None:
-            hosted.server.close()
+            hosted.process.stop()
             hosted.lease.release()
-            self._limit_memory(0)
+            if hosted.socket_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(hosted.socket_path)
         return len(self._hosted)
 
     @ray.method(enable_task_events=False)

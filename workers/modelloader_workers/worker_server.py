@@ -1,13 +1,13 @@
 """The worker's side of the data path: answers inference frames on a Unix (or TCP) socket.
 
-Runs in the worker process (the Ray actor), in a thread of its own, so requests never queue
-behind Ray's task machinery. One thread serves every connection to a model: it waits for any
-of them to have a frame, reads it, runs the interpreter and answers, then looks again. Nothing
-else in the process wakes while the interpreter runs: on a small machine every other thread
-scheduled beside the interpreter's stalls an invoke for far longer than it runs itself (a
-thread per connection cost about a quarter of the throughput under load: bench/RESULTS.md).
-Requests that arrive meanwhile wait in their sockets, and the gateway counts that wait
-(`queue_seconds`).
+Runs in the model process (`model_process`), in a thread of its own: the gateway talks to
+it directly, one hop, never through Ray. One thread serves every connection to a model: it
+waits for any of them to have a frame, reads it, runs the interpreter and answers, then looks
+again. Nothing else in the process wakes while the interpreter runs: on a small machine every
+other thread scheduled beside the interpreter's stalls an invoke for far longer than it runs
+itself (a thread per connection cost about a quarter of the throughput under load:
+bench/RESULTS.md). Requests that arrive meanwhile wait in their sockets, and the gateway
+counts that wait (`queue_seconds`).
 
 With `spec.batching` the same thread reads every request that is ready, holds them as the
 batching rules say (`batching.next_batch`: full, a preferred size, or the queue delay passed)
@@ -24,7 +24,6 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,18 +103,37 @@ def _whole_ms(timeout: float | None) -> float | None:
     return int(timeout * 1000) / 1000
 
 
+def listen(address: Address) -> tuple[socket.socket, Address]:
+    """A listening socket for a model's data path, and where it answers. `address` is a Unix
+    socket's path (one machine: `modelloader local`, tests) or a TCP host (a cluster: the
+    gateway runs on another node; the port is chosen here, and network policy lets only the
+    gateway in). Made by the supervisor and handed to the model process, which may make no
+    socket of its own."""
+    if address.kind == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.where)  # a stale socket of a worker that died before us
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address.where)
+        os.chmod(address.where, 0o600)  # only our user: the gateway runs as the same user
+        bound = address
+    else:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind((address.where, address.port))
+        host, port = listener.getsockname()[:2]
+        bound = Address("tcp", host, port)
+    listener.listen(128)
+    return listener, bound
+
+
 class WorkerServer:
     def __init__(
         self,
         runner: Runner,
-        listen: Address,
-        thread_setup: Callable[[], object] | None = None,
+        listen_at: Address | tuple[socket.socket, Address],
         batching: BatchPolicy | None = None,
     ) -> None:
-        """`listen` is a Unix socket's path (one machine: `modelloader local`, tests) or a
-        TCP host (a cluster: the gateway runs on another node; the port is chosen here, and
-        network policy lets only the gateway in). `thread_setup` runs first in the serving
-        thread (the sandbox). With `batching`, the runner must have passed
+        """Serves `runner` on a listener (see `listen`): one already made, with its address,
+        or made here from an address. With `batching`, the runner must have passed
         `batch_runner.check_batchable`."""
         self._runner = runner
         self._batching = batching
@@ -129,24 +147,15 @@ class WorkerServer:
         self._queued: list[_Queued] = []
         # Decided once: a check against a runtime protocol costs tens of microseconds.
         self._in_place = runner if isinstance(runner, InPlaceRunner) else None
-        self._thread_setup = thread_setup
+        # A socket file made here is removed here; one handed over is its maker's to remove.
         self.socket_path: str | None = None
-        if listen.kind == "unix":
-            self.socket_path = where = listen.where
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)  # a stale socket of a worker that died before us
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(where)
-            os.chmod(where, 0o600)  # only our user: the gateway runs as the same user
-            self.address = listen
-        else:
-            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind((listen.where, listen.port))
-            host, port = self._listener.getsockname()[:2]
-            self.address = Address("tcp", host, port)
-        self._listener.listen(128)
+        if isinstance(listen_at, Address):
+            listen_at = listen(listen_at)
+            if listen_at[1].kind == "unix":
+                self.socket_path = listen_at[1].where
+        self._listener, self.address = listen_at
         if not serve_at_default_priority():
-            log.info("the data path keeps Ray's worker niceness: no permission to raise it")
+            log.info("the data path keeps its inherited niceness: no permission to raise it")
         self._plans = Memo(self._plan)
         self._replies: Memo[tuple[Any, ...], bytes] = Memo()
         self._readers: dict[socket.socket, ipc.FrameReader] = {}
@@ -154,8 +163,6 @@ class WorkerServer:
         threading.Thread(target=self._serve, name="ipc-serve", daemon=True).start()
 
     def _serve(self) -> None:
-        if self._thread_setup is not None:
-            self._thread_setup()
         with selectors.DefaultSelector() as selector, contextlib.ExitStack() as cleanup:
             cleanup.callback(self._close_connections)
             selector.register(self._listener, selectors.EVENT_READ)

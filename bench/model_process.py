@@ -1,0 +1,201 @@
+"""The model process (issue 19): what its sandbox costs a request, and what a model costs in
+memory, measured side by side in one run:
+
+    .venv/bin/python bench/model_process.py [--calls 2000] [--models 10] [--no-write]
+
+1. Per-request cost. The same model served by the same data-path code (`WorkerServer`) two
+   ways, called alternately through the gateway's own worker links: as before this change (a
+   child process whose model-loading and serving threads run under the per-thread filter, as
+   they did inside the Ray worker) and now (a model process sandboxed whole: process-wide
+   seccomp with TSYNC, Landlock, the limits). The digits model and MobileNetV2 uint8.
+2. Memory. `modelloader local` with N perModel digits models: the proportional set size (PSS:
+   shared pages counted once) of each model's worker (the Ray actor, now the supervisor) and of
+   its model process.
+
+Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mobilenet
+from dataplane import MODEL_CACHE, machine, modelloader_local, versions, write_results
+from modelloader_gateway.worker_client import WorkerClients, request_prefix
+from modelloader_workers.model_process import ModelProcess, ProcessLoad
+from modelloader_workers.wire import ipc
+from modelloader_workers.wire.address import Address
+from modelloader_workers.worker_server import listen
+from replicas import pss_kib
+
+TITLE = "# The model process: a request's cost and a model's memory"
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "examples" / "01-digits" / "digits.tflite"
+
+# Before: the per-thread filter on the loading and serving threads of one process.
+THREAD_FILTERED = textwrap.dedent(
+    """
+    import sys, threading, time
+    from modelloader_workers import sandbox
+    from modelloader_workers.litert_runner import LiteRTRunner
+    from modelloader_workers.wire.address import Address
+    from modelloader_workers.worker_server import WorkerServer
+    made = []
+    def load():
+        assert sandbox.confine_thread()
+        made.append(WorkerServer(LiteRTRunner(sys.argv[1], 1), Address("unix", sys.argv[2])))
+    thread = threading.Thread(target=load)
+    thread.start(); thread.join()
+    print("ready", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def inputs_for(model: Path) -> dict[str, np.ndarray[Any, Any]]:
+    from modelloader_workers.litert_runner import LiteRTRunner
+
+    spec = LiteRTRunner(str(model)).signature.inputs[0]
+    shape = [1 if d < 0 else d for d in spec.shape]
+    dtype = np.uint8 if spec.datatype == "UINT8" else np.float32
+    return {spec.name: np.random.default_rng(0).integers(0, 255, shape).astype(dtype)}
+
+
+async def timed_calls(
+    addresses: dict[str, Address], inputs: dict[str, np.ndarray[Any, Any]], calls: int
+) -> dict[str, list[float]]:
+    clients = WorkerClients()
+    entries, buffers = ipc.describe(inputs)
+    prefix = request_prefix(entries, ())
+    times: dict[str, list[float]] = {k: [] for k in addresses}
+    loop = asyncio.get_running_loop()
+    try:
+        order = list(addresses.items())
+        for index in range(calls + 50):
+            order.reverse()  # neither always goes first
+            for name, address in order:
+                done: asyncio.Future[Any] = loop.create_future()
+                started = time.perf_counter()
+                clients.submit(address, prefix, buffers, done.set_result)
+                await done
+                if index >= 50:  # warm-up
+                    times[name].append((time.perf_counter() - started) * 1000)
+    finally:
+        clients.close()
+    return times
+
+
+def request_cost(model: Path, calls: int, work: Path) -> dict[str, list[float]]:
+    before_socket = work / f"before-{model.stem}.sock"
+    before = subprocess.Popen(
+        [sys.executable, "-c", THREAD_FILTERED, str(model), str(before_socket)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    process = ModelProcess.start()
+    try:
+        assert before.stdout is not None and before.stdout.readline().strip() == "ready"
+        listener, now_address = listen(Address("unix", str(work / f"now-{model.stem}.sock")))
+        process.load(ProcessLoad(model=str(model)), listener)
+        listener.close()
+        addresses = {"before": Address("unix", str(before_socket)), "now": now_address}
+        return asyncio.run(timed_calls(addresses, inputs_for(model), calls))
+    finally:
+        process.stop()
+        before.kill()
+        before.wait()
+
+
+def memory(models: int, work: Path) -> list[tuple[int, int]]:
+    """(supervisor PSS, model process PSS) in KiB for each of `models` perModel models."""
+    shutil.copy(DIGITS, work / "digits.tflite")
+    names = {f"m{i:02d}": "digits.tflite" for i in range(models)}
+    with modelloader_local(work, names) as (_port, state_dir, _seconds, _pid):
+        from modelloader import control_channel
+
+        time.sleep(3.0)  # settled: the loads' transient memory returned
+        items = control_channel.fetch(state_dir)["items"]
+        out = []
+        for item in items:
+            pid = int(item["status"]["placement"]["pid"])
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            out.append((pss_kib(parent), pss_kib(pid)))
+        return out
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mlmp-", dir="/tmp"))
+    mobilenet_uint8 = mobilenet.build(MODEL_CACHE)["uint8"]
+    rows = []
+    for label, model in (("digits", DIGITS), ("MobileNetV2 uint8", mobilenet_uint8)):
+        print("request cost", label, flush=True)
+        times = request_cost(model, args.calls, work)
+        b, n = times["before"], times["now"]
+        rows.append(
+            f"| {label} | {p(b, 50):.3f} / {p(b, 99):.3f} | {p(n, 50):.3f} / {p(n, 99):.3f} "
+            f"| {p(n, 50) - p(b, 50):+.3f} |"
+        )
+    print("memory", flush=True)
+    sizes = memory(args.models, work)
+    supervisors = [s for s, _ in sizes]
+    children = [c for _, c in sizes]
+    mib = 1024.0
+    section = "\n".join(
+        [
+            TITLE,
+            "",
+            f"Machine: {machine()}. Versions: {versions()}.",
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+            f"Command: `.venv/bin/python bench/model_process.py --calls {args.calls} "
+            f"--models {args.models}`.",
+            "",
+            f"## A request's round trip, worker alone (ms, p50 / p99, {args.calls} calls each, "
+            "alternating)",
+            "",
+            "| model | before: thread-filtered | now: model process | p50 difference |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"## Memory of {args.models} perModel digits models (PSS, MiB, median)",
+            "",
+            "| part | PSS |",
+            "| --- | --- |",
+            f"| the worker (Ray actor, supervisor) | {statistics.median(supervisors) / mib:.1f} |",
+            f"| its model process | {statistics.median(children) / mib:.1f} |",
+            f"| a model, both together | {statistics.median(s + c for s, c in sizes) / mib:.1f} |",
+            "",
+        ]
+    )
+    print(section)
+    if not args.no_write:
+        write_results(section, TITLE)
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"sizes_kib": sizes}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""The model process: a fresh interpreter that holds one tenant model and its data-path
+listener, and nothing else.
+
+The worker (the Ray actor, `worker`) is the supervisor: it fetches the model, makes the
+listener, and starts one model process per model it hosts (`ModelProcess.start`). The child is
+not a fork of the Ray worker: a new `python -m modelloader_workers.model_process` with a clean
+environment (no Ray token, no service-account token, nothing of the worker's but where programs
+and libraries are) and no descriptors but its control socket. It imports LiteRT, then waits for
+its one load (so a warm worker keeps a warm model process). The load arrives on the control
+socket with the listener's descriptor; before it parses the model the child:
+
+1. limits itself (`process_limits`: no core dumps, not dumpable, open files, address space);
+2. restricts the file system (`landlock`): its model, Python and the system's libraries;
+3. installs the seccomp filter on every thread (`sandbox.confine_process`): no exec, no fork,
+   no ptrace, no new sockets, no connect;
+
+then loads the model, answers what it loaded (JSON: the supervisor never unpickles what a
+process that parsed a tenant's file says), and serves the data path on the listener until the
+control socket closes (the model unloaded, or the supervisor gone: it also dies with its
+parent). The gateway talks to it directly: one hop, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelloader_workers import landlock, litert_runner, process_limits, sandbox
+from modelloader_workers.batching import BatchPolicy
+from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.wire.signature import Signature
+
+MODULE = "modelloader_workers.model_process"
+# What the child keeps of the worker's environment: where programs and libraries are, and
+# what selects an accelerator (Ray sets CUDA_VISIBLE_DEVICES for a GPU actor).
+KEPT_ENVIRONMENT = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "VK_ICD_FILENAMES",
+    "MODELLOADER_SANDBOX",
+)
+# A control message: the load's settings, or the reply with a model's signature.
+MESSAGE_BYTES = 1 << 20
+STOP_SECONDS = 5.0
+WARM_IMPORTS = (
+    "modelloader_workers.accelerated_runner",
+    "modelloader_workers.batch_runner",
+    "modelloader_workers.worker_server",
+)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ProcessLoad:
+    """What the model process is told to load, as the supervisor decided it."""
+
+    model: str  # the file's path in the node's cache
+    threads: int = 1
+    accelerator: str = "cpu"
+    delegation: str = "partitioned"
+    delegate: ExternalDelegate | None = None
+    memory_limit: int = 0  # bytes the model may add to the process; 0: unlimited
+    batching: BatchPolicy | None = None
+    precision: str = "fp32"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ProcessLoad:
+        delegate = data.get("delegate")
+        batching = data.get("batching")
+        return ProcessLoad(
+            model=str(data["model"]),
+            threads=int(data["threads"]),
+            accelerator=str(data["accelerator"]),
+            delegation=str(data["delegation"]),
+            delegate=(
+                ExternalDelegate(
+                    str(delegate["path"]), tuple((str(k), str(v)) for k, v in delegate["options"])
+                )
+                if delegate
+                else None
+            ),
+            memory_limit=int(data["memory_limit"]),
+            batching=(
+                BatchPolicy(
+                    int(batching["max_batch_size"]),
+                    float(batching["max_queue_delay_seconds"]),
+                    tuple(int(n) for n in batching["preferred_batch_sizes"]),
+                )
+                if batching
+                else None
+            ),
+            precision=str(data["precision"]),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessLoaded:
+    """What a model process says it loaded. Read from an untrusted process: plain data."""
+
+    signature: Signature
+    accelerator: str
+    delegate: str
+    delegated_ops_share: float | None
+    note: str
+    precision: str
+    load_seconds: float
+    sandbox: str  # what confines it ("": nothing could)
+
+
+class ModelProcess:
+    """The supervisor's handle on one model process."""
+
+    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+        self._process = process
+        self._control = control
+        self._stopping = False
+        self._loaded = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @staticmethod
+    def start(
+        entry: str = MODULE, args: Sequence[str] = (), python_path: Sequence[str] = ()
+    ) -> ModelProcess:
+        """A new model process, importing LiteRT while it waits for its load. Tests start a
+        probe instead (`entry`, `args`, and where it is imported from: `python_path`) that
+        sandboxes itself the same way."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        environment = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
+        package_root = str(Path(__file__).resolve().parent.parent)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-s", "-P", "-m", entry, str(theirs.fileno()), *args],
+                env=environment | {"PYTHONPATH": ":".join([package_root, *python_path])},
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                close_fds=True,
+                cwd="/",
+            )
+        finally:
+            theirs.close()
+        return ModelProcess(process, ours)
+
+    @property
+    def control(self) -> socket.socket:
+        """The supervisor's end of the control socket (tests talk to a probe on it)."""
+        return self._control
+
+    def load(self, request: ProcessLoad, listener: socket.socket) -> ProcessLoaded:
+        """Hand over the listener and load; raises ModelLoadError with the child's reason, or
+        how it died."""
+        message = json.dumps({"load": request.to_json()}).encode()
+        try:
+            socket.send_fds(self._control, [message], [listener.fileno()])
+            answer = self._control.recv(MESSAGE_BYTES)
+        except OSError:
+            answer = b""
+        if not answer:
+            raise ModelLoadError(self._death())
+        try:
+            reply = json.loads(answer)
+            if "error" in reply:
+                raise ModelLoadError(str(reply["error"])[:2000])
+            loaded = ProcessLoaded(
+                signature=Signature.from_dict(reply["signature"]),
+                accelerator=str(reply["accelerator"]),
+                delegate=str(reply["delegate"]),
+                delegated_ops_share=(
+                    None
+                    if reply["delegated_ops_share"] is None
+                    else float(reply["delegated_ops_share"])
+                ),
+                note=str(reply["note"])[:2000],
+                precision=str(reply["precision"]),
+                load_seconds=float(reply["load_seconds"]),
+                sandbox=str(reply["sandbox"])[:500],
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            self.stop()
+            raise ModelLoadError(f"the model process answered nonsense: {error}") from None
+        self._loaded = True
+        return loaded
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status, once it ends (a signal's as its negative number)."""
+        return self._process.wait(timeout)
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Call `on_death(how)` from a thread of its own if the process ends while serving
+        (not after `stop`)."""
+
+        def wait() -> None:
+            self._process.wait()
+            if not self._stopping:
+                on_death(self._death())
+
+        threading.Thread(target=wait, name=f"model-process-{self.pid}", daemon=True).start()
+
+    def stop(self) -> None:
+        """End it: the control socket closes, the child stops serving and exits; killed if it
+        does not within STOP_SECONDS."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._control.close()
+        try:
+            self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _death(self) -> str:
+        try:
+            code = self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            return "the model process stopped answering and was killed"
+        when = "while serving" if self._loaded else "while loading the model"
+        if code >= 0:
+            return f"the model process exited {when} (status {code})"
+        name = signal.Signals(-code).name
+        if -code == signal.SIGSYS:
+            return (
+                f"the model process was killed {when} by its sandbox (SIGSYS): the model "
+                "tried a forbidden system call (exec, fork or ptrace)"
+            )
+        return f"the model process was killed {when} by {name}"
+
+
+# The child's side.
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the supervisor died before the line above
+        os._exit(0)
+
+
+def enter_sandbox(request: ProcessLoad) -> tuple[str, bool]:
+    """Everything a model process does to itself before it parses a tenant's model. Returns
+    what confines it and whether its memory is limited."""
+    process_limits.harden()
+    limited = False
+    budget = process_limits.model_budget(request.memory_limit, request.threads)
+    if budget:
+        baseline = process_limits.address_space()
+        limited = process_limits.limit_memory(process_limits.MemoryBudget(baseline, budget))
+    libraries = [str(Path(request.delegate.path).parent)] if request.delegate else []
+    rules = landlock.rules(request.model, landlock.python_paths(), libraries, request.accelerator)
+    confined = [landlock.restrict(rules)]
+    if sandbox.confine_process():
+        confined.insert(0, sandbox.describe())
+    elif (reason := sandbox.supported()) is not None and "turned off" not in reason:
+        print(f"models run without a seccomp sandbox: {reason}", file=sys.stderr)
+    return "; ".join(c for c in confined if c), limited
+
+
+def _load(request: ProcessLoad, listener: socket.socket) -> tuple[Any, dict[str, Any]]:
+    from modelloader_workers.accelerated_runner import load_runner
+    from modelloader_workers.batch_runner import check_batchable
+    from modelloader_workers.wire.address import Address
+    from modelloader_workers.worker_server import WorkerServer
+
+    confinement, limited = enter_sandbox(request)
+    try:
+        runner, execution = load_runner(
+            request.model,
+            request.threads,
+            request.accelerator,
+            request.delegation,
+            request.delegate,
+            request.precision,
+        )
+        if request.batching is not None:
+            check_batchable(runner, request.batching.max_batch_size)
+        # Where it answers is the supervisor's to say: the listener is all the child needs.
+        server = WorkerServer(runner, (listener, Address("tcp", "", 0)), request.batching)
+    except (ModelLoadError, MemoryError, OSError) as error:
+        text = str(error).strip() or type(error).__name__
+        if limited:
+            mib = request.memory_limit // process_limits.MiB
+            text += (
+                f" (the model may use up to {mib} MiB of memory: "
+                "raise spec.resources.memory if it needs more)"
+            )
+        return None, {"error": text}
+    return server, {
+        "signature": server.signature.to_dict(),
+        "accelerator": execution.accelerator,
+        "delegate": execution.delegate,
+        "delegated_ops_share": execution.delegated_ops_share,
+        "note": execution.note,
+        "precision": execution.precision,
+        "load_seconds": runner.load_seconds,
+        "sandbox": confinement,
+    }
+
+
+def receive_load(control: socket.socket) -> tuple[ProcessLoad, socket.socket] | None:
+    """The one load this process gets, with its listener; None if the supervisor went away."""
+    message, fds, _flags, _address = socket.recv_fds(control, MESSAGE_BYTES, 1)
+    if not message or not fds:
+        return None
+    listener = socket.socket(fileno=fds[0])
+    return ProcessLoad.from_json(json.loads(message)["load"]), listener
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    control = socket.socket(fileno=int(argv[1]))
+    # Imported while waiting for the load: a warm process has paid for them.
+    for module in WARM_IMPORTS:
+        importlib.import_module(module)
+    litert_runner.preload()
+    from modelloader_workers.gc_pauses import freeze_long_lived
+
+    received = receive_load(control)
+    if received is None:
+        return 0
+    request, listener = received
+    server, reply = _load(request, listener)
+    control.send(json.dumps(reply).encode())
+    if server is None:
+        return 0
+    freeze_long_lived(collect=True)
+    while control.recv(16):  # nothing is sent after the load: this waits for the close
+        pass
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
