@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply
-from modelloader_workers import landlock, sandbox
-from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers import landlock, model_process, sandbox
+from modelloader_workers.litert_runner import LiteRTRunner, ModelLoadError
 from modelloader_workers.model_process import ModelProcess, ProcessLoad
 from modelloader_workers.wire.address import Address
 from modelloader_workers.worker_server import listen
@@ -138,3 +138,13 @@ def test_exec_and_fork_kill_the_model_process(
     process = start_probe(attempt, model, tcp_listener[0])
     assert json.loads(process.control.recv(1024)) == {"about": attempt}
     assert process.wait(30) == -signal.SIGSYS
+
+
+def test_a_load_that_never_ends_is_stopped_with_a_message(
+    model: Path, tcp_listener: tuple[socket.socket, Address], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_process, "LOAD_SECONDS", 1.0)
+    process = ModelProcess.start(PROBE, ["hang"], [str(REPO)])
+    with pytest.raises(ModelLoadError, match="did not load within 1 s"):
+        process.load(ProcessLoad(model=str(model)), tcp_listener[0])
+    assert process.wait(5) == -signal.SIGKILL  # it ignored the close: killed

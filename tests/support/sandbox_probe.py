@@ -6,7 +6,7 @@ model would and reports each outcome on the control socket as JSON.
 
 ATTEMPT `report` runs every harmless attempt (files, sockets, connect to ARG's port, the
 environment) and answers on one connection to the listener; `exec` and `fork` try to start a
-process (the filter kills the probe for it).
+process (the filter kills the probe for it); `hang` never answers, as a parse that spins.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 from modelloader_workers.model_process import enter_sandbox, receive_load
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> int:
     extra = json.loads(argv[3]) if len(argv) > 3 else {}
     early = socket.socket(socket.AF_INET)  # made before the sandbox: may it still connect?
     sandbox, _limited = enter_sandbox(request)
+    if attempt == "hang":  # a parse that never ends
+        time.sleep(3600)
     if attempt == "exec":
         control.send(b'{"about": "exec"}')
         os.execv("/bin/true", ["true"])

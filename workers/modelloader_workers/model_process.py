@@ -61,6 +61,9 @@ KEPT_ENVIRONMENT = (
 # A control message: the load's settings, or the reply with a model's signature.
 MESSAGE_BYTES = 1 << 20
 STOP_SECONDS = 5.0
+# A parse that spins (a hostile file, a runtime that hangs) must not hold its LoadedModel in
+# Loading for ever; compiling a large model for an accelerator takes minutes at most.
+LOAD_SECONDS = 600.0
 WARM_IMPORTS = (
     "modelloader_workers.accelerated_runner",
     "modelloader_workers.batch_runner",
@@ -174,11 +177,20 @@ class ModelProcess:
         """Hand over the listener and load; raises ModelLoadError with the child's reason, or
         how it died."""
         message = json.dumps({"load": request.to_json()}).encode()
+        self._control.settimeout(LOAD_SECONDS)
         try:
             socket.send_fds(self._control, [message], [listener.fileno()])
             answer = self._control.recv(MESSAGE_BYTES)
+        except TimeoutError:
+            self.stop()
+            raise ModelLoadError(
+                f"the model did not load within {LOAD_SECONDS:g} s (its process was stopped)"
+            ) from None
         except OSError:
             answer = b""
+        finally:
+            with contextlib.suppress(OSError):
+                self._control.settimeout(None)
         if not answer:
             raise ModelLoadError(self._death())
         try:

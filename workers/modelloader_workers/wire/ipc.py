@@ -31,7 +31,6 @@ per-element work and no copies beyond the socket read itself.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -40,9 +39,12 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import asyncio
 
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.tensor_types import UnsupportedDatatype, numpy_dtype, v2_datatype
@@ -362,6 +364,8 @@ class WorkerLink:
         cls, address: Address, on_close: Callable[[], None] | None = None
     ) -> WorkerLink:
         """Connect to a worker's data-path listener; raises OSError."""
+        import asyncio  # here: the model process, which imports this module, never pays for it
+
         loop = asyncio.get_running_loop()
         if address.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
