@@ -11,6 +11,10 @@ memory, measured side by side in one run:
 2. Memory. `modelloader local` with N perModel digits models: the proportional set size (PSS:
    shared pages counted once) of each model's worker (the Ray actor, now the supervisor) and of
    its model process.
+3. Scale (`--scale-models`, over `--scale-origins`): perModel digits models applied at once to
+   one `modelloader local`; the seconds until every one is Ready, how long `modelloader status`
+   (its control channel) takes to answer, asked every half second meanwhile, and the PSS of the
+   whole tree once they are Ready.
 
 Writes its section of bench/RESULTS.md.
 """
@@ -138,6 +142,54 @@ def memory(models: int, work: Path) -> list[tuple[int, int]]:
         return out
 
 
+def scale(models: int, origins: int, work: Path) -> dict[str, Any]:
+    """Every model applied at once; Ready times, the control channel's answers meanwhile."""
+    from modelloader import control_channel
+    from replicas import node_pss
+
+    folder = work / "scale"
+    folder.mkdir()
+    shutil.copy(DIGITS, folder / "digits.tflite")
+    documents = [
+        json.dumps(
+            {
+                "apiVersion": "modelloader.dev/v1alpha1",
+                "kind": "LoadedModel",
+                "metadata": {"name": f"m{i:03d}", "namespace": f"o{i % origins:02d}"},
+                "spec": {"source": {"uri": "file://digits.tflite"}, "accelerator": "cpu"},
+            }
+        )
+        for i in range(models)
+    ]
+    with modelloader_local(folder, {}) as (_port, state_dir, _seconds, pid):
+        applied = time.monotonic()
+        (folder / "all.yaml").write_text("\n---\n".join(documents))
+        answers: list[float] = []
+        ready = 0
+        deadline = applied + 900
+        while time.monotonic() < deadline:
+            asked = time.monotonic()
+            try:
+                items = control_channel.fetch(state_dir, timeout=60)["items"]
+            except control_channel.ControlUnavailable:
+                items = []
+            answers.append(time.monotonic() - asked)
+            ready = sum(1 for i in items if i["status"].get("phase") == "Ready")
+            if ready == models:
+                break
+            time.sleep(0.5)
+        seconds = time.monotonic() - applied
+        time.sleep(3.0)
+        return {
+            "ready": ready,
+            "seconds": seconds,
+            "status_p50": statistics.median(answers),
+            "status_max": max(answers),
+            "status_asked": len(answers),
+            "tree_mib": node_pss(pid) / 1024,
+        }
+
+
 def p(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -146,6 +198,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--scale-models", type=int, default=100)
+    parser.add_argument("--scale-origins", type=int, default=10)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlmp-", dir="/tmp"))
@@ -161,6 +215,8 @@ def main() -> None:
         )
     print("memory", flush=True)
     sizes = memory(args.models, work)
+    print("scale", flush=True)
+    grown = scale(args.scale_models, args.scale_origins, work)
     supervisors = [s for s, _ in sizes]
     children = [c for _, c in sizes]
     mib = 1024.0
@@ -171,7 +227,8 @@ def main() -> None:
             f"Machine: {machine()}. Versions: {versions()}.",
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
             f"Command: `.venv/bin/python bench/model_process.py --calls {args.calls} "
-            f"--models {args.models}`.",
+            f"--models {args.models} --scale-models {args.scale_models} "
+            f"--scale-origins {args.scale_origins}`.",
             "",
             f"## A request's round trip, worker alone (ms, p50 / p99, {args.calls} calls each, "
             "alternating)",
@@ -187,6 +244,17 @@ def main() -> None:
             f"| the worker (Ray actor, supervisor) | {statistics.median(supervisors) / mib:.1f} |",
             f"| its model process | {statistics.median(children) / mib:.1f} |",
             f"| a model, both together | {statistics.median(s + c for s, c in sizes) / mib:.1f} |",
+            "",
+            f"## {args.scale_models} perModel models over {args.scale_origins} origins, "
+            "applied at once",
+            "",
+            "| what | measured |",
+            "| --- | --- |",
+            f"| Ready | {grown['ready']} of {args.scale_models} after {grown['seconds']:.1f} s |",
+            f"| `modelloader status` meanwhile ({grown['status_asked']} asks) | p50 "
+            f"{grown['status_p50']:.3f} s, slowest {grown['status_max']:.3f} s |",
+            f"| every process of `modelloader local` (PSS) | {grown['tree_mib']:.0f} MiB, "
+            f"{grown['tree_mib'] / max(1, grown['ready']):.1f} MiB per model |",
             "",
         ]
     )

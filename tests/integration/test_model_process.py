@@ -148,3 +148,16 @@ def test_a_load_that_never_ends_is_stopped_with_a_message(
     with pytest.raises(ModelLoadError, match="did not load within 1 s"):
         process.load(ProcessLoad(model=str(model)), tcp_listener[0])
     assert process.wait(5) == -signal.SIGKILL  # it ignored the close: killed
+
+
+@pytest.mark.parametrize(
+    ("attempt", "message"),
+    [("nonsense", "answered nonsense: RecursionError"), ("big", "x" * 2000 + "$")],
+)
+def test_what_a_hostile_process_answers_fails_only_its_load(
+    attempt: str, message: str, model: Path, tcp_listener: tuple[socket.socket, Address]
+) -> None:
+    process = ModelProcess.start(PROBE, [attempt], [str(REPO)])
+    with pytest.raises(ModelLoadError, match=message):
+        process.load(ProcessLoad(model=str(model)), tcp_listener[0])
+    assert process.wait(5) is not None  # stopped, and reaped

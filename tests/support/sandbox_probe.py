@@ -6,7 +6,8 @@ model would and reports each outcome on the control socket as JSON.
 
 ATTEMPT `report` runs every harmless attempt (files, sockets, connect to ARG's port, the
 environment) and answers on one connection to the listener; `exec` and `fork` try to start a
-process (the filter kills the probe for it); `hang` never answers, as a parse that spins.
+process (the filter kills the probe for it); `hang` never answers, as a parse that spins;
+`nonsense` and `big` answer what a hostile process might.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from modelloader_workers.model_process import enter_sandbox, receive_load
+from modelloader_workers.model_process import enter_sandbox, receive_load, send_message
 
 
 def _outcome(attempt: Any) -> str:
@@ -45,6 +46,12 @@ def main(argv: list[str]) -> int:
     sandbox, _limited = enter_sandbox(request)
     if attempt == "hang":  # a parse that never ends
         time.sleep(3600)
+    if attempt == "nonsense":  # a reply made to break the supervisor's parser
+        send_message(control, b"[" * 100_000 + b"]" * 100_000)
+        return 0
+    if attempt == "big":  # a reply past a SEQPACKET message's size
+        send_message(control, json.dumps({"error": "x" * 500_000}).encode())
+        return 0
     if attempt == "exec":
         control.send(b'{"about": "exec"}')
         os.execv("/bin/true", ["true"])

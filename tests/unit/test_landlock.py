@@ -25,13 +25,22 @@ def test_a_cpu_model_reads_its_model_python_and_libraries_and_writes_nothing() -
 
 
 def test_an_accelerator_adds_its_devices_and_a_delegate_its_folder() -> None:
-    rules = granted(landlock.rules("/m.tflite", [], ["/opt/vendor/lib"], accelerator="gpu"))
-    assert rules["/dev"] == READ_WRITE and rules["/sys"] == READ
+    rules = granted(
+        landlock.rules(
+            "/m.tflite", [], ["/opt/vendor/lib"], accelerator="gpu", devices=["/dev/nvidia0"]
+        )
+    )
+    assert rules["/dev/nvidia0"] == READ_WRITE and rules["/sys/devices"] == READ
+    assert "/dev" not in rules and "/dev/shm" not in rules and "/sys" not in rules
     assert rules["/opt/vendor/lib"] == READ
 
 
-def test_the_root_is_never_a_python_path() -> None:
-    assert "/" not in landlock.python_paths()
+def test_the_root_and_relative_paths_grant_nothing() -> None:
+    # A delegate named without a folder ("libedgetpu.so.1") has "." for its folder; a
+    # `python -m` run from "/" has "/" on its path: either would open everything.
+    rules = granted(landlock.rules("/m.tflite", ["/", "/venv/"], [".", "lib", "//"]))
+    assert not [p for p in rules if not p.startswith("/") or p.strip("/") == ""]
+    assert "/venv/" in rules
 
 
 def test_what_each_abi_refuses() -> None:

@@ -89,17 +89,18 @@ def test_exec_fork_and_ptrace_kill_the_process(attempt: str) -> None:
 @pytest.mark.parametrize("whole_process", [False, True])
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_every_jump_lands_inside_the_program(machine: str, whole_process: bool) -> None:
-    insns = sandbox.program(machine, whole_process)
+    insns = sandbox.program(machine, whole_process, own_pid=4242)
     for index, insn in enumerate(insns):
         if insn.code & 0x07 == 0x05:  # a jump
             assert index + 1 + max(insn.jt, insn.jf) < len(insns)
     assert insns[-1].code == 0x06  # ends in a return
-    assert len(sandbox.packed(machine, whole_process)) == 8 * len(insns)
+    assert len(sandbox.packed(machine, whole_process, 4242)) == 8 * len(insns)
 
 
 def test_the_process_wide_filter_binds_threads_started_before_it() -> None:
-    """A model process's filter (TSYNC): threads a library started at import are bound too,
-    and no socket of any family may be made."""
+    """A model process's filter (TSYNC): threads a library started at import are bound too; no
+    socket of any family may be made; another process may not be signalled, reprioritised,
+    pinned or limited, while the process may do all of that to itself."""
     done = subprocess.run(
         [
             sys.executable,
@@ -119,8 +120,27 @@ def test_the_process_wide_filter_binds_threads_started_before_it() -> None:
                             seen.append("refused")
                 thread = threading.Thread(target=earlier)
                 thread.start()
+                import os, signal, subprocess, sys
+                sibling = subprocess.Popen(
+                    ["sleep", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
                 assert sandbox.confine_process()
                 go.set(); thread.join()
+                for attempt in (
+                    lambda: os.kill(sibling.pid, signal.SIGTERM),
+                    lambda: os.kill(0, 0),
+                    lambda: os.setpriority(os.PRIO_PROCESS, sibling.pid, 19),
+                    lambda: os.sched_setaffinity(sibling.pid, {0}),
+                    lambda: __import__("resource").prlimit(sibling.pid, 7, (3, 3)),
+                ):
+                    try:
+                        attempt()
+                        seen.append("allowed")
+                    except PermissionError:
+                        seen.append("refused")
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # on itself: allowed
+                os.sched_setaffinity(0, os.sched_getaffinity(0))
+                os.kill(os.getpid(), 0)
                 print(seen)
                 """
             ),
@@ -130,7 +150,7 @@ def test_the_process_wide_filter_binds_threads_started_before_it() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['refused', 'refused']"
+    assert done.stdout.strip() == str(["refused"] * 7)
 
 
 def test_this_machine_is_covered() -> None:

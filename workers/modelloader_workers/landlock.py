@@ -8,15 +8,17 @@ writes no file but /dev/null, and, on an accelerator, the device nodes the drive
 the kernel's Landlock is new enough it also refuses TCP bind and connect, abstract Unix
 sockets and signals to processes outside the sandbox (ABI 4 and 6).
 
-`rules` is the pure part (which paths, with which rights); `restrict` applies them to the
-calling process, all threads, irreversibly (Landlock applies to the threads created after it;
-the model process calls it before it starts any of its own).
+`rules` is the pure part (which paths, with which rights); `restrict` applies them,
+irreversibly, to the calling thread and every thread it starts afterwards, not to threads
+already running: the model process checks it is a single thread before it calls it
+(`model_process.enter_sandbox`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import platform
 import stat
@@ -53,12 +55,18 @@ SYSTEM_READS = (
     "/etc/localtime",
     "/proc/cpuinfo",
     "/sys/devices/system/cpu",
-    "/sys/fs/cgroup",
     "/dev/urandom",
 )
-# Where GPU and NPU runtimes look: device nodes, Vulkan ICDs, PCI topology.
-ACCELERATOR_READ_WRITES = ("/dev",)
-ACCELERATOR_READS = ("/etc/vulkan", "/usr/share/vulkan", "/sys")
+# Where GPU and NPU runtimes look: their device nodes (not all of /dev: /dev/shm, ttys),
+# Vulkan ICDs, PCI topology.
+ACCELERATOR_DEVICES = ("/dev/nvidia*", "/dev/dri", "/dev/accel", "/dev/kfd", "/dev/apex_*")
+ACCELERATOR_READS = (
+    "/etc/vulkan",
+    "/usr/share/vulkan",
+    "/sys/bus/pci",
+    "/sys/devices",
+    "/sys/class",
+)
 
 
 @dataclass(frozen=True)
@@ -72,28 +80,34 @@ def rules(
     python_paths: Iterable[str],
     libraries: Iterable[str] = (),
     accelerator: str = "cpu",
+    devices: Iterable[str] = (),
     own_proc: str = "/proc/self",
 ) -> list[Rule]:
     """What a model process may reach: its model (read), Python and the packages it runs
     (`python_paths`: its prefixes and import path), extra `libraries` (a delegate's folder),
-    the system's libraries, its own /proc entry, and on an accelerator the devices."""
+    the system's libraries, its own /proc entry, and on an accelerator its `devices` (see
+    `accelerator_devices`). A path that is relative, or the root, grants nothing: either
+    would open far more than it names."""
     out = [Rule(model, READ_FILE)]
     out += [Rule(p, READ) for p in dict.fromkeys([*python_paths, *libraries, *SYSTEM_READS])]
     out += [Rule(own_proc, READ), Rule("/dev/null", READ_FILE | WRITE_FILE)]
     if accelerator != "cpu":
         out += [Rule(p, READ) for p in ACCELERATOR_READS]
-        out += [Rule(p, READ_WRITE) for p in ACCELERATOR_READ_WRITES]
-    return out
+        out += [Rule(p, READ_WRITE) for p in devices]
+    return [r for r in out if os.path.isabs(r.path) and os.path.normpath(r.path).strip("/")]
+
+
+def accelerator_devices() -> list[str]:
+    """The accelerators' device nodes present on this machine."""
+    return sorted({p for pattern in ACCELERATOR_DEVICES for p in glob.glob(pattern)})
 
 
 def python_paths() -> list[str]:
-    """This interpreter's prefixes and the folders it imports from. Never the root (a
-    `python -m` without -P imports from its working folder, which may be "/"): that would
-    grant everything."""
+    """This interpreter's prefixes and the folders it imports from (`rules` drops the root,
+    which a `python -m` without -P imports from when its working folder is "/")."""
     found = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
     found += [p for p in sys.path if p and os.path.isdir(p)]
-    real = [os.path.realpath(p) for p in dict.fromkeys(found)]
-    return [p for p in real if p != "/"]
+    return [os.path.realpath(p) for p in dict.fromkeys(found)]
 
 
 def abi() -> int:

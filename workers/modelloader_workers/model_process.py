@@ -31,6 +31,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -58,8 +59,15 @@ KEPT_ENVIRONMENT = (
     "VK_ICD_FILENAMES",
     "MODELLOADER_SANDBOX",
 )
-# A control message: the load's settings, or the reply with a model's signature.
+# Landlock binds the thread that applies it and the threads it starts, not threads already
+# running: numpy's BLAS would start a pool at import. The model process must be one thread
+# when it restricts itself (checked: `enter_sandbox`).
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A control message: the load's settings, or the reply with a model's signature. A reply goes
+# in chunks (a SEQPACKET message is bounded by the socket's buffer, about 200 KiB).
 MESSAGE_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 16
+_LENGTH = struct.Struct("<Q")
 STOP_SECONDS = 5.0
 # A parse that spins (a hostile file, a runtime that hangs) must not hold its LoadedModel in
 # Loading for ever; compiling a large model for an accelerator takes minutes at most.
@@ -158,7 +166,9 @@ class ModelProcess:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-s", "-P", "-m", entry, str(theirs.fileno()), *args],
-                env=environment | {"PYTHONPATH": ":".join([package_root, *python_path])},
+                env=environment
+                | SINGLE_THREADED
+                | {"PYTHONPATH": ":".join([package_root, *python_path])},
                 stdin=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 close_fds=True,
@@ -175,47 +185,55 @@ class ModelProcess:
 
     def load(self, request: ProcessLoad, listener: socket.socket) -> ProcessLoaded:
         """Hand over the listener and load; raises ModelLoadError with the child's reason, or
-        how it died."""
+        how it died. Whatever fails, the process is stopped unless it loaded."""
+        try:
+            loaded = self._load(request, listener)
+        except BaseException:
+            self.stop()
+            raise
+        self._loaded = True
+        return loaded
+
+    def _load(self, request: ProcessLoad, listener: socket.socket) -> ProcessLoaded:
         message = json.dumps({"load": request.to_json()}).encode()
         self._control.settimeout(LOAD_SECONDS)
         try:
             socket.send_fds(self._control, [message], [listener.fileno()])
-            answer = self._control.recv(MESSAGE_BYTES)
+            answer = receive_message(self._control)
         except TimeoutError:
-            self.stop()
             raise ModelLoadError(
                 f"the model did not load within {LOAD_SECONDS:g} s (its process was stopped)"
             ) from None
         except OSError:
-            answer = b""
+            answer = None
+        except ValueError as error:
+            raise ModelLoadError(f"the model process answered nonsense: {error}") from None
         finally:
             with contextlib.suppress(OSError):
                 self._control.settimeout(None)
-        if not answer:
+        if answer is None:
             raise ModelLoadError(self._death())
         try:
             reply = json.loads(answer)
             if "error" in reply:
                 raise ModelLoadError(str(reply["error"])[:2000])
-            loaded = ProcessLoaded(
+            share = reply["delegated_ops_share"]
+            return ProcessLoaded(
                 signature=Signature.from_dict(reply["signature"]),
-                accelerator=str(reply["accelerator"]),
-                delegate=str(reply["delegate"]),
-                delegated_ops_share=(
-                    None
-                    if reply["delegated_ops_share"] is None
-                    else float(reply["delegated_ops_share"])
-                ),
+                accelerator=str(reply["accelerator"])[:100],
+                delegate=str(reply["delegate"])[:200],
+                delegated_ops_share=None if share is None else float(share),
                 note=str(reply["note"])[:2000],
-                precision=str(reply["precision"]),
+                precision=str(reply["precision"])[:100],
                 load_seconds=float(reply["load_seconds"]),
                 sandbox=str(reply["sandbox"])[:500],
             )
-        except (ValueError, KeyError, TypeError) as error:
-            self.stop()
-            raise ModelLoadError(f"the model process answered nonsense: {error}") from None
-        self._loaded = True
-        return loaded
+        except ModelLoadError:
+            raise
+        except Exception as error:  # anything an untrusted process can make a parser raise
+            raise ModelLoadError(
+                f"the model process answered nonsense: {type(error).__name__}"
+            ) from None
 
     def wait(self, timeout: float) -> int:
         """Its exit status, once it ends (a signal's as its negative number)."""
@@ -228,7 +246,11 @@ class ModelProcess:
         def wait() -> None:
             self._process.wait()
             if not self._stopping:
-                on_death(self._death())
+                try:
+                    how = self._death()
+                except Exception as error:  # still a death
+                    how = f"the model process ended ({type(error).__name__})"
+                on_death(how)
 
         threading.Thread(target=wait, name=f"model-process-{self.pid}", daemon=True).start()
 
@@ -249,17 +271,46 @@ class ModelProcess:
             code = self._process.wait(STOP_SECONDS)
         except subprocess.TimeoutExpired:
             self._process.kill()
+            self._process.wait()
             return "the model process stopped answering and was killed"
         when = "while serving" if self._loaded else "while loading the model"
         if code >= 0:
             return f"the model process exited {when} (status {code})"
-        name = signal.Signals(-code).name
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         if -code == signal.SIGSYS:
             return (
                 f"the model process was killed {when} by its sandbox (SIGSYS): the model "
                 "tried a forbidden system call (exec, fork or ptrace)"
             )
         return f"the model process was killed {when} by {name}"
+
+
+def send_message(control: socket.socket, data: bytes) -> None:
+    """A message of any size on the SEQPACKET control socket: its length, then chunks."""
+    control.send(_LENGTH.pack(len(data)))
+    for start in range(0, len(data), CHUNK_BYTES):
+        control.send(data[start : start + CHUNK_BYTES])
+
+
+def receive_message(control: socket.socket, limit: int = MESSAGE_BYTES) -> bytes | None:
+    """What `send_message` sent; None at the end of the socket; ValueError past `limit`."""
+    head = control.recv(_LENGTH.size)
+    if len(head) != _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    if length > limit:
+        raise ValueError(f"a message of {length} bytes, over the limit of {limit}")
+    parts, got = [], 0
+    while got < length:
+        part = control.recv(CHUNK_BYTES)
+        if not part:
+            return None
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 # The child's side.
@@ -274,16 +325,31 @@ def _die_with_parent() -> None:
 
 def enter_sandbox(request: ProcessLoad) -> tuple[str, bool]:
     """Everything a model process does to itself before it parses a tenant's model. Returns
-    what confines it and whether its memory is limited."""
+    what confines it and whether its memory is limited; raises OSError if it cannot."""
+    from modelloader_workers.worker_server import serve_at_default_priority
+
     process_limits.harden()
     limited = False
     budget = process_limits.model_budget(request.memory_limit, request.threads)
     if budget:
         baseline = process_limits.address_space()
         limited = process_limits.limit_memory(process_limits.MemoryBudget(baseline, budget))
-    libraries = [str(Path(request.delegate.path).parent)] if request.delegate else []
-    rules = landlock.rules(request.model, landlock.python_paths(), libraries, request.accelerator)
+    serve_at_default_priority()  # before the filter, which allows it only on the process
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads != 1:  # Landlock would leave the others unbound
+        raise OSError(f"{threads} threads before the sandbox: the model process needs one")
+    delegate = request.delegate.path if request.delegate else ""
+    libraries = [str(Path(delegate).parent)] if os.path.isabs(delegate) else []
+    rules = landlock.rules(
+        request.model,
+        landlock.python_paths(),
+        libraries,
+        request.accelerator,
+        landlock.accelerator_devices() if request.accelerator != "cpu" else (),
+    )
     confined = [landlock.restrict(rules)]
+    if not confined[0]:
+        print("models run without Landlock: the kernel has none", file=sys.stderr)
     if sandbox.confine_process():
         confined.insert(0, sandbox.describe())
     elif (reason := sandbox.supported()) is not None and "turned off" not in reason:
@@ -297,7 +363,10 @@ def _load(request: ProcessLoad, listener: socket.socket) -> tuple[Any, dict[str,
     from modelloader_workers.wire.address import Address
     from modelloader_workers.worker_server import WorkerServer
 
-    confinement, limited = enter_sandbox(request)
+    try:
+        confinement, limited = enter_sandbox(request)
+    except OSError as error:
+        return None, {"error": f"the model process could not sandbox itself: {error}"}
     try:
         runner, execution = load_runner(
             request.model,
@@ -355,7 +424,7 @@ def main(argv: list[str]) -> int:
         return 0
     request, listener = received
     server, reply = _load(request, listener)
-    control.send(json.dumps(reply).encode())
+    send_message(control, json.dumps(reply).encode())
     if server is None:
         return 0
     freeze_long_lived(collect=True)

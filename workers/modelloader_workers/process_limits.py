@@ -4,10 +4,11 @@
   stacks, libraries' reservations), so the limit is the process's size before it loads its
   model plus what the model may grow by (its LoadedModel's `resources.memory`). An allocation
   past it fails inside LiteRT, which then fails the load (or the request) of that model alone;
-  if the process dies instead, it is that model's process and no one else's.
+  if the process dies instead, it is that model's process and no one else's. The hard limit
+  is set too: code run by the model cannot raise it.
 - Core dumps off, and the process not dumpable: a crash writes no tenant data to disk, and no
   other process of the same user can attach to it.
-- Open files bounded.
+- Open files bounded (hard).
 - glibc's malloc arenas capped: each one reserves 64 MiB of address space per thread, which
   would spend the budget on nothing.
 
@@ -59,8 +60,8 @@ def harden() -> list[str]:
     applied.append("no core dumps")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     bound = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
-    if soft == resource.RLIM_INFINITY or soft > bound:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (bound, hard))
+    if soft == resource.RLIM_INFINITY or soft > bound or hard != bound:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (bound, bound))  # hard: it may not raise it
     applied.append(f"open files <= {bound}")
     libc_name = ctypes.util.find_library("c")
     if libc_name:
@@ -73,12 +74,13 @@ def harden() -> list[str]:
 
 
 def limit_memory(budget: MemoryBudget) -> bool:
-    """Set the soft address-space limit; False where the platform has none to set."""
+    """Set the address-space limit, soft and hard (a model process hosts one model: nothing
+    in it may raise the limit again); False where the platform has none to set."""
     if budget.baseline <= 0:
         return False
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = budget.limit if hard == resource.RLIM_INFINITY else min(budget.limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return True
 
 

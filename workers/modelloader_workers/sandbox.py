@@ -10,9 +10,13 @@ unfiltered. Under it:
   kill the whole process: a model that tries them is hostile, and its process dies alone;
   the supervisor reports the death;
 - no new sockets of any family (`socket`, `socketpair`), no `bind`, `listen` or `connect`
-  (EPERM): the process only accepts on the listener it was handed;
+  (EPERM): the process only accepts on the listener it was handed; no io_uring, whose socket
+  operations would bypass these rules;
+- nothing aimed at another process of the same user: `kill`, `tgkill`, `prlimit64`,
+  `sched_setaffinity` and `setpriority` only on itself; `tkill`, pidfds, `process_madvise`,
+  `migrate_pages`, `move_pages`, the scheduler's and I/O priority's setters, `kcmp`: EPERM;
 - kernel surfaces inference never needs (`bpf`, `perf_event_open`, `userfaultfd`, `mount`,
-  `unshare`, `setns`, `keyctl`, `kexec_load`, another `seccomp`) fail with EPERM;
+  `unshare`, `setns`, `keyctl`, `kexec_load`, a further `seccomp()`) fail with EPERM;
 - `clone3` fails with ENOSYS, so glibc creates threads with `clone`, whose flags the filter
   can read;
 - everything else is allowed (memory, files Landlock lets it read (`landlock`), futexes,
@@ -64,6 +68,26 @@ _NUMBERS = {
         "bind": 49,
         "listen": 50,
         "seccomp": 317,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+        "process_mrelease": 448,
+        "tkill": 200,
+        "migrate_pages": 256,
+        "move_pages": 279,
+        "sched_setscheduler": 144,
+        "sched_setparam": 142,
+        "sched_setattr": 314,
+        "ioprio_set": 251,
+        "kcmp": 312,
+        "kill": 62,
+        "tgkill": 234,
+        "prlimit64": 302,
+        "sched_setaffinity": 203,
+        "setpriority": 141,
     },
     "aarch64": {
         "execve": 221,
@@ -87,6 +111,26 @@ _NUMBERS = {
         "bind": 200,
         "listen": 201,
         "seccomp": 277,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+        "process_mrelease": 448,
+        "tkill": 130,
+        "migrate_pages": 238,
+        "move_pages": 239,
+        "sched_setscheduler": 119,
+        "sched_setparam": 118,
+        "sched_setattr": 274,
+        "ioprio_set": 30,
+        "kcmp": 272,
+        "kill": 129,
+        "tgkill": 131,
+        "prlimit64": 261,
+        "sched_setaffinity": 122,
+        "setpriority": 140,
     },
 }
 KILLED = ("execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev")
@@ -101,8 +145,39 @@ REFUSED = (
     "keyctl",
     "kexec_load",
 )
-# Refused as well in a model process: it makes no sockets, and filters no further.
-REFUSED_IN_PROCESS = ("socketpair", "bind", "listen", "seccomp")
+# Refused as well in a model process: it makes no sockets; no io_uring (whose socket and connect
+# operations seccomp never sees); nothing that reaches another process of the same user (its
+# descriptors, memory, scheduling, priority); no further seccomp() call.
+REFUSED_IN_PROCESS = (
+    "socketpair",
+    "bind",
+    "listen",
+    "seccomp",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "pidfd_open",
+    "pidfd_getfd",
+    "process_madvise",
+    "process_mrelease",
+    "tkill",
+    "migrate_pages",
+    "move_pages",
+    "sched_setscheduler",
+    "sched_setparam",
+    "sched_setattr",
+    "ioprio_set",
+    "kcmp",
+)
+# Allowed in a model process only on itself: (syscall, the argument naming the target, whether
+# 0 also means itself). abort() signals itself with tgkill; kill(0) would reach the group.
+SELF_ONLY = (
+    ("kill", 0, False),
+    ("tgkill", 0, False),
+    ("prlimit64", 0, True),
+    ("sched_setaffinity", 0, True),
+    ("setpriority", 1, True),
+)
 
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
@@ -145,10 +220,13 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def program(machine: str, whole_process: bool = False) -> list[Insn]:
+def program(machine: str, whole_process: bool = False, own_pid: int = 0) -> list[Insn]:
     """The filter as classic BPF. Each rule is `if nr == N: <body ending in a return>`, so a
     mismatch jumps over the body with the syscall number still in the accumulator.
-    `whole_process`: a model process's, which refuses every new socket."""
+    `whole_process`: a model process's (its pid `own_pid`), which refuses every new socket and
+    every call on another process."""
+    if whole_process and own_pid <= 0:
+        raise ValueError("a model process's filter needs its own pid")
     numbers = _NUMBERS[machine]
     out = [
         Insn(_LD_W_ABS, 0, 0, _ARCH_OFFSET),
@@ -190,6 +268,17 @@ def program(machine: str, whole_process: bool = False) -> list[Insn]:
         )
     for name in REFUSED + (REFUSED_IN_PROCESS if whole_process else ()):
         rule(name, [Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM)])
+    if whole_process:
+        for name, argument, zero_is_self in SELF_ONLY:
+            selves = [own_pid, 0] if zero_is_self else [own_pid]
+            body = [Insn(_LD_W_ABS, 0, 0, _ARG0 + 8 * argument)]  # its low 32 bits: a pid_t
+            # Each match jumps over the checks after it and the refusal, to the allow.
+            body += [Insn(_JEQ_K, len(selves) - i, 0, k) for i, k in enumerate(selves)]
+            body += [
+                Insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+                Insn(_RET_K, 0, 0, _RET_ALLOW),
+            ]
+            rule(name, body)
     out.append(Insn(_RET_K, 0, 0, _RET_ALLOW))
     return out
 
@@ -206,7 +295,7 @@ def supported() -> str | None:
 
 
 def _fprog(whole_process: bool) -> tuple[_SockFprog, ctypes.Array[_SockFilter]]:
-    insns = program(platform.machine(), whole_process)
+    insns = program(platform.machine(), whole_process, os.getpid() if whole_process else 0)
     array = (_SockFilter * len(insns))(*(_SockFilter(i.code, i.jt, i.jf, i.k) for i in insns))
     return _SockFprog(len(insns), ctypes.cast(array, ctypes.POINTER(_SockFilter))), array
 
@@ -264,7 +353,7 @@ def describe() -> str:
     )
 
 
-def packed(machine: str, whole_process: bool = False) -> bytes:
+def packed(machine: str, whole_process: bool = False, own_pid: int = 0) -> bytes:
     """The filter as the kernel reads it (for tests and inspection)."""
-    insns = program(machine, whole_process)
+    insns = program(machine, whole_process, own_pid)
     return b"".join(struct.pack("<HBBI", i.code, i.jt, i.jf, i.k) for i in insns)

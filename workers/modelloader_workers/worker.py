@@ -141,32 +141,38 @@ class ModelWorker:
         if hosted is not None:
             return hosted.info  # idempotent: a retried call finds the model loaded
         fetched, lease = _fetch(request)
-        process, self._spare = self._spare or ModelProcess.start(), None
-        listener, address = listen(request.listen)
-        socket_path = address.where if address.kind == "unix" else None
+        process: ModelProcess | None = None
+        socket_path: str | None = None
         try:
-            loaded = process.load(
-                ProcessLoad(
-                    model=str(fetched.path),
-                    threads=request.threads,
-                    accelerator=request.accelerator,
-                    delegation=request.delegation,
-                    delegate=request.delegate,
-                    memory_limit=request.memory_limit,
-                    batching=request.batching,
-                    precision=request.precision,
-                ),
-                listener,
-            )
-        except ModelLoadError:
-            process.stop()
+            process, self._spare = self._spare or ModelProcess.start(), None
+            listener, address = listen(request.listen)
+            socket_path = address.where if address.kind == "unix" else None
+            try:
+                loaded = process.load(
+                    ProcessLoad(
+                        model=str(fetched.path),
+                        threads=request.threads,
+                        accelerator=request.accelerator,
+                        delegation=request.delegation,
+                        delegate=request.delegate,
+                        memory_limit=request.memory_limit,
+                        batching=request.batching,
+                        precision=request.precision,
+                    ),
+                    listener,
+                )
+            finally:
+                listener.close()  # the model process has its own
+        except BaseException as error:
+            if process is not None:
+                process.stop()
             lease.release()
             if socket_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(socket_path)
+            if isinstance(error, OSError):  # the listener, or the process's start
+                raise ModelLoadError(f"the worker could not start the model: {error}") from None
             raise
-        finally:
-            listener.close()  # the model process has its own
         info = LoadedInfo(
             identity=request.identity,
             signature=loaded.signature,
