@@ -152,8 +152,12 @@ class ControlLoop(Generic[H]):
                     adopted = await self.restart()
                     log.warning("control loop restarted: adopted %d running workers", adopted)
                 await self.reconcile_once()
+                # Not asyncio.wait_for: on Python 3.11 it returns the event's result when a
+                # cancel arrives as the event is set, swallowing the cancel, and this loop
+                # then never stops (an operator that did not stop, in CI). timeout() keeps it.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.interval_seconds)
+                    async with asyncio.timeout(self.settings.interval_seconds):
+                        await self._wake.wait()
         finally:
             liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -85,7 +85,8 @@ class RouteBoard:
             return self._table
         changed = self._changed
         try:
-            await asyncio.wait_for(changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # keeps a cancel (see `_pause`)
+                await changed.wait()
         except TimeoutError:
             return None
         return self._table
@@ -197,7 +198,8 @@ async def _report(
     board: Any = None
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(urgent.wait(), REPORT_SECONDS)
+            async with asyncio.timeout(REPORT_SECONDS):  # keeps a cancel (see `_pause`)
+                await urgent.wait()
         urgent.clear()
         loads = report()
         try:
@@ -209,5 +211,8 @@ async def _report(
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    # Not asyncio.wait_for: on Python 3.11 a cancel that arrives as the event is set is
+    # swallowed, and a loop around this would not stop.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
