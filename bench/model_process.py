@@ -8,9 +8,10 @@ memory, measured side by side in one run:
    child process whose model-loading and serving threads run under the per-thread filter, as
    they did inside the Ray worker) and now (a model process sandboxed whole: process-wide
    seccomp with TSYNC, Landlock, the limits). The digits model and MobileNetV2 uint8.
-2. Memory. `modelloader local` with N perModel digits models: the proportional set size (PSS:
-   shared pages counted once) of each model's worker (the Ray actor, now the supervisor) and of
-   its model process.
+2. Memory. `modelloader local` with N perModel digits models of one origin: the proportional
+   set size (PSS: shared pages counted once) of each model's process and of the worker that
+   supervises them (the Ray actor: one per origin and node), and what one more model adds to
+   every process of `modelloader local`.
 3. Scale (`--scale-models`, over `--scale-origins`): perModel digits models applied at once to
    one `modelloader local`; the seconds until every one is Ready, how long `modelloader status`
    (its control channel) takes to answer, asked every half second meanwhile, and the PSS of the
@@ -38,7 +39,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mobilenet
-from dataplane import MODEL_CACHE, machine, modelloader_local, versions, write_results
+from dataplane import (
+    MODEL_CACHE,
+    machine,
+    manifest,
+    modelloader_local,
+    versions,
+    wait_phase,
+    write_results,
+)
 from modelloader_gateway.worker_client import WorkerClients, request_prefix
 from modelloader_workers.model_process import ModelProcess, ProcessLoad
 from modelloader_workers.wire import ipc
@@ -124,22 +133,28 @@ def request_cost(model: Path, calls: int, work: Path) -> dict[str, list[float]]:
         before.wait()
 
 
-def memory(models: int, work: Path) -> list[tuple[int, int]]:
-    """(supervisor PSS, model process PSS) in KiB for each of `models` perModel models."""
+def memory(models: int, work: Path) -> dict[str, Any]:
+    """The PSS (KiB) of each model's process and of their worker, with `models` perModel
+    models of one origin, and what one more model adds to the whole tree."""
+    from modelloader import control_channel
+    from replicas import node_pss, parent_of
+
     shutil.copy(DIGITS, work / "digits.tflite")
     names = {f"m{i:02d}": "digits.tflite" for i in range(models)}
-    with modelloader_local(work, names) as (_port, state_dir, _seconds, _pid):
-        from modelloader import control_channel
-
+    with modelloader_local(work, names) as (_port, state_dir, _seconds, pid):
         time.sleep(3.0)  # settled: the loads' transient memory returned
         items = control_channel.fetch(state_dir)["items"]
-        out = []
-        for item in items:
-            pid = int(item["status"]["placement"]["pid"])
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            out.append((pss_kib(parent), pss_kib(pid)))
-        return out
+        pids = [int(i["status"]["placement"]["pid"]) for i in items]
+        workers = sorted({parent_of(p) for p in pids})
+        before = node_pss(pid)
+        (work / "extra.yaml").write_text(manifest("extra", "file://digits.tflite"))
+        wait_phase(state_dir, "extra", "Ready")
+        time.sleep(3.0)
+        return {
+            "processes": [pss_kib(p) for p in pids],
+            "workers": [pss_kib(w) for w in workers],
+            "added": node_pss(pid) - before,
+        }
 
 
 def scale(models: int, origins: int, work: Path) -> dict[str, Any]:
@@ -217,8 +232,6 @@ def main() -> None:
     sizes = memory(args.models, work)
     print("scale", flush=True)
     grown = scale(args.scale_models, args.scale_origins, work)
-    supervisors = [s for s, _ in sizes]
-    children = [c for _, c in sizes]
     mib = 1024.0
     section = "\n".join(
         [
@@ -237,13 +250,17 @@ def main() -> None:
             "| --- | --- | --- | --- |",
             *rows,
             "",
-            f"## Memory of {args.models} perModel digits models (PSS, MiB, median)",
+            f"## Memory of {args.models} perModel digits models of one origin (PSS, MiB)",
             "",
             "| part | PSS |",
             "| --- | --- |",
-            f"| the worker (Ray actor, supervisor) | {statistics.median(supervisors) / mib:.1f} |",
-            f"| its model process | {statistics.median(children) / mib:.1f} |",
-            f"| a model, both together | {statistics.median(s + c for s, c in sizes) / mib:.1f} |",
+            f"| each model's process (median of {len(sizes['processes'])}) | "
+            f"{statistics.median(sizes['processes']) / mib:.1f} |",
+            "| their worker(s), the origin's supervisor on the node | "
+            + ", ".join(f"{w / mib:.1f}" for w in sizes["workers"])
+            + " |",
+            f"| what one more model adds (every process of `modelloader local`) | "
+            f"{sizes['added'] / mib:.1f} |",
             "",
             f"## {args.scale_models} perModel models over {args.scale_origins} origins, "
             "applied at once",

@@ -42,7 +42,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from modelloader.placement import Node, fits_warm_process
 from modelloader.resource import Batching, LoadedModel
-from modelloader.worker_names import ProcessName, is_ours, is_warm, warm_name
+from modelloader.worker_names import (
+    ProcessName,
+    is_ours,
+    is_supervisor,
+    is_warm,
+    supervisor_name,
+    warm_name,
+)
 from modelloader.worker_pool import WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,9 @@ class WorkerHandle:
     socket_path: Path
     process: str = ""  # the actor's name when shared by several models (perOrigin)
     warm_name: str = ""  # the actor's name when it came from the warm pool
+    # The actor's name when it is the origin's supervisor on a node, hosting this model's
+    # process among others (perModel): the model is unloaded, never the actor killed.
+    supervisor: str = ""
 
 
 def origin_namespace(origin: str) -> str:
@@ -173,6 +183,11 @@ class RayWorkers:
         self._capacity_at = -float("inf")
         self._nodes: list[Node] = []
         self._nodes_at = -float("inf")
+        # Each origin's supervisor on each node: (origin, node) -> (actor name, actor). Its
+        # starts in flight keep an empty one from being ended under them.
+        self._supervisors: dict[tuple[str, str], tuple[str, Any]] = {}
+        self._supervising: dict[tuple[str, str], _Turn] = {}
+        self._releases: set[asyncio.Task[None]] = set()
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -287,9 +302,158 @@ class RayWorkers:
         process: str = "",
         node: str | None = None,
     ) -> tuple[WorkerHandle, LoadedInfo]:
-        """Start the model's worker, or with `process`, load it into that shared process
-        (started by whichever of the origin's models comes first). `node`: run there if it
-        fits (a soft affinity: away from the model's other replicas)."""
+        """Start the model: with `process`, in that shared process (perOrigin, started by
+        whichever of the origin's models comes first); a model that reserves nothing of its
+        own (`fits_warm_process`: a CPU model without cpu or memory requests) in its own
+        model process under its origin's supervisor on the node; otherwise in a worker of
+        its own. `node`: run there if it fits (away from the model's other replicas)."""
+        if not process and fits_warm_process(model.spec, accelerator, shared=False):
+            target = node or await self._only_node()
+            if target is not None:
+                return await self._start_supervised(
+                    identity, model, source, accelerator, resources, memory_limit, target
+                )
+        return await self._start_own(
+            identity,
+            model,
+            source,
+            accelerator,
+            resources,
+            memory_limit=memory_limit,
+            process=process,
+            node=node,
+        )
+
+    async def _only_node(self) -> str | None:
+        nodes = await self.recent_nodes()
+        return nodes[0].id if len(nodes) == 1 else None
+
+    async def _start_supervised(
+        self,
+        identity: WorkerIdentity,
+        model: LoadedModel,
+        source: SourceRequest,
+        accelerator: str,
+        resources: dict[str, float],
+        memory_limit: int,
+        node: str,
+    ) -> tuple[WorkerHandle, LoadedInfo]:
+        """Load into the origin's supervisor on `node` (a warm process, or a new actor, the
+        first time), the model in a model process of its own whose death is its own."""
+        worker_id = identity.worker_id
+        spec = model.spec
+        key = (spec.origin, node)
+        turn = self._supervising.setdefault(key, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:  # one supervisor per origin and node, made once
+                entry = self._supervisors.get(key)
+                if entry is None:
+                    entry = self._supervisors[key] = await self._new_supervisor(
+                        model, accelerator, resources, node
+                    )
+            name, actor = entry
+            handle = WorkerHandle(
+                worker_id,
+                origin_namespace(spec.origin),
+                actor,
+                self._socket_path(worker_id),
+                supervisor=name,
+            )
+            request = self._load_request(
+                identity, model, source, accelerator, memory_limit, handle, contained=True
+            )
+            try:
+                info: LoadedInfo = await actor.load.remote(request)
+            except RayTaskError as error:
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, ModelLoadError):
+                    raise WorkerStartError(str(cause).strip()) from None
+                raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
+            except (RayActorError, ActorUnschedulableError) as error:
+                self._forget_supervisor(name)
+                raise WorkerStartError(
+                    f"the origin's worker on its node is gone: {_short(error)}"
+                ) from None
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):  # its other models keep their worker
+                    actor.unload.remote(worker_id)
+                raise
+            return handle, info
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._supervising[key]
+
+    async def _new_supervisor(
+        self, model: LoadedModel, accelerator: str, resources: dict[str, float], node: str
+    ) -> tuple[str, Any]:
+        warm = self._take_warm(model, accelerator, "", node)
+        if warm is not None:
+            return warm
+        name = supervisor_name(model.spec.origin)
+        options: dict[str, Any] = {
+            "name": name,
+            "namespace": origin_namespace(model.spec.origin),
+            "num_cpus": 0,  # each model's threads are bounded by its spec
+            "max_restarts": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
+        }
+        extra = {k: v for k, v in resources.items() if k != "GPU"}
+        if extra:
+            options["resources"] = extra
+        if self._detached:
+            options["lifetime"] = "detached"
+        return name, await self._create(options, shared=True)
+
+    def _forget_supervisor(self, name: str) -> None:
+        for key, (known, _actor) in list(self._supervisors.items()):
+            if known == name:
+                del self._supervisors[key]
+        self._owned.pop(name, None)
+
+    def _load_request(
+        self,
+        identity: WorkerIdentity,
+        model: LoadedModel,
+        source: SourceRequest,
+        accelerator: str,
+        memory_limit: int,
+        handle: WorkerHandle,
+        contained: bool = False,
+    ) -> LoadRequest:
+        spec = model.spec
+        listen = (
+            Address("tcp", "0.0.0.0") if self._tcp else Address("unix", str(handle.socket_path))
+        )
+        return LoadRequest(
+            source=source,
+            sources=self._sources,
+            listen=listen,
+            identity=identity,
+            threads=spec.threads,
+            accelerator=accelerator,
+            delegation=spec.delegation,
+            delegate=self._delegates.get(accelerator),
+            memory_limit=memory_limit,
+            batching=_batch_policy(spec.batching),
+            precision=spec.precision,
+            contained=contained,
+        )
+
+    async def _start_own(
+        self,
+        identity: WorkerIdentity,
+        model: LoadedModel,
+        source: SourceRequest,
+        accelerator: str,
+        resources: dict[str, float],
+        *,
+        memory_limit: int = 0,
+        process: str = "",
+        node: str | None = None,
+    ) -> tuple[WorkerHandle, LoadedInfo]:
+        """A worker of the model's own, or with `process`, a load into that shared one."""
         worker_id = identity.worker_id
         spec = model.spec
         namespace = origin_namespace(spec.origin)
@@ -327,22 +491,7 @@ class RayWorkers:
         handle = WorkerHandle(
             worker_id, namespace, actor, self._socket_path(worker_id), process, taken
         )
-        listen = (
-            Address("tcp", "0.0.0.0") if self._tcp else Address("unix", str(handle.socket_path))
-        )
-        request = LoadRequest(
-            source=source,
-            sources=self._sources,
-            listen=listen,
-            identity=identity,
-            threads=spec.threads,
-            accelerator=accelerator,
-            delegation=spec.delegation,
-            delegate=self._delegates.get(accelerator),
-            memory_limit=memory_limit,
-            batching=_batch_policy(spec.batching),
-            precision=spec.precision,
-        )
+        request = self._load_request(identity, model, source, accelerator, memory_limit, handle)
         try:
             info: LoadedInfo = await actor.load.remote(request)
         except RayTaskError as error:
@@ -357,7 +506,7 @@ class RayWorkers:
             if node is None:
                 raise WorkerStartError("Ray cannot place the worker on any node") from None
             log.warning("worker %s could not go to node %s; placing it anywhere", worker_id, node)
-            return await self.start(
+            return await self._start_own(
                 identity,
                 model,
                 source,
@@ -390,6 +539,21 @@ class RayWorkers:
         for handle, infos in (f for f in found if f is not None):
             if handle.worker_id in idle_warm:
                 continue  # this adapter's own idle warm processes
+            name = handle.worker_id
+            if infos and (is_supervisor(name) or is_warm(name)):  # an origin's on a node
+                for info in infos:
+                    worker_id = info.identity.worker_id
+                    key = (info.identity.origin, info.placement.node_id)
+                    self._supervisors.setdefault(key, (name, handle.actor))
+                    supervised = WorkerHandle(
+                        worker_id,
+                        handle.namespace,
+                        handle.actor,
+                        self._socket_path(worker_id),
+                        supervisor=name,
+                    )
+                    out.append((supervised, info))
+                continue
             shared = ProcessName.parse(handle.worker_id) is not None
             if not infos and shared:
                 # An empty shared process: the pool decides (one of its models may be loading).
@@ -443,10 +607,17 @@ class RayWorkers:
 
     async def alive(self, handle: WorkerHandle, timeout: float = 5.0) -> str | None:
         """None when alive, else why not. A slow answer is not death: only Ray saying the
-        actor is gone is."""
+        actor is gone is, or a supervisor saying the model's process died."""
         try:
+            if handle.supervisor:
+                died: str | None = await asyncio.wait_for(
+                    handle.actor.alive.remote(handle.worker_id), timeout
+                )
+                return died
             await asyncio.wait_for(handle.actor.ping.remote(), timeout)
         except RayActorError as error:
+            if handle.supervisor:
+                self._forget_supervisor(handle.supervisor)
             return f"the worker process exited: {_short(error)}"
         except (TimeoutError, GetTimeoutError):
             return None
@@ -455,12 +626,35 @@ class RayWorkers:
         return None
 
     def stop(self, handle: WorkerHandle) -> None:
-        """Kill the worker's process (for a shared one: all the models it hosts)."""
+        """Kill the worker's process (for a shared one: all the models it hosts); for a
+        supervised model, unload it, and end its supervisor once it hosts nothing."""
+        if handle.supervisor:
+            try:
+                release = asyncio.get_running_loop().create_task(self._release(handle))
+            except RuntimeError:  # no loop (shutting down): the unload alone
+                with contextlib.suppress(Exception):
+                    handle.actor.unload.remote(handle.worker_id)
+            else:
+                self._releases.add(release)
+                release.add_done_callback(self._releases.discard)
+            return
         self._owned.pop(handle.warm_name or handle.process or handle.worker_id, None)
         with contextlib.suppress(Exception):
             ray.kill(handle.actor, no_restart=True)
         with contextlib.suppress(FileNotFoundError):
             handle.socket_path.unlink()
+
+    async def _release(self, handle: WorkerHandle) -> None:
+        remaining = await self.unload(handle)
+        busy = any(
+            turn.users
+            for key, turn in self._supervising.items()
+            if self._supervisors.get(key, ("", None))[0] == handle.supervisor
+        )
+        if remaining == 0 and not busy:  # no start is loading into it either
+            self._forget_supervisor(handle.supervisor)
+            with contextlib.suppress(Exception):
+                ray.kill(handle.actor, no_restart=True)
 
     async def unload(self, handle: WorkerHandle) -> int:
         """Stop serving one model of a shared process; returns how many it still hosts

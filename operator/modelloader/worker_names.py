@@ -5,6 +5,8 @@ adapter and the pool that numbers restarts see these strings.
     lm.<namespace>.<name>.<fingerprint>[.i<replica>][.r<restarts>]   a model's own worker
     lmp.<origin>.<slot>[.r<epoch>]                                  an origin's shared process
     lmw.<16 hex>                                                    a warm, unassigned process
+    lms.<origin>.<12 hex>                                           an origin's supervisor on a
+                                                                    node (its perModel models)
 
 A name derives from the LoadedModel and its spec, so a second start finds the first; a worker
 started again after a death takes the next `.rN`: Ray may not yet have released the dead
@@ -24,6 +26,7 @@ from modelloader.planner import ProcessSlot
 WORKER_PREFIX = "lm."
 PROCESS_PREFIX = "lmp."
 WARM_PREFIX = "lmw."
+SUPERVISOR_PREFIX = "lms."
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 _COUNTER = re.compile(r"^([ir])(\d+)$")
 
@@ -88,10 +91,20 @@ def warm_name() -> str:
     return f"{WARM_PREFIX}{uuid.uuid4().hex[:16]}"
 
 
+def supervisor_name(origin: str) -> str:
+    """A new supervisor's name: unique, as a dead one's name may stay taken a while; a
+    restarted control plane finds supervisors by listing them, not by their names."""
+    return f"{SUPERVISOR_PREFIX}{origin}.{uuid.uuid4().hex[:12]}"
+
+
+def is_supervisor(text: str) -> bool:
+    return text.startswith(SUPERVISOR_PREFIX)
+
+
 def is_warm(text: str) -> bool:
     return text.startswith(WARM_PREFIX)
 
 
 def is_ours(text: str) -> bool:
     """A name of any of Model Loader's actors."""
-    return text.startswith((WORKER_PREFIX, PROCESS_PREFIX, WARM_PREFIX))
+    return text.startswith((WORKER_PREFIX, PROCESS_PREFIX, WARM_PREFIX, SUPERVISOR_PREFIX))

@@ -126,6 +126,7 @@ def test_a_killed_worker_is_observed_dead(workers: RayWorkers, digits_model: Pat
         return None
 
     verdict = asyncio.run(scenario())
+    # No node asked on a cluster of several: a worker of its own, which exits with its model.
     assert verdict is not None and "exited" in verdict
 
 
@@ -152,5 +153,71 @@ def test_fp16_runs_in_the_sandboxed_worker_and_status_says_so(
             np.testing.assert_allclose(reply.outputs["probabilities"], fp32, atol=2e-3)
         else:
             assert info.placement.precision == "fp32" and info.note.startswith("precision fp16")
+
+    asyncio.run(scenario())
+
+
+def test_an_origins_models_share_its_supervisor_and_die_alone(
+    workers: RayWorkers, digits_model: Path
+) -> None:
+    """Two perModel models of one origin on one node: one worker supervises both, each
+    in a model process of its own. One's process killed: that model alone is reported dead,
+    the other answers on, and a replacement loads into the same worker. The worker ends once
+    it hosts nothing."""
+    pixels = {"pixels": np.zeros((1, 64), np.float32)}
+
+    async def scenario() -> None:
+        node = (await workers.recent_nodes())[0].id
+        started = {
+            name: await workers.start(
+                identity(model(name, "shared"), f"w-{name}"),
+                model(name, "shared"),
+                from_file(digits_model),
+                "cpu",
+                {},
+                node=node,
+            )
+            for name in ("first", "second")
+        }
+        (first, first_info), (second, second_info) = started["first"], started["second"]
+        assert first.supervisor and first.supervisor == second.supervisor
+        assert first_info.placement.pid != second_info.placement.pid
+        supervisor = await first.actor.ping.remote()
+        assert supervisor not in (first_info.placement.pid, second_info.placement.pid)
+        os.kill(first_info.placement.pid, signal.SIGKILL)
+        for _ in range(50):
+            verdict = await workers.alive(first)
+            if verdict is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert verdict is not None and "killed by SIGKILL" in verdict
+        assert await workers.alive(second) is None
+        clients = WorkerClients()
+        reply = await infer_worker(clients, second_info.address, pixels)
+        assert reply.outputs["probabilities"].shape == (1, 10)
+        workers.stop(first)  # the dead one unloaded
+        again, again_info = await workers.start(
+            identity(model("first", "shared"), "w-first.r1"),
+            model("first", "shared"),
+            from_file(digits_model),
+            "cpu",
+            {},
+            node=node,
+        )
+        assert again.supervisor == first.supervisor
+        assert await again.actor.ping.remote() == supervisor
+        reply = await infer_worker(clients, again_info.address, pixels)
+        assert reply.outputs["probabilities"].shape == (1, 10)
+        clients.close()
+        workers.stop(second)
+        workers.stop(again)
+        for _ in range(100):  # the last unload ends the worker
+            try:
+                await asyncio.wait_for(again.actor.ping.remote(), 1)
+            except Exception:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the empty supervisor kept running")
 
     asyncio.run(scenario())

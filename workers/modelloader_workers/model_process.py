@@ -275,17 +275,17 @@ class ModelProcess:
             return "the model process stopped answering and was killed"
         when = "while serving" if self._loaded else "while loading the model"
         if code >= 0:
-            return f"the model process exited {when} (status {code})"
+            return f"the model process died {when} (exit status {code})"
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
         if -code == signal.SIGSYS:
             return (
-                f"the model process was killed {when} by its sandbox (SIGSYS): the model "
-                "tried a forbidden system call (exec, fork or ptrace)"
+                f"the model process died {when}: its sandbox killed it (SIGSYS) for a "
+                "forbidden system call (exec, fork or ptrace)"
             )
-        return f"the model process was killed {when} by {name}"
+        return f"the model process died {when} (killed by {name})"
 
 
 def send_message(control: socket.socket, data: bytes) -> None:

@@ -1,14 +1,18 @@
-"""The worker: the supervisor of the model processes of one LiteRT model (perModel isolation)
-or of several models of one origin (perOrigin).
+"""The worker: a Ray actor that supervises model processes. It is one of three things:
+an origin's supervisor on a node, hosting the perModel models of that origin there that reserve
+nothing of their own (each in a model process of its own); a model's own worker (a model that
+reserves CPU, memory or an accelerator, which Ray accounts per actor); or a perOrigin origin's
+shared process.
 
-The control plane runs this class as a Ray actor (Ray gives us the process, its placement and
-its lifecycle). It parses no model: it fetches each model into the node's cache, makes the
-model's data-path listener and hands both to a model process of its own (`model_process`), a
-fresh interpreter sandboxed before it parses the file, which the gateway then talks to
-directly. A model that LiteRT rejects (or that kills its process while loading) comes back as a
-readable error while the worker is alive to say so. The worker remembers whom it serves
-(`info`), so a restarted control plane can adopt it. A model process that dies while serving
-takes its worker with it, so the control plane sees the death as before and replaces it.
+Ray gives us the process, its placement and its lifecycle. The worker parses no model: it
+fetches each model into the node's cache, makes the model's data-path listener and hands both
+to a model process (`model_process`), a fresh interpreter sandboxed before it parses the file,
+which the gateway then talks to directly. A model that LiteRT rejects (or that kills its
+process while loading) comes back as a readable error. The worker remembers whom it serves
+(`info`), so a restarted control plane can adopt it. When a model process dies while serving,
+a supervisor reports it for that model alone (`alive`) and serves the others on; a model's own
+worker, or a perOrigin process, exits with it, so the control plane sees a worker death as
+before and replaces it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +59,10 @@ class LoadRequest:
     memory_limit: int = 0  # bytes this model may add to the process; 0: unlimited
     batching: BatchPolicy | None = None  # spec.batching: stack concurrent requests
     precision: str = "fp32"  # spec.precision: fp16 takes effect where the hardware path can
+    # The worker supervises model processes of several models, each its own (an origin's
+    # supervisor on a node): the death of this model's process is its own, reported by
+    # `alive`, never the worker's.
+    contained: bool = False
 
     @property
     def model_id(self) -> str:
@@ -121,19 +130,34 @@ class _Hosted:
     lease: Lease  # keeps the node's cache from evicting the file while it is served
     socket_path: str | None  # the listener's file, removed when the model is unloaded
 
+    def release(self) -> None:
+        """What the model held in the worker: its cache lease and its socket's file."""
+        self.lease.release()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+
 
 def _die_with(how: str) -> None:
-    """A model process died while serving: the worker goes too, so the control plane sees a
-    death and replaces it, as it did when the model ran in the worker's own process."""
+    """A model process of a worker that is one model's own died while serving: the worker
+    goes too, so the control plane sees the death and replaces it."""
     log.error("%s: the worker exits", how)
     logging.shutdown()
     os._exit(1)
 
 
+# Deaths of contained model processes remembered until the control plane unloads the model.
+MAX_DEATHS = 1024
+
+
 class ModelWorker:
     def __init__(self) -> None:
         self._hosted: dict[str, _Hosted] = {}
-        # A warm model process: a warm worker's first model skips the interpreter's start.
+        self._deaths: dict[str, str] = {}  # model id -> how its process died (contained)
+        # The watchers of model processes run in threads of their own.
+        self._lock = threading.Lock()
+        # A warm model process: the next model skips the interpreter's start. A supervisor
+        # of several models starts another after each load.
         self._spare: ModelProcess | None = ModelProcess.start()
 
     def load(self, request: LoadRequest) -> LoadedInfo:
@@ -191,27 +215,54 @@ class ModelWorker:
             note=loaded.note,
             model=fetched,
         )
-        self._hosted[request.model_id] = _Hosted(process, info, lease, socket_path)
-        process.watch(_die_with)
+        hosted = _Hosted(process, info, lease, socket_path)
+        with self._lock:
+            self._hosted[request.model_id] = hosted
+            self._deaths.pop(request.model_id, None)
+        if request.contained:
+            process.watch(lambda how: self._died(request.model_id, hosted, how))
+            self._spare = ModelProcess.start()
+        else:
+            process.watch(_die_with)
         return info
+
+    def _died(self, model_id: str, hosted: _Hosted, how: str) -> None:
+        log.error("model %s: %s", model_id, how)
+        with self._lock:
+            if self._hosted.get(model_id) is not hosted:
+                return  # unloaded meanwhile
+            del self._hosted[model_id]
+            if len(self._deaths) >= MAX_DEATHS:
+                self._deaths.pop(next(iter(self._deaths)))
+            self._deaths[model_id] = how
+        hosted.release()
+
+    @ray.method(enable_task_events=False)
+    def alive(self, model_id: str) -> str | None:
+        """None while the model's process serves, else why not."""
+        with self._lock:
+            if model_id in self._hosted:
+                return None
+            return self._deaths.get(model_id, "the worker does not host this model")
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
     # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).
     @ray.method(enable_task_events=False)
     def info(self) -> list[LoadedInfo]:
         """What this process serves, one entry per hosted model."""
-        return [h.info for h in self._hosted.values()]
+        with self._lock:
+            return [h.info for h in self._hosted.values()]
 
     def unload(self, model_id: str) -> int:
         """Stop serving one model; returns how many the process still hosts."""
-        hosted = self._hosted.pop(model_id, None)
+        with self._lock:
+            hosted = self._hosted.pop(model_id, None)
+            self._deaths.pop(model_id, None)
         if hosted is not None:
             hosted.process.stop()
-            hosted.lease.release()
-            if hosted.socket_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(hosted.socket_path)
-        return len(self._hosted)
+            hosted.release()
+        with self._lock:
+            return len(self._hosted)
 
     @ray.method(enable_task_events=False)
     def ping(self) -> int:
