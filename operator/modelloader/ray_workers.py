@@ -30,7 +30,12 @@ from modelloader_workers.fetching import SourcePolicy, SourceRequest
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
-from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
+from modelloader_workers.worker import (
+    CONCURRENCY_GROUPS,
+    LoadedInfo,
+    LoadRequest,
+    ModelWorker,
+)
 from ray.exceptions import (
     ActorUnschedulableError,
     GetTimeoutError,
@@ -165,7 +170,9 @@ class RayWorkers:
         # On a cluster the gateway reaches workers on other nodes over TCP; on one machine
         # a Unix socket in a private folder is enough and faster.
         self._tcp = tcp
-        self._remote: Any = ray.remote(ModelWorker)
+        # (Ray's stubs lack the option; `ray.remote` takes it: see worker.CONCURRENCY_GROUPS.)
+        remote: Any = ray.remote
+        self._remote: Any = remote(concurrency_groups=CONCURRENCY_GROUPS)(ModelWorker)
         # A non-detached actor ends when its creator's handle goes (handles from get_actor do
         # not count), so the adapter keeps the handles it made: a control loop restarted in
         # the same process then finds its workers alive.
@@ -337,6 +344,7 @@ class RayWorkers:
         resources: dict[str, float],
         memory_limit: int,
         node: str,
+        retry: bool = True,
     ) -> tuple[WorkerHandle, LoadedInfo]:
         """Load into the origin's supervisor on `node` (a warm process, or a new actor, the
         first time), the model in a model process of its own whose death is its own."""
@@ -371,10 +379,27 @@ class RayWorkers:
                     raise WorkerStartError(str(cause).strip()) from None
                 raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
             except (RayActorError, ActorUnschedulableError) as error:
+                # Gone (or its node went): the next start makes a new one; this one is tried
+                # once more, the same way, then anywhere as a worker of its own.
                 self._forget_supervisor(name)
-                raise WorkerStartError(
-                    f"the origin's worker on its node is gone: {_short(error)}"
-                ) from None
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                if retry and isinstance(error, RayActorError):
+                    log.warning("the supervisor %s is gone; loading %s again", name, worker_id)
+                    return await self._start_supervised(
+                        identity,
+                        model,
+                        source,
+                        accelerator,
+                        resources,
+                        memory_limit,
+                        node,
+                        retry=False,
+                    )
+                log.warning("%s: its node's supervisor failed; a worker of its own", worker_id)
+                return await self._start_own(
+                    identity, model, source, accelerator, resources, memory_limit=memory_limit
+                )
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):  # its other models keep their worker
                     actor.unload.remote(worker_id)
@@ -405,6 +430,10 @@ class RayWorkers:
         if self._detached:
             options["lifetime"] = "detached"
         return name, await self._create(options, shared=True)
+
+    def _supervising_now(self, name: str) -> bool:
+        """Whether `name` is a supervisor this adapter uses or is making."""
+        return any(known == name for known, _actor in self._supervisors.values())
 
     def _forget_supervisor(self, name: str) -> None:
         for key, (known, _actor) in list(self._supervisors.items()):
@@ -540,7 +569,12 @@ class RayWorkers:
             if handle.worker_id in idle_warm:
                 continue  # this adapter's own idle warm processes
             name = handle.worker_id
-            if infos and (is_supervisor(name) or is_warm(name)):  # an origin's on a node
+            if not infos and self._supervising_now(name):
+                continue  # this adapter's own supervisor, empty or loading its first model
+            supervises = is_supervisor(name) or (
+                is_warm(name) and all(info.supervised for info in infos)
+            )
+            if infos and supervises:  # an origin's on a node
                 for info in infos:
                     worker_id = info.identity.worker_id
                     key = (info.identity.origin, info.placement.node_id)
@@ -637,8 +671,11 @@ class RayWorkers:
             else:
                 self._releases.add(release)
                 release.add_done_callback(self._releases.discard)
+            with contextlib.suppress(FileNotFoundError):  # at shutdown the release may not run
+                handle.socket_path.unlink()
             return
         self._owned.pop(handle.warm_name or handle.process or handle.worker_id, None)
+        self._forget_supervisor(handle.worker_id)  # an empty one found by a scan
         with contextlib.suppress(Exception):
             ray.kill(handle.actor, no_restart=True)
         with contextlib.suppress(FileNotFoundError):

@@ -153,6 +153,10 @@ class ModelProcess:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def running(self) -> bool:
+        return self._process.poll() is None
+
     @staticmethod
     def start(
         entry: str = MODULE, args: Sequence[str] = (), python_path: Sequence[str] = ()

@@ -81,6 +81,7 @@ class LoadedInfo:
     load_seconds: float
     note: str = ""  # e.g. the accelerator fell back to the CPU
     model: FetchedModel | None = None  # the file: its digest, size, what a tag resolved to
+    supervised: bool = False  # loaded into an origin's supervisor (`LoadRequest.contained`)
 
 
 def _node_id() -> str:
@@ -146,6 +147,14 @@ def _die_with(how: str) -> None:
     os._exit(1)
 
 
+# The calls that only read (`info`, `alive`, `ping`, `node`) run in a concurrency group of
+# their own, so a long load does not make the control plane think the worker hung; loads and
+# unloads keep their order in the default group. (Ray then runs the default group's calls on
+# a thread pool whose threads live as long as the actor: the model processes, which ask for
+# SIGKILL when the thread that started them ends, are not killed by a thread's end.)
+CONTROL = "control"
+CONCURRENCY_GROUPS = {CONTROL: 1}
+
 # Deaths of contained model processes remembered until the control plane unloads the model.
 MAX_DEATHS = 1024
 
@@ -168,7 +177,11 @@ class ModelWorker:
         process: ModelProcess | None = None
         socket_path: str | None = None
         try:
-            process, self._spare = self._spare or ModelProcess.start(), None
+            spare, self._spare = self._spare, None
+            if spare is not None and not spare.running:
+                spare.stop()  # killed while idle (the OOM killer): a fresh one instead
+                spare = None
+            process = spare or ModelProcess.start()
             listener, address = listen(request.listen)
             socket_path = address.where if address.kind == "unix" else None
             try:
@@ -214,6 +227,7 @@ class ModelWorker:
             load_seconds=loaded.load_seconds,
             note=loaded.note,
             model=fetched,
+            supervised=request.contained,
         )
         hosted = _Hosted(process, info, lease, socket_path)
         with self._lock:
@@ -221,7 +235,10 @@ class ModelWorker:
             self._deaths.pop(request.model_id, None)
         if request.contained:
             process.watch(lambda how: self._died(request.model_id, hosted, how))
-            self._spare = ModelProcess.start()
+            try:  # the next model's; the loaded one serves whatever happens here
+                self._spare = ModelProcess.start()
+            except OSError as error:
+                log.warning("no spare model process: %s", error)
         else:
             process.watch(_die_with)
         return info
@@ -237,7 +254,7 @@ class ModelWorker:
             self._deaths[model_id] = how
         hosted.release()
 
-    @ray.method(enable_task_events=False)
+    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
     def alive(self, model_id: str) -> str | None:
         """None while the model's process serves, else why not."""
         with self._lock:
@@ -247,7 +264,7 @@ class ModelWorker:
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
     # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).
-    @ray.method(enable_task_events=False)
+    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
     def info(self) -> list[LoadedInfo]:
         """What this process serves, one entry per hosted model."""
         with self._lock:
@@ -264,11 +281,11 @@ class ModelWorker:
         with self._lock:
             return len(self._hosted)
 
-    @ray.method(enable_task_events=False)
+    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
     def ping(self) -> int:
         return os.getpid()
 
-    @ray.method(enable_task_events=False)
+    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
     def node(self) -> str:
         """The Ray node this process runs on."""
         return _node_id()
