@@ -30,12 +30,7 @@ from modelloader_workers.fetching import SourcePolicy, SourceRequest
 from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
-from modelloader_workers.worker import (
-    CONCURRENCY_GROUPS,
-    LoadedInfo,
-    LoadRequest,
-    ModelWorker,
-)
+from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
 from ray.exceptions import (
     ActorUnschedulableError,
     GetTimeoutError,
@@ -170,9 +165,7 @@ class RayWorkers:
         # On a cluster the gateway reaches workers on other nodes over TCP; on one machine
         # a Unix socket in a private folder is enough and faster.
         self._tcp = tcp
-        # (Ray's stubs lack the option; `ray.remote` takes it: see worker.CONCURRENCY_GROUPS.)
-        remote: Any = ray.remote
-        self._remote: Any = remote(concurrency_groups=CONCURRENCY_GROUPS)(ModelWorker)
+        self._remote: Any = ray.remote(ModelWorker)
         # A non-detached actor ends when its creator's handle goes (handles from get_actor do
         # not count), so the adapter keeps the handles it made: a control loop restarted in
         # the same process then finds its workers alive.

@@ -147,14 +147,6 @@ def _die_with(how: str) -> None:
     os._exit(1)
 
 
-# The calls that only read (`info`, `alive`, `ping`, `node`) run in a concurrency group of
-# their own, so a long load does not make the control plane think the worker hung; loads and
-# unloads keep their order in the default group. (Ray then runs the default group's calls on
-# a thread pool whose threads live as long as the actor: the model processes, which ask for
-# SIGKILL when the thread that started them ends, are not killed by a thread's end.)
-CONTROL = "control"
-CONCURRENCY_GROUPS = {CONTROL: 1}
-
 # Deaths of contained model processes remembered until the control plane unloads the model.
 MAX_DEATHS = 1024
 
@@ -254,7 +246,7 @@ class ModelWorker:
             self._deaths[model_id] = how
         hosted.release()
 
-    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
+    @ray.method(enable_task_events=False)
     def alive(self, model_id: str) -> str | None:
         """None while the model's process serves, else why not."""
         with self._lock:
@@ -264,7 +256,7 @@ class ModelWorker:
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
     # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).
-    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
+    @ray.method(enable_task_events=False)
     def info(self) -> list[LoadedInfo]:
         """What this process serves, one entry per hosted model."""
         with self._lock:
@@ -281,11 +273,11 @@ class ModelWorker:
         with self._lock:
             return len(self._hosted)
 
-    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
+    @ray.method(enable_task_events=False)
     def ping(self) -> int:
         return os.getpid()
 
-    @ray.method(enable_task_events=False, concurrency_group=CONTROL)
+    @ray.method(enable_task_events=False)
     def node(self) -> str:
         """The Ray node this process runs on."""
         return _node_id()
