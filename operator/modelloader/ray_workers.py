@@ -367,10 +367,7 @@ class RayWorkers:
             try:
                 info: LoadedInfo = await actor.load.remote(request)
             except RayTaskError as error:
-                cause = getattr(error, "cause", None)
-                if isinstance(cause, ModelLoadError):
-                    raise WorkerStartError(str(cause).strip()) from None
-                raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
+                raise _start_error(error) from None
             except (RayActorError, ActorUnschedulableError) as error:
                 # Gone (or its node went): the next start makes a new one; this one is tried
                 # once more, the same way, then anywhere as a worker of its own.
@@ -425,7 +422,7 @@ class RayWorkers:
         return name, await self._create(options, shared=True)
 
     def _supervising_now(self, name: str) -> bool:
-        """Whether `name` is a supervisor this adapter uses or is making."""
+        """Whether `name` is a supervisor this adapter uses (made, taken or adopted)."""
         return any(known == name for known, _actor in self._supervisors.values())
 
     def _forget_supervisor(self, name: str) -> None:
@@ -519,10 +516,7 @@ class RayWorkers:
         except RayTaskError as error:
             if not process:  # a shared process keeps serving the origin's other models
                 self.stop(handle)
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
-                raise WorkerStartError(str(cause or error).strip()) from None
-            raise WorkerStartError(f"the worker failed: {_short(cause or error)}") from None
+            raise _start_error(error) from None
         except ActorUnschedulableError:
             self.stop(handle)
             if node is None:
@@ -716,6 +710,15 @@ def _resolved(ref: Any) -> str | None:
         return str(ray.get(ready[0]))
     except RayError:
         return None
+
+
+def _start_error(error: RayTaskError) -> WorkerStartError:
+    """A load's failure in the worker, as the pool reports it: LiteRT's (or the model
+    process's) own message, else the worker's."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
+        return WorkerStartError(str(cause or error).strip())
+    return WorkerStartError(f"the worker failed: {_short(cause or error)}")
 
 
 def _short(error: BaseException) -> str:
