@@ -191,3 +191,8 @@ def running_local(folder: Path, *extra: str) -> Iterator[LocalServer]:
     finally:
         local.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def parent_of(pid: int) -> int:
+    """A process's parent (a model process's: its worker)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE
-from tests.e2e.conftest import LocalServer, manifest, running_local
+from tests.e2e.conftest import LocalServer, manifest, parent_of, running_local
 
 BODY = json.dumps(
     {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
@@ -96,10 +96,6 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
 
 def pid_of(server: LocalServer, name: str) -> int:
     return int(server.item(name)["status"]["placement"]["pid"])
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def worker_processes(server: LocalServer) -> set[int]:

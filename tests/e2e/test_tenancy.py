@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EXAMPLE, MODELS
-from tests.e2e.conftest import LocalServer, running_local
+from tests.e2e.conftest import LocalServer, parent_of, running_local
 
 TOKENS = {
     "shop": "shop-token-0123456789abcdef",
@@ -145,10 +145,6 @@ def test_a_quota_of_5_runs_exactly_5_of_100_and_the_rest_wait(tenants: LocalServ
     origin = tenants.status()["origins"]["shop"]
     assert origin["usage"]["models"] == 5 and origin["limits"]["models"] == 5
     assert origin["waiting"] == 95 and "models" in origin["atLimit"]
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_a_perorigin_origin_runs_20_models_under_its_2_workers(tenants: LocalServer) -> None:
