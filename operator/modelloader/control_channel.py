@@ -6,10 +6,15 @@ gateway: status shows every origin's models, which a tenant must not see.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import http.server
 import json
 import os
 import socket
+import socketserver
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +63,57 @@ def is_running(state_dir: Path) -> bool:
     except ControlUnavailable:
         return False
     return True
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, report: Callable[[], Any]) -> None:
+        self.report = report
+        super().__init__(path, _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        if self.path != "/status":
+            self.send_error(404)
+            return
+        body = json.dumps(self.server.report()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "control socket"  # a Unix socket's peer has no address
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ControlServer:
+    """The channel's server: answers on threads of its own, not on the event loop, so
+    `modelloader status` is answered within a second while the loop is busy (a pass over
+    hundreds of models, their loads finishing: bench/RESULTS.md). `report` must be safe to
+    call from another thread (it reads what the loop last published)."""
+
+    def __init__(self, state_dir: Path, report: Callable[[], Any]) -> None:
+        self._path = state_dir / SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+        self._server = _Server(str(self._path), report)
+        self._path.chmod(0o600)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="control-channel", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()

@@ -36,6 +36,9 @@ from modelloader.worker_pool import H, Sources, WorkerPool, Workers
 
 log = logging.getLogger(__name__)
 
+# A pass shorter than this follows a wake-up at once (see `run`).
+MIN_PASS_GAP_SECONDS = 0.005
+
 
 @dataclass(frozen=True)
 class Desired:
@@ -151,7 +154,15 @@ class ControlLoop(Generic[H]):
                     self._restart_requested = False
                     adopted = await self.restart()
                     log.warning("control loop restarted: adopted %d running workers", adopted)
+                started = time.monotonic()
                 await self.reconcile_once()
+                # A pass over many models takes a while (tens of ms at 500, longer while
+                # their processes start and take the CPU): the next one waits at least as long,
+                # so a stream of wake-ups (loads finishing) still leaves at least half of the
+                # event loop to what shares it (the gateway's data path).
+                spent = time.monotonic() - started
+                if spent > MIN_PASS_GAP_SECONDS:
+                    await asyncio.sleep(min(spent, self.settings.interval_seconds))
                 # Not asyncio.wait_for: on Python 3.11 it returns the event's result when a
                 # cancel arrives as the event is set, swallowing the cancel, and this loop
                 # then never stops (an operator that did not stop, in CI). timeout() keeps it.

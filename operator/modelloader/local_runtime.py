@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from modelloader_gateway.load import Key, Load
 from modelloader_gateway.routes import RouteTable
 from modelloader_gateway.server import Gateway, GatewayConfig
@@ -79,6 +78,7 @@ class Generations:
 
     def __init__(self) -> None:
         self._seen: dict[Any, tuple[str, int]] = {}
+        self._stamped: dict[Any, tuple[LoadedModel, LoadedModel]] = {}  # as read -> stamped
 
     def stamp(self, models: tuple[LoadedModel, ...]) -> list[LoadedModel]:
         stamped = []
@@ -87,9 +87,15 @@ class Generations:
             if fingerprint != model.fingerprint or generation == 0:
                 generation += 1
             self._seen[model.key] = (model.fingerprint, generation)
-            stamped.append(dataclasses.replace(model, generation=generation))
+            # The same object while nothing changes: its fingerprint is computed once.
+            read, made = self._stamped.get(model.key, (None, None))
+            if read is not model or made is None or made.generation != generation:
+                made = dataclasses.replace(model, generation=generation)
+                self._stamped[model.key] = (model, made)
+            stamped.append(made)
         for gone in set(self._seen) - {m.key for m in models}:
             del self._seen[gone]
+            self._stamped.pop(gone, None)
         return stamped
 
 
@@ -169,7 +175,7 @@ class LocalRuntime:
         self.sources = ModelSources(self.source.credentials)
         self.loop: ControlLoop[WorkerHandle] | None = None
         self._stop = asyncio.Event()
-        self._runners: list[web.AppRunner] = []
+        self._control: control_channel.ControlServer | None = None
         self._ray_temp: str | None = None
         self._losses: list[float] = []
 
@@ -212,11 +218,7 @@ class LocalRuntime:
         # being served yet, so blocking the loop for a few seconds costs nothing.
         self._start_ray(start_local_ray(self.config.num_cpus))
         await self.gateway.start()
-        control_socket = config.state_dir / control_channel.SOCKET_NAME
-        with contextlib.suppress(FileNotFoundError):
-            control_socket.unlink()
-        await self._serve_unix(self._control_app(), str(control_socket))
-        control_socket.chmod(0o600)
+        self._control = control_channel.ControlServer(config.state_dir, self.sink.report)
 
     def _start_ray(self, ray_temp: str) -> None:
         """A control loop with no workers yet, on the private Ray just started."""
@@ -234,12 +236,6 @@ class LocalRuntime:
             self.config.loop,
             health=local_ray_problem,
         )
-
-    async def _serve_unix(self, app: web.Application, path: str) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        self._runners.append(runner)
-        await web.UnixSite(runner, path).start()
 
     async def _serve_until_stopped(self) -> None:
         stopped = asyncio.ensure_future(self._stop.wait())
@@ -291,23 +287,10 @@ class LocalRuntime:
 
     async def shutdown(self) -> None:
         await self.gateway.close()
-        for runner in reversed(self._runners):
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
-        self._runners.clear()
+        if self._control is not None:
+            await asyncio.to_thread(self._control.close)
+            self._control = None
         if self.loop is not None:
             await self.loop.close(stop_workers=True)
         await asyncio.to_thread(stop_ray)
         self._remove_ray_temp()
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.state_dir / control_channel.SOCKET_NAME).unlink()
-
-    # The control channel, for `modelloader status`
-
-    def _control_app(self) -> web.Application:
-        async def status_handler(_: web.Request) -> web.Response:
-            return web.json_response(self.sink.report())
-
-        app = web.Application()
-        app.router.add_get("/status", status_handler)
-        return app
