@@ -49,10 +49,10 @@ from dataplane import (
     write_results,
 )
 from modelloader_gateway.worker_client import WorkerClients, request_prefix
+from modelloader_workers.listeners import listen
 from modelloader_workers.model_process import ModelProcess, ProcessLoad
 from modelloader_workers.wire import ipc
 from modelloader_workers.wire.address import Address
-from modelloader_workers.worker_server import listen
 from replicas import pss_kib
 
 TITLE = "# The model process: a request's cost and a model's memory"

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from modelloader_gateway import main as gateway_main
-from modelloader_workers.litert_runner import ExternalDelegate
+from modelloader_workers.loading import ExternalDelegate
 
 from modelloader import control_channel
 from modelloader.policy import OriginPolicy, parse_policy_spec

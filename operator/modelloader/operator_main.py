@@ -24,7 +24,7 @@ import kopf
 from aiohttp import web
 from modelloader_gateway.metrics_endpoint import serve_metrics
 from modelloader_gateway.route_board import RayRouteChannel
-from modelloader_workers.litert_runner import ExternalDelegate
+from modelloader_workers.loading import ExternalDelegate
 from modelloader_workers.wire.identity import ModelKey
 from prometheus_client import CollectorRegistry
 

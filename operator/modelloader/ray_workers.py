@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.fetching import SourcePolicy, SourceRequest
-from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.loading import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.worker import LoadedInfo, LoadRequest, ModelWorker
@@ -188,6 +188,8 @@ class RayWorkers:
         self._supervisors: dict[tuple[str, str], tuple[str, Any]] = {}
         self._supervising: dict[tuple[str, str], _Turn] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        # A liveness check of a supervisor in flight, shared by all its models (`_hosting`).
+        self._asking: dict[str, asyncio.Future[tuple[list[str], dict[str, str]]]] = {}
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -631,10 +633,10 @@ class RayWorkers:
         actor is gone is, or a supervisor saying the model's process died."""
         try:
             if handle.supervisor:
-                died: str | None = await asyncio.wait_for(
-                    handle.actor.alive.remote(handle.worker_id), timeout
-                )
-                return died
+                hosted, deaths = await self._hosting(handle, timeout)
+                if handle.worker_id in hosted:
+                    return None
+                return deaths.get(handle.worker_id, "the worker does not host this model")
             await asyncio.wait_for(handle.actor.ping.remote(), timeout)
         except RayActorError as error:
             if handle.supervisor:
@@ -645,6 +647,24 @@ class RayWorkers:
         except RayError as error:
             return f"the worker is unreachable: {_short(error)}"
         return None
+
+    async def _hosting(
+        self, handle: WorkerHandle, timeout: float
+    ) -> tuple[list[str], dict[str, str]]:
+        """What a supervisor hosts. Asked once for all its models checked at the same time:
+        one call per supervisor, not one per model (500 calls a second at 500 models)."""
+        key = handle.supervisor
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = asyncio.ensure_future(asyncio.wait_for(handle.actor.hosting.remote(), timeout))
+            self._asking[key] = asking
+
+            def done(finished: asyncio.Future[tuple[list[str], dict[str, str]]]) -> None:
+                if self._asking.get(key) is finished:
+                    del self._asking[key]
+
+            asking.add_done_callback(done)
+        return await asyncio.shield(asking)
 
     def stop(self, handle: WorkerHandle) -> None:
         """Kill the worker's process (for a shared one: all the models it hosts); for a

@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +19,10 @@ import numpy as np
 import pytest
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply
 from modelloader_workers import landlock, model_process, sandbox
+from modelloader_workers.listeners import listen
 from modelloader_workers.litert_runner import LiteRTRunner, ModelLoadError
 from modelloader_workers.model_process import ModelProcess, ProcessLoad
 from modelloader_workers.wire.address import Address
-from modelloader_workers.worker_server import listen
 
 from tests.conftest import EXAMPLE
 from tests.support.calls import infer_worker
@@ -161,3 +163,55 @@ def test_what_a_hostile_process_answers_fails_only_its_load(
     with pytest.raises(ModelLoadError, match=message):
         process.load(ProcessLoad(model=str(model)), tcp_listener[0])
     assert process.wait(5) is not None  # stopped, and reaped
+
+
+def test_model_processes_forked_by_a_spawner_are_adopted_sandboxed_and_alone(
+    model: Path, tmp_path: Path
+) -> None:
+    """What a supervisor does: a spawner (a clean interpreter) forks each model process; the
+    supervisor adopts it (its parent), it holds no descriptor of the spawner's, sandboxes
+    itself like a fresh one, answers, and its death is the supervisor's to see and explain."""
+    checker = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.spawner_check", str(model), str(tmp_path)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"RAY_AUTH_TOKEN": "secret"},
+    )
+    try:
+        assert checker.stdin is not None and checker.stdout is not None
+        report = json.loads(checker.stdout.readline())
+        pids = [m["pid"] for m in report["models"]]
+        assert len(set(pids)) == 2
+        pixels = json.loads((EXAMPLE / "samples.json").read_text())["samples"][0]["pixels"]
+        inputs = {"pixels": np.asarray([pixels], dtype=np.float32)}
+        expected = LiteRTRunner(str(model)).run(inputs)["probabilities"]
+        for seen in report["models"]:
+            assert seen["ppid"] == report["supervisor"]  # adopted: not the spawner's child
+            assert set(seen["seccomp"]) == {"2"}, seen["seccomp"]
+            assert "landlock" in seen["sandbox"]
+            assert not any(k.startswith("RAY_") for k in seen["environment"])
+            # Standard streams, its control socket, its listener, and what it opened itself
+            # (its model, an epoll): no socket but those two, none of the spawner's.
+            sockets = [t for t in seen["fds"].values() if t.startswith("socket:")]
+            assert len(sockets) == 2, seen["fds"]
+
+            async def ask(where: str) -> WorkerReply:
+                clients = WorkerClients()
+                try:
+                    return await infer_worker(clients, Address("unix", where), inputs)
+                finally:
+                    clients.close()
+
+            reply = asyncio.run(ask(seen["address"]))
+            np.testing.assert_array_equal(reply.outputs["probabilities"], expected)
+        checker.stdin.write("kill\n")
+        checker.stdin.flush()
+        death = json.loads(checker.stdout.readline())
+        assert death["code"] == -signal.SIGKILL
+        assert "killed by SIGKILL" in death["death"] and death["other"] is True
+        assert checker.wait(30) == 0
+    finally:
+        checker.kill()
+        checker.wait()

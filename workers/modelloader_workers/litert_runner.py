@@ -14,25 +14,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from modelloader_workers.loading import AcceleratorUnavailable as AcceleratorUnavailable
+from modelloader_workers.loading import ExternalDelegate as ExternalDelegate
+from modelloader_workers.loading import ModelLoadError as ModelLoadError
 from modelloader_workers.wire.signature import Signature, TensorSpec
 from modelloader_workers.wire.tensor_types import UnsupportedDatatype, v2_datatype
-
-
-class ModelLoadError(RuntimeError):
-    """The file could not be made into a runnable model; the message says why."""
-
-
-class AcceleratorUnavailable(ModelLoadError):
-    """The accelerator (or its delegate library) cannot be used on this node at all: with
-    `delegation: partitioned` the model may run on the CPU instead."""
-
-
-@dataclass(frozen=True)
-class ExternalDelegate:
-    """A TFLite delegate library loaded by path (Edge TPU, a vendor NPU), with its options."""
-
-    path: str
-    options: tuple[tuple[str, str], ...] = ()
 
 
 class Runner(Protocol):

@@ -2,12 +2,14 @@
 listener, and nothing else.
 
 The worker (the Ray actor, `worker`) is the supervisor: it fetches the model, makes the
-listener, and starts one model process per model it hosts (`ModelProcess.start`). The child is
-not a fork of the Ray worker: a new `python -m modelloader_workers.model_process` with a clean
+listener, and has one model process per model it hosts. The child is never a fork of the Ray
+worker: it is a fresh `python -m modelloader_workers.model_process` (`ModelProcess.start`), or
+a fork of the worker's spawner, itself such a fresh interpreter that never sees a model
+(`spawner`: one interpreter's start per worker instead of per model). Either way it has a clean
 environment (no Ray token, no service-account token, nothing of the worker's but where programs
-and libraries are) and no descriptors but its control socket. It imports LiteRT, then waits for
-its one load (so a warm worker keeps a warm model process). The load arrives on the control
-socket with the listener's descriptor; before it parses the model the child:
+and libraries are) and no descriptors but its control socket. It has imported LiteRT when it
+waits for its one load (so a warm worker keeps a warm model process). The load arrives on the
+control socket with the listener's descriptor; before it parses the model the child:
 
 1. limits itself (`process_limits`: no core dumps, not dumpable, open files, address space);
 2. restricts the file system (`landlock`): its model, Python and the system's libraries;
@@ -29,20 +31,23 @@ import dataclasses
 import importlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from modelloader_workers import landlock, litert_runner, process_limits, sandbox
+from modelloader_workers import landlock, process_limits, sandbox
 from modelloader_workers.batching import BatchPolicy
-from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.loading import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.signature import Signature
 
 MODULE = "modelloader_workers.model_process"
@@ -140,10 +145,68 @@ class ProcessLoaded:
     sandbox: str  # what confines it ("": nothing could)
 
 
+class ChildProcess(Protocol):
+    """What the supervisor needs of a model process's process: a `subprocess.Popen`, or an
+    `AdoptedProcess` (forked by the spawner, then adopted)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class AdoptedProcess:
+    """A process this one did not start but became the parent of: a model process forked by
+    the spawner, adopted by the supervisor as the child subreaper it made itself
+    (`spawner`). Waited for like a child it started (its exit status, as Popen's returncode),
+    through a pidfd, so a signal never reaches a process that reused its number."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._closer = weakref.finalize(self, os.close, self._pidfd)
+        self._code: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self._code is None:
+                try:
+                    done, status = os.waitpid(self._pid, os.WNOHANG)
+                except ChildProcessError:  # not ours after all: gone is all we can say
+                    done, status = self._pid, 0
+                if done:
+                    self._code = os.waitstatus_to_exitcode(status)
+            return self._code
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                raise subprocess.TimeoutExpired(str(self._pid), timeout or 0.0)
+            # Readable once it has exited; the wait above then reaps it.
+            select.select([self._pidfd], [], [], left)
+        return code
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
 class ModelProcess:
     """The supervisor's handle on one model process."""
 
-    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+    def __init__(self, process: ChildProcess, control: socket.socket) -> None:
         self._process = process
         self._control = control
         self._stopping = False
@@ -164,23 +227,8 @@ class ModelProcess:
         """A new model process, importing LiteRT while it waits for its load. Tests start a
         probe instead (`entry`, `args`, and where it is imported from: `python_path`) that
         sandboxes itself the same way."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        environment = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
-        package_root = str(Path(__file__).resolve().parent.parent)
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-s", "-P", "-m", entry, str(theirs.fileno()), *args],
-                env=environment
-                | SINGLE_THREADED
-                | {"PYTHONPATH": ":".join([package_root, *python_path])},
-                stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
-                close_fds=True,
-                cwd="/",
-            )
-        finally:
-            theirs.close()
-        return ModelProcess(process, ours)
+        process, control = start_clean(entry, args, python_path)
+        return ModelProcess(process, control)
 
     @property
     def control(self) -> socket.socket:
@@ -292,6 +340,33 @@ class ModelProcess:
         return f"the model process died {when} (killed by {name})"
 
 
+def start_clean(
+    entry: str, args: Sequence[str] = (), python_path: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """`python -m entry FD *args`: a fresh interpreter with a clean environment and no
+    descriptors but its end of the control socket (FD); returns it and our end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    environment = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
+    package_root = str(Path(__file__).resolve().parent.parent)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-s", "-P", "-m", entry, str(theirs.fileno()), *args],
+            env=environment
+            | SINGLE_THREADED
+            | {"PYTHONPATH": ":".join([package_root, *python_path])},
+            stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
+            close_fds=True,
+            cwd="/",
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
+
+
 def send_message(control: socket.socket, data: bytes) -> None:
     """A message of any size on the SEQPACKET control socket: its length, then chunks."""
     control.send(_LENGTH.pack(len(data)))
@@ -320,10 +395,13 @@ def receive_message(control: socket.socket, limit: int = MESSAGE_BYTES) -> bytes
 # The child's side.
 
 
-def _die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL when the parent ends; exits now if it already has (its parent is no longer
+    `parent`, or is init)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the supervisor died before the line above
+    now = os.getppid()
+    if now == 1 or (parent is not None and now != parent):  # it died before the line above
         os._exit(0)
 
 
@@ -414,18 +492,34 @@ def receive_load(control: socket.socket) -> tuple[ProcessLoad, socket.socket] | 
     return ProcessLoad.from_json(json.loads(message)["load"]), listener
 
 
-def main(argv: list[str]) -> int:
-    _die_with_parent()
-    control = socket.socket(fileno=int(argv[1]))
-    # Imported while waiting for the load: a warm process has paid for them.
+def warm_up() -> None:
+    """What a model process imports before its load (a warm one has paid for them). Not at
+    this module's import: the supervisor imports it too, and needs neither numpy nor LiteRT."""
+    from modelloader_workers import litert_runner
+
     for module in WARM_IMPORTS:
         importlib.import_module(module)
     litert_runner.preload()
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    control = socket.socket(fileno=int(argv[1]))
+    warm_up()  # while waiting for the load
+    return serve(control)
+
+
+def serve(control: socket.socket, supervisor: int | None = None) -> int:
+    """Wait for the load, load, serve until the control socket closes. A forked model
+    process (`spawner`) is told its `supervisor`, which has adopted it by the time the load
+    arrives: from then on it dies with it."""
     from modelloader_workers.gc_pauses import freeze_long_lived
 
     received = receive_load(control)
     if received is None:
         return 0
+    if supervisor is not None:
+        die_with_parent(supervisor)
     request, listener = received
     server, reply = _load(request, listener)
     send_message(control, json.dumps(reply).encode())

@@ -10,7 +10,7 @@ to a model process (`model_process`), a fresh interpreter sandboxed before it pa
 which the gateway then talks to directly. A model that LiteRT rejects (or that kills its
 process while loading) comes back as a readable error. The worker remembers whom it serves
 (`info`), so a restarted control plane can adopt it. When a model process dies while serving,
-a supervisor reports it for that model alone (`alive`) and serves the others on; a model's own
+a supervisor reports it for that model alone (`hosting`) and serves the others on; a model's own
 worker, or a perOrigin process, exits with it, so the control plane sees a worker death as
 before and replaces it.
 """
@@ -32,13 +32,14 @@ from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.fetching import FetchedModel, SourceError, SourcePolicy, SourceRequest
 from modelloader_workers.fetching.fetch_process import fetch_on_node
 from modelloader_workers.fetching.node_cache import Lease
-from modelloader_workers.litert_runner import ExternalDelegate, ModelLoadError
+from modelloader_workers.listeners import listen
+from modelloader_workers.loading import ExternalDelegate, ModelLoadError
 from modelloader_workers.model_process import ModelProcess, ProcessLoad
+from modelloader_workers.spawner import Spawner
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.identity import WorkerIdentity
 from modelloader_workers.wire.placement import Placement
 from modelloader_workers.wire.signature import Signature
-from modelloader_workers.worker_server import listen
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class LoadRequest:
     precision: str = "fp32"  # spec.precision: fp16 takes effect where the hardware path can
     # The worker supervises model processes of several models, each its own (an origin's
     # supervisor on a node): the death of this model's process is its own, reported by
-    # `alive`, never the worker's.
+    # `hosting`, never the worker's.
     contained: bool = False
 
     @property
@@ -157,9 +158,26 @@ class ModelWorker:
         self._deaths: dict[str, str] = {}  # model id -> how its process died (contained)
         # The watchers of model processes run in threads of their own.
         self._lock = threading.Lock()
-        # A warm model process: the next model skips the interpreter's start. A supervisor
-        # of several models starts another after each load.
-        self._spare: ModelProcess | None = ModelProcess.start()
+        # Model processes are forked by a spawner of this worker's (`spawner`): a fresh
+        # interpreter's start each would cost a node starting many models most of its time.
+        self._spawner = Spawner.start()
+        # A warm model process: the next model skips even the fork. A supervisor of several
+        # models makes another after each load.
+        self._spare: ModelProcess | None = self._new_process()
+
+    def _new_process(self) -> ModelProcess:
+        """A model process from the spawner (a new spawner if it died: the OOM killer), or
+        a fresh interpreter where there can be none."""
+        for _attempt in range(2):
+            if self._spawner is None:
+                break
+            try:
+                return self._spawner.spawn()
+            except OSError as error:
+                log.warning("the spawner failed (%s): starting another", error)
+                self._spawner.stop()
+                self._spawner = Spawner.start()
+        return ModelProcess.start()
 
     def load(self, request: LoadRequest) -> LoadedInfo:
         hosted = self._hosted.get(request.model_id)
@@ -173,7 +191,7 @@ class ModelWorker:
             if spare is not None and not spare.running:
                 spare.stop()  # killed while idle (the OOM killer): a fresh one instead
                 spare = None
-            process = spare or ModelProcess.start()
+            process = spare or self._new_process()
             listener, address = listen(request.listen)
             socket_path = address.where if address.kind == "unix" else None
             try:
@@ -228,7 +246,7 @@ class ModelWorker:
         if request.contained:
             process.watch(lambda how: self._died(request.model_id, hosted, how))
             try:  # the next model's; the loaded one serves whatever happens here
-                self._spare = ModelProcess.start()
+                self._spare = self._new_process()
             except OSError as error:
                 log.warning("no spare model process: %s", error)
         else:
@@ -247,12 +265,11 @@ class ModelWorker:
         hosted.release()
 
     @ray.method(enable_task_events=False)
-    def alive(self, model_id: str) -> str | None:
-        """None while the model's process serves, else why not."""
+    def hosting(self) -> tuple[list[str], dict[str, str]]:
+        """The models whose processes serve, and how the others' processes died: one call a
+        second per supervisor, whatever the number of its models."""
         with self._lock:
-            if model_id in self._hosted:
-                return None
-            return self._deaths.get(model_id, "the worker does not host this model")
+            return list(self._hosted), dict(self._deaths)
 
     # The control plane pings every second and gateways ask `info`: without this, Ray's GCS
     # keeps an event record of each call, and grows (bench/RESULTS.md, the soak).

@@ -1,0 +1,75 @@
+"""Model processes forked by a spawner, observed from their supervisor: run as a process of its
+own (`python -m tests.support.spawner_check MODEL FOLDER`), because it makes itself a child
+subreaper, which a test runner must not become. Prints what it saw as one JSON line, waits for
+a line on stdin, kills the first model process, prints how it died, and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from modelloader_workers.listeners import listen
+from modelloader_workers.model_process import ProcessLoad
+from modelloader_workers.spawner import Spawner
+from modelloader_workers.wire.address import Address
+
+
+def seen(pid: int) -> dict[str, Any]:
+    proc = Path(f"/proc/{pid}")
+    fields = dict(
+        line.split(":\t", 1) for line in (proc / "status").read_text().splitlines() if ":\t" in line
+    )
+    seccomp = []
+    for task in (proc / "task").iterdir():
+        status = (task / "status").read_text()
+        seccomp.append(next(x for x in status.splitlines() if x.startswith("Seccomp:")).split()[1])
+    fds = {}
+    for fd in (proc / "fd").iterdir():
+        try:
+            fds[fd.name] = os.readlink(fd)
+        except OSError:
+            continue
+    return {
+        "ppid": int(fields["PPid"]),
+        "seccomp": seccomp,
+        "fds": fds,
+        "environment": sorted(
+            k.split("=", 1)[0]
+            for k in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+            if k
+        ),
+    }
+
+
+def main(model: str, folder: str) -> None:
+    spawner = Spawner.start()
+    assert spawner is not None, "this kernel cannot adopt: no child subreaper"
+    processes = [spawner.spawn(), spawner.spawn()]
+    report: dict[str, Any] = {"supervisor": os.getpid(), "models": []}
+    for index, process in enumerate(processes):
+        listener, address = listen(Address("unix", f"{folder}/m{index}.sock"))
+        loaded = process.load(ProcessLoad(model=model), listener)
+        listener.close()
+        report["models"].append(
+            {"pid": process.pid, "address": address.where, "sandbox": loaded.sandbox}
+            | seen(process.pid)
+        )
+    print(json.dumps(report), flush=True)
+    sys.stdin.readline()
+    os.kill(processes[0].pid, signal.SIGKILL)
+    code = processes[0].wait(10)
+    print(
+        json.dumps({"code": code, "death": processes[0]._death(), "other": processes[1].running}),
+        flush=True,
+    )
+    for process in processes:
+        process.stop()
+    spawner.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
