@@ -9,9 +9,9 @@ memory, measured side by side in one run:
    they did inside the Ray worker) and now (a model process sandboxed whole: process-wide
    seccomp with TSYNC, Landlock, the limits). The digits model and MobileNetV2 uint8.
 2. Memory. `modelloader local` with N perModel digits models of one origin: the proportional
-   set size (PSS: shared pages counted once) of each model's process and of the worker that
-   supervises them (the Ray actor: one per origin and node), and what one more model adds to
-   every process of `modelloader local`.
+   set size (PSS: shared pages counted once) of each model's process, of the worker that
+   supervises them (the Ray actor: one per origin and node) and of its spawner (which forks
+   them), and what one more model adds to every process of `modelloader local`.
 3. Scale (`--scale-models`, over `--scale-origins`): perModel digits models applied at once to
    one `modelloader local`; the seconds until every one is Ready, how long `modelloader status`
    (its control channel) takes to answer, asked every half second meanwhile, and the PSS of the
@@ -137,7 +137,7 @@ def memory(models: int, work: Path) -> dict[str, Any]:
     """The PSS (KiB) of each model's process and of their worker, with `models` perModel
     models of one origin, and what one more model adds to the whole tree."""
     from modelloader import control_channel
-    from replicas import node_pss, parent_of
+    from replicas import children_named, node_pss, parent_of
 
     shutil.copy(DIGITS, work / "digits.tflite")
     names = {f"m{i:02d}": "digits.tflite" for i in range(models)}
@@ -146,6 +146,7 @@ def memory(models: int, work: Path) -> dict[str, Any]:
         items = control_channel.fetch(state_dir)["items"]
         pids = [int(i["status"]["placement"]["pid"]) for i in items]
         workers = sorted({parent_of(p) for p in pids})
+        spawners = [c for w in workers for c in children_named(w, "ml-spawner")]
         before = node_pss(pid)
         (work / "extra.yaml").write_text(manifest("extra", "file://digits.tflite"))
         wait_phase(state_dir, "extra", "Ready")
@@ -153,6 +154,7 @@ def memory(models: int, work: Path) -> dict[str, Any]:
         return {
             "processes": [pss_kib(p) for p in pids],
             "workers": [pss_kib(w) for w in workers],
+            "spawners": [pss_kib(c) for c in spawners],
             "added": node_pss(pid) - before,
         }
 
@@ -258,6 +260,9 @@ def main() -> None:
             f"{statistics.median(sizes['processes']) / mib:.1f} |",
             "| their worker(s), the origin's supervisor on the node | "
             + ", ".join(f"{w / mib:.1f}" for w in sizes["workers"])
+            + " |",
+            "| their worker's spawner (forks each model process) | "
+            + ", ".join(f"{w / mib:.1f}" for w in sizes["spawners"])
             + " |",
             f"| what one more model adds (every process of `modelloader local`) | "
             f"{sizes['added'] / mib:.1f} |",

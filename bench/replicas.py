@@ -83,6 +83,22 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def children_named(parent: int, comm: str) -> list[int]:
+    """The children of `parent` whose comm (what `ps` shows) is `comm`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1]
+        if name == comm and int(fields.split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -168,6 +184,9 @@ def main() -> None:
             results["pss"] = {
                 "one": pss_kib(one_pid),
                 "supervisor": pss_kib(parent_of(one_pid)),
+                "spawner": sum(
+                    pss_kib(c) for c in children_named(parent_of(one_pid), "ml-spawner")
+                ),
                 "two": [pss_kib(p["pid"]) for p in placements],
             }
             before = node_pss(pid)
@@ -244,7 +263,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     rps = results["rps"]
     one, two = results["pss"]["one"], results["pss"]["two"]
     supervisor = results["pss"]["supervisor"]
-    first = one + supervisor
+    spawner = results["pss"]["spawner"]
+    first = one + supervisor + spawner
     before, after = results["tree"]
     kill = results["kill"]
     firsts = results["from_zero"]
@@ -270,14 +290,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             "",
         ),
         (
-            "the origin's worker on the node, supervising every model process above (PSS)",
-            f"{supervisor / 1024:.1f} MiB",
+            "the origin's worker on the node, supervising every model process above, and "
+            "its spawner, which forks them (PSS)",
+            f"{supervisor / 1024:.1f} and {spawner / 1024:.1f} MiB",
             "",
         ),
         (
             "what a second replica adds (every process of `modelloader local`, PSS)",
             f"{added / 1024:.1f} MiB, **{added / first:.0%}** of the first replica "
-            f"({first / 1024:.1f} MiB: its model process and the worker it needs)",
+            f"({first / 1024:.1f} MiB: its model process, the worker and spawner it needs)",
             "<= 25%",
         ),
         (

@@ -83,6 +83,7 @@ WARM_IMPORTS = (
     "modelloader_workers.worker_server",
 )
 _PR_SET_PDEATHSIG = 1
+PROCESS_NAME = "ml-model"  # its comm, as `ps` shows it (a fork's argv is its spawner's)
 
 
 @dataclass(frozen=True)
@@ -502,8 +503,15 @@ def warm_up() -> None:
     litert_runner.preload()
 
 
+def name_process(name: str) -> None:
+    """What `ps` and `top` show for this process (its comm, 15 bytes at most)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
 def main(argv: list[str]) -> int:
     die_with_parent()
+    name_process(PROCESS_NAME)
     control = socket.socket(fileno=int(argv[1]))
     warm_up()  # while waiting for the load
     return serve(control)

@@ -37,6 +37,7 @@ from modelloader_workers import model_process
 from modelloader_workers.model_process import AdoptedProcess, ModelProcess
 
 MODULE = "modelloader_workers.spawner"
+PROCESS_NAME = "ml-spawner"  # its comm, as `ps` shows it
 _PR_SET_CHILD_SUBREAPER = 36
 # A spawner still importing (a node starting many at once) answers its first fork late.
 SPAWN_SECONDS = 120.0
@@ -116,6 +117,7 @@ def _become_model_process(fd: int, supervisor: int) -> None:
         os.closerange(3, fd)
         os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
         gc.unfreeze()  # the spawner's frozen objects are this process's to collect now
+        model_process.name_process(model_process.PROCESS_NAME)
         code = model_process.serve(socket.socket(fileno=fd), supervisor)
     except BaseException:
         traceback.print_exc()
@@ -152,6 +154,7 @@ def fork_model_process(fd: int, supervisor: int) -> int:
 
 def main(argv: list[str]) -> int:
     model_process.die_with_parent()
+    model_process.name_process(PROCESS_NAME)
     supervisor = os.getppid()
     control = socket.socket(fileno=int(argv[1]))
     model_process.warm_up()
