@@ -148,6 +148,7 @@ class ControlLoop(Generic[H]):
         self.runtime.fill_warm_pool()
         liveness = asyncio.ensure_future(self._liveness())
         try:
+            interval = self.settings.interval_seconds
             while self.lost is None:
                 self._wake.clear()
                 if self._restart_requested:
@@ -161,13 +162,14 @@ class ControlLoop(Generic[H]):
                 # so a stream of wake-ups (loads finishing) still leaves at least half of the
                 # event loop to what shares it (the gateway's data path).
                 spent = time.monotonic() - started
-                if spent > MIN_PASS_GAP_SECONDS:
-                    await asyncio.sleep(min(spent, self.settings.interval_seconds))
+                pause = min(spent, interval) if spent > MIN_PASS_GAP_SECONDS else 0.0
+                if pause:
+                    await asyncio.sleep(pause)
                 # Not asyncio.wait_for: on Python 3.11 it returns the event's result when a
                 # cancel arrives as the event is set, swallowing the cancel, and this loop
                 # then never stops (an operator that did not stop, in CI). timeout() keeps it.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.interval_seconds):
+                    async with asyncio.timeout(interval - pause):  # still one per interval
                         await self._wake.wait()
         finally:
             liveness.cancel()

@@ -78,6 +78,21 @@ def origin_namespace(origin: str) -> str:
     return f"{NAMESPACE_PREFIX}{origin}"
 
 
+# What a supervisor hosts: its models whose processes serve, and how the others' died.
+Hosting = tuple[frozenset[str], dict[str, str]]
+
+
+async def _ask_hosting(handle: WorkerHandle, timeout: float) -> Hosting:
+    try:
+        method = handle.actor.hosting
+    except AttributeError:  # a supervisor of the release before, adopted after an upgrade
+        died = await asyncio.wait_for(handle.actor.alive.remote(handle.worker_id), timeout)
+        hosted = frozenset() if died else frozenset([handle.worker_id])
+        return hosted, {handle.worker_id: died} if died else {}
+    serving, deaths = await asyncio.wait_for(method.remote(), timeout)
+    return frozenset(serving), deaths
+
+
 def start_local_ray(num_cpus: int | None) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
     `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
@@ -189,7 +204,7 @@ class RayWorkers:
         self._supervising: dict[tuple[str, str], _Turn] = {}
         self._releases: set[asyncio.Task[None]] = set()
         # A liveness check of a supervisor in flight, shared by all its models (`_hosting`).
-        self._asking: dict[str, asyncio.Future[tuple[list[str], dict[str, str]]]] = {}
+        self._asking: dict[str, asyncio.Future[Hosting]] = {}
 
     def capacity(self) -> dict[str, float]:
         resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
@@ -648,20 +663,20 @@ class RayWorkers:
             return f"the worker is unreachable: {_short(error)}"
         return None
 
-    async def _hosting(
-        self, handle: WorkerHandle, timeout: float
-    ) -> tuple[list[str], dict[str, str]]:
+    async def _hosting(self, handle: WorkerHandle, timeout: float) -> Hosting:
         """What a supervisor hosts. Asked once for all its models checked at the same time:
         one call per supervisor, not one per model (500 calls a second at 500 models)."""
         key = handle.supervisor
         asking = self._asking.get(key)
         if asking is None:
-            asking = asyncio.ensure_future(asyncio.wait_for(handle.actor.hosting.remote(), timeout))
+            asking = asyncio.ensure_future(_ask_hosting(handle, timeout))
             self._asking[key] = asking
 
-            def done(finished: asyncio.Future[tuple[list[str], dict[str, str]]]) -> None:
+            def done(finished: asyncio.Future[Hosting]) -> None:
                 if self._asking.get(key) is finished:
                     del self._asking[key]
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: its askers may all have gone
 
             asking.add_done_callback(done)
         return await asyncio.shield(asking)

@@ -5,6 +5,7 @@ a line on stdin, kills the first model process, prints how it died, and stops.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,25 +19,17 @@ from modelloader_workers.spawner import Spawner
 from modelloader_workers.wire.address import Address
 
 
-def seen(pid: int) -> dict[str, Any]:
+def status_fields(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def holdings(pid: int) -> dict[str, Any]:
+    """Its descriptors and environment: read before its load, while it is still dumpable
+    (after, only a ptrace-capable reader may look)."""
     proc = Path(f"/proc/{pid}")
-    fields = dict(
-        line.split(":\t", 1) for line in (proc / "status").read_text().splitlines() if ":\t" in line
-    )
-    seccomp = []
-    for task in (proc / "task").iterdir():
-        status = (task / "status").read_text()
-        seccomp.append(next(x for x in status.splitlines() if x.startswith("Seccomp:")).split()[1])
-    fds = {}
-    for fd in (proc / "fd").iterdir():
-        try:
-            fds[fd.name] = os.readlink(fd)
-        except OSError:
-            continue
     return {
-        "ppid": int(fields["PPid"]),
-        "seccomp": seccomp,
-        "fds": fds,
+        "fds": {fd.name: os.readlink(fd) for fd in (proc / "fd").iterdir()},
         "environment": sorted(
             k.split("=", 1)[0]
             for k in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
@@ -45,18 +38,39 @@ def seen(pid: int) -> dict[str, Any]:
     }
 
 
+def seccomp(pid: int) -> list[str]:
+    """Each thread's seccomp mode (its status is readable by anyone)."""
+    modes = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            modes.append(_mode(task))
+    return modes
+
+
+def _mode(task: Path) -> str:
+    status = (task / "status").read_text()
+    return next(x for x in status.splitlines() if x.startswith("Seccomp:")).split()[1]
+
+
 def main(model: str, folder: str) -> None:
     spawner = Spawner.start()
     assert spawner is not None, "this kernel cannot adopt: no child subreaper"
     processes = [spawner.spawn(), spawner.spawn()]
     report: dict[str, Any] = {"supervisor": os.getpid(), "models": []}
     for index, process in enumerate(processes):
+        before = holdings(process.pid)
         listener, address = listen(Address("unix", f"{folder}/m{index}.sock"))
         loaded = process.load(ProcessLoad(model=model), listener)
         listener.close()
         report["models"].append(
-            {"pid": process.pid, "address": address.where, "sandbox": loaded.sandbox}
-            | seen(process.pid)
+            {
+                "pid": process.pid,
+                "address": address.where,
+                "sandbox": loaded.sandbox,
+                "ppid": int(status_fields(process.pid)["PPid"]),
+                "seccomp": seccomp(process.pid),
+            }
+            | before
         )
     print(json.dumps(report), flush=True)
     sys.stdin.readline()

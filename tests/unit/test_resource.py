@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 from modelloader.quantity import QuantityError, parse_quantity
-from modelloader.resource import LoadedModelSpec, ManifestError, parse_loaded_model
+from modelloader.resource import (
+    LoadedModel,
+    LoadedModelSpec,
+    ManifestError,
+    Source,
+    parse_loaded_model,
+)
 
 GOOD: dict[str, Any] = {
     "apiVersion": "modelloader.dev/v1alpha1",
@@ -101,3 +107,24 @@ def test_quantities(text: object, value: float) -> None:
 def test_bad_quantities(text: object) -> None:
     with pytest.raises(QuantityError):
         parse_quantity(text)
+
+
+def test_files_count_generations_and_keep_each_stamped_model_while_it_is_unchanged() -> None:
+    """Files have no metadata.generation: `modelloader local` counts spec changes. The same
+    object comes back while nothing changes, so its fingerprint is hashed once (a pass over
+    500 models asked for each fingerprint several times)."""
+    from modelloader.local_runtime import Generations
+
+    def model(uri: str) -> LoadedModel:
+        return LoadedModel("o", "m", LoadedModelSpec("o", Source(uri)))
+
+    generations = Generations()
+    read = model("file://a.tflite")
+    first = generations.stamp((read,))[0]
+    assert first.generation == 1 and first.fingerprint == read.fingerprint
+    assert generations.stamp((read,))[0] is first
+    assert generations.stamp((model("file://a.tflite"),))[0].generation == 1  # read again
+    changed = generations.stamp((model("file://b.tflite"),))[0]
+    assert changed.generation == 2 and changed.fingerprint != first.fingerprint
+    assert generations.stamp((model("file://b.tflite"),))[0].generation == 2
+    assert generations.stamp(())[:] == [] and generations.stamp((read,))[0].generation == 1

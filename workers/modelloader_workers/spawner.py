@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,21 +61,34 @@ class Spawner:
         self._process = process
         self._control = control
         self._lock = threading.Lock()
+        self._broken = False
 
     @staticmethod
     def start() -> Spawner | None:
-        """A spawner, or None where this process cannot adopt what it forks."""
+        """A spawner, or None where this process cannot adopt what it forks (or wait for it
+        through a pidfd: Linux 5.3+) or cannot start one."""
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (OSError, AttributeError):
+            return None
         if not become_subreaper():
             return None
-        process, control = model_process.start_clean(MODULE)
+        try:
+            process, control = model_process.start_clean(MODULE)
+        except OSError:
+            return None
         return Spawner(process, control)
 
     @property
     def running(self) -> bool:
-        return self._process.poll() is None
+        return self._process.poll() is None and not self._broken
 
     def spawn(self) -> ModelProcess:
-        """A new model process, waiting for its load. OSError if the spawner cannot fork."""
+        """A new model process, waiting for its load. OSError if the spawner cannot fork;
+        after a failure of the channel itself (a timeout, the spawner gone) it is stopped
+        and refuses every later call (a late answer would be taken for the next one's)."""
+        if self._broken:
+            raise OSError("the spawner was stopped after a failure")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with self._lock:
@@ -83,20 +97,31 @@ class Spawner:
                 reply = self._control.recv(_REPLY_BYTES)
         except BaseException:
             ours.close()
+            self.stop()
             raise
         finally:
             theirs.close()
         if not reply.startswith(b"pid "):
             ours.close()
+            if not reply:
+                self.stop()
             why = reply.decode(errors="replace") if reply else "the spawner ended"
             raise OSError(f"no model process: {why}")
         try:
-            return ModelProcess(AdoptedProcess(int(reply[4:])), ours)
-        except (ValueError, OSError):
+            pid = int(reply[4:])
+        except ValueError:
             ours.close()
+            self.stop()
+            raise OSError(f"the spawner answered nonsense: {reply[:40]!r}") from None
+        try:
+            return ModelProcess(AdoptedProcess(pid), ours)
+        except OSError:
+            ours.close()
+            _reap(pid)
             raise
 
     def stop(self) -> None:
+        self._broken = True
         with contextlib.suppress(OSError):
             self._control.close()
         try:
@@ -104,6 +129,14 @@ class Spawner:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def _reap(pid: int) -> None:
+    """A forked model process that could not be handed over: ours (adopted), so killed and
+    waited for here rather than left a zombie."""
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 # The spawner's side.
@@ -116,7 +149,6 @@ def _become_model_process(fd: int, supervisor: int) -> None:
     try:
         os.closerange(3, fd)
         os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
-        gc.unfreeze()  # the spawner's frozen objects are this process's to collect now
         model_process.name_process(model_process.PROCESS_NAME)
         code = model_process.serve(socket.socket(fileno=fd), supervisor)
     except BaseException:
@@ -132,7 +164,12 @@ def fork_model_process(fd: int, supervisor: int) -> int:
     """Fork a model process serving the control socket `fd`, through a middle process that
     exits at once (so the supervisor, a subreaper, adopts it); returns its pid."""
     read, write = os.pipe()
-    middle = os.fork()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        raise
     if middle == 0:
         try:
             os.close(read)
@@ -166,6 +203,8 @@ def main(argv: list[str]) -> int:
             return 0
         if not fds:
             continue
+        sys.stdout.flush()  # else each fork would write what is buffered again
+        sys.stderr.flush()
         try:
             reply = f"pid {fork_model_process(fds[0], supervisor)}"
         except OSError as error:

@@ -168,15 +168,16 @@ class ModelWorker:
     def _new_process(self) -> ModelProcess:
         """A model process from the spawner (a new spawner if it died: the OOM killer), or
         a fresh interpreter where there can be none."""
-        for _attempt in range(2):
+        for attempt in range(2):
             if self._spawner is None:
                 break
             try:
                 return self._spawner.spawn()
             except OSError as error:
-                log.warning("the spawner failed (%s): starting another", error)
+                log.warning("the spawner failed (%s)", error)
                 self._spawner.stop()
-                self._spawner = Spawner.start()
+                # Once more with a new one; after that, fresh interpreters for good.
+                self._spawner = Spawner.start() if attempt == 0 else None
         return ModelProcess.start()
 
     def load(self, request: LoadRequest) -> LoadedInfo:
