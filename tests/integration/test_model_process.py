@@ -5,6 +5,7 @@ sandboxed by the same code) tries what a hostile model would."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import select
@@ -224,3 +225,27 @@ def test_model_processes_forked_by_a_spawner_are_adopted_sandboxed_and_alone(
     finally:
         checker.kill()
         checker.wait()
+
+
+def test_without_pidfds_a_worker_starts_each_model_process_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel without pidfds (before 5.3) cannot have adopted processes waited for
+    safely: no spawner, and (without becoming a subreaper) a fresh interpreter per model."""
+    from modelloader_workers import spawner
+    from modelloader_workers.worker import ModelWorker
+
+    def missing(pid: int) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+
+    monkeypatch.setattr(os, "pidfd_open", missing)
+    assert spawner.Spawner.start() is None
+    worker = ModelWorker()
+    spare = worker._spare
+    assert worker._spawner is None and spare is not None
+    try:
+        argv = Path(f"/proc/{spare.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"modelloader_workers.model_process" in argv
+        assert Path(f"/proc/{spare.pid}/status").read_text().count(f"PPid:\t{os.getpid()}") == 1
+    finally:
+        spare.stop()
