@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/replicas.py [--quick] [--no-write]
 
-- throughput of MobileNetV2 uint8 with 1 and with 2 replicas, each `threads: 1` (alternating
-  windows, clients at 2x the replicas);
+- throughput of MobileNetV2 uint8 with 1 and with 2 replicas, each `threads: 1` (rounds of
+  two adjacent windows, clients at 2x the replicas), and beside it the interpreter alone in 1
+  and in 2 processes, the most this host gives a second core at the time;
 - the first request to a model its autoscaler scaled to zero, with the warm pool;
 - the memory a second replica adds, as proportional set size (shared pages counted once);
 - requests lost while one of two replicas is SIGKILLed under load.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -34,7 +36,7 @@ from dataplane import (
     binary_request,
     machine,
     modelloader_local,
-    paired_throughput,
+    throughput,
     variants,
     versions,
     write_results,
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    window, rounds, cold_runs = (1.0, 2, 2) if args.quick else (3.0, 4, 5)
+    window, rounds, cold_runs = (1.0, 2, 2) if args.quick else (3.0, 8, 5)
     path = mobilenet.build(MODEL_CACHE)["uint8"]
     variant = variants({"uint8": path})[0]
     work = Path(tempfile.mkdtemp(prefix="mlrep-"))
@@ -169,14 +171,20 @@ def main() -> None:
             def poster(name: str) -> Any:
                 return lambda: Poster(port, f"/v2/models/{name}/infer", body, headers)
 
-            # 1. Throughput, 1 vs 2 replicas (threads: 1 each), clients at 2x the replicas.
+            # 1. Throughput, 1 vs 2 replicas (threads: 1 each), clients at 2x the replicas,
+            # in rounds of two adjacent windows (order alternating): each round's ratio is
+            # taken from windows a few seconds apart, so the host's slower spells, which last
+            # longer than a round here, fall on both sides of it.
             print("throughput", flush=True)
             rates: dict[str, list[float]] = {"one": [], "two": []}
-            for _ in range(rounds):
-                for name, clients in (("one", 2), ("two", 4)):
-                    got = paired_throughput({name: poster(name)}, clients, window, 1)
-                    rates[name].append(got[name])
-            results["rps"] = {k: statistics.median(v) for k, v in rates.items()}
+            for round_ in range(rounds):
+                order = (("one", 2), ("two", 4)) if round_ % 2 == 0 else (("two", 4), ("one", 2))
+                for name, clients in order:
+                    rates[name].append(throughput(poster(name), clients, window))
+            results["rps"] = rates
+            # The same rounds for the interpreter alone, in 1 and in 2 processes: what this
+            # host gives a second core at the time, with nothing else between them.
+            results["raw_rps"] = raw_rounds(str(path), variant.x, rounds, window)
 
             # 2. Memory: the worker processes of `one` and of `two`, and the whole tree.
             placements = status(state_dir, "two")["replicaPlacements"]
@@ -259,8 +267,59 @@ def main() -> None:
         write_results(section, TITLE)
 
 
+def paired_ratio(rates: dict[str, list[float]]) -> float:
+    return statistics.median(t / o for o, t in zip(rates["one"], rates["two"], strict=True))
+
+
+def ratio_range(rates: dict[str, list[float]]) -> str:
+    ratios = [t / o for o, t in zip(rates["one"], rates["two"], strict=True)]
+    return f"{min(ratios):.2f} to {max(ratios):.2f}"
+
+
+def _invoke_loop(path: str, x: Any, seconds: float, go: Any, rates: Any) -> None:
+    """One process: the interpreter (threads 1) called back to back; puts its rate."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path, num_threads=1)
+    interpreter.allocate_tensors()
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()  # the first call prepares XNNPACK's operators
+    rates.put(None)  # ready
+    go.get()  # the processes of a window start together
+    calls, began = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - began) < seconds:
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        calls += 1
+    rates.put(calls / elapsed)
+
+
+def raw_rounds(path: str, x: Any, rounds: int, window: float) -> dict[str, list[float]]:
+    """The interpreter in 1 and in 2 processes, in rounds of adjacent windows as above."""
+    context = multiprocessing.get_context("spawn")
+    rates: dict[str, list[float]] = {"one": [], "two": []}
+    for round_ in range(rounds):
+        for name in ("one", "two") if round_ % 2 == 0 else ("two", "one"):
+            go, got = context.Queue(), context.Queue()
+            processes = [
+                context.Process(target=_invoke_loop, args=(path, x, window, go, got))
+                for _ in range(1 if name == "one" else 2)
+            ]
+            for process in processes:
+                process.start()
+            for _ in processes:
+                got.get(timeout=60)  # each started, loaded and past its first call
+            for _ in processes:
+                go.put(None)
+            rates[name].append(sum(got.get(timeout=60) for _ in processes))
+            for process in processes:
+                process.join()
+    return rates
+
+
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
-    rps = results["rps"]
+    rps, raw = results["rps"], results["raw_rps"]
     one, two = results["pss"]["one"], results["pss"]["two"]
     supervisor = results["pss"]["supervisor"]
     spawner = results["pss"]["spawner"]
@@ -272,9 +331,17 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     added = after - before
     rows = [
         (
-            "throughput, 2 replicas vs 1 (clients 4 vs 2; median of windows)",
-            f"{rps['two']:.1f} vs {rps['one']:.1f} req/s: **{rps['two'] / rps['one']:.2f}x**",
+            f"throughput, 2 replicas vs 1 (clients 4 vs 2; {len(rps['one'])} rounds of two "
+            "adjacent windows: medians, and the median of the rounds' ratios)",
+            f"{statistics.median(rps['two']):.1f} vs {statistics.median(rps['one']):.1f} "
+            f"req/s: **{paired_ratio(rps):.2f}x** (rounds {ratio_range(rps)})",
             ">= 1.8x",
+        ),
+        (
+            "the interpreter alone, 2 processes vs 1 (threads 1, same rounds, after the above)",
+            f"{statistics.median(raw['two']):.1f} vs {statistics.median(raw['one']):.1f} "
+            f"invokes/s: {paired_ratio(raw):.2f}x (rounds {ratio_range(raw)})",
+            "",
         ),
         (
             "first request to a model scaled to zero, warm pool",
