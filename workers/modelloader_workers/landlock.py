@@ -17,7 +17,6 @@ already running: the model process checks it is a single thread before it calls 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
 import os
 import platform
@@ -26,6 +25,8 @@ import struct
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from modelloader_workers import c_library
 
 # Filesystem rights (include/uapi/linux/landlock.h).
 EXECUTE = 1 << 0
@@ -114,7 +115,7 @@ def abi() -> int:
     """The kernel's Landlock ABI version; 0 where there is none."""
     if platform.system() != "Linux":
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = c_library.handle()
     libc.syscall.restype = ctypes.c_long
     version = libc.syscall(
         ctypes.c_long(_SYSCALLS["create_ruleset"]),
@@ -140,7 +141,7 @@ def restrict(chosen: Sequence[Rule]) -> str:
     if version <= 0:
         return ""
     fs, net, scoped = handled(version)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = c_library.handle()
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     attr = struct.pack("=QQQ", fs, net, scoped)

@@ -25,8 +25,6 @@ parent). The gateway talks to it directly: one hop, as before.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import importlib
 import json
@@ -46,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelloader_workers import landlock, process_limits, sandbox
+from modelloader_workers import c_library, landlock, process_limits, sandbox
 from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.loading import ExternalDelegate, ModelLoadError
 from modelloader_workers.wire.signature import Signature
@@ -403,7 +401,7 @@ def receive_message(control: socket.socket, limit: int = MESSAGE_BYTES) -> bytes
 def die_with_parent(parent: int | None = None) -> None:
     """SIGKILL when the parent ends; exits now if it already has (its parent is no longer
     `parent`, or is init)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = c_library.handle()
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     now = os.getppid()
     if now == 1 or (parent is not None and now != parent):  # it died before the line above
@@ -505,6 +503,7 @@ def warm_up() -> None:
     for module in WARM_IMPORTS:
         importlib.import_module(module)
     litert_runner.preload()
+    c_library.name()  # a spawner's forks inherit it; the sandbox needs the C library
 
 
 def name_process(name: str) -> None:

@@ -17,10 +17,10 @@ Where a platform lacks a call (macOS has no prctl), the limit is skipped and `ap
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import resource
 from dataclasses import dataclass
+
+from modelloader_workers import c_library
 
 MiB = 1 << 20
 # Headroom beyond the models' own budget: the data path's serving thread and its connections'
@@ -63,12 +63,11 @@ def harden() -> list[str]:
     if soft == resource.RLIM_INFINITY or soft > bound or hard != bound:
         resource.setrlimit(resource.RLIMIT_NOFILE, (bound, bound))  # hard: it may not raise it
     applied.append(f"open files <= {bound}")
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        if hasattr(libc, "prctl") and libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+    if c_library.name():
+        lib = c_library.handle()
+        if hasattr(lib, "prctl") and lib.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
             applied.append("not dumpable")
-        if hasattr(libc, "mallopt") and libc.mallopt(_M_ARENA_MAX, 2) == 1:
+        if hasattr(lib, "mallopt") and lib.mallopt(_M_ARENA_MAX, 2) == 1:
             applied.append("malloc arenas <= 2")
     return applied
 

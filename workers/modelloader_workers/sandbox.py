@@ -32,12 +32,13 @@ Linux on x86_64 and aarch64 only; elsewhere the calls return False and `supporte
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
 import struct
 from dataclasses import dataclass
+
+from modelloader_workers import c_library
 
 _ARCH = {
     "x86_64": 0xC000003E,  # AUDIT_ARCH_X86_64
@@ -313,7 +314,7 @@ def confine_thread() -> bool:
     if supported() is not None:
         return False
     fprog, _keep = _fprog(whole_process=False)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = c_library.handle()
     _no_new_privs(libc)
     prctl = libc.prctl
     if prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
@@ -328,7 +329,7 @@ def confine_process() -> bool:
     if supported() is not None:
         return False
     fprog, _keep = _fprog(whole_process=True)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = c_library.handle()
     _no_new_privs(libc)  # TSYNC carries it to the other threads
     syscall = libc.syscall
     syscall.restype = ctypes.c_long

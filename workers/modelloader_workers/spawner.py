@@ -23,8 +23,6 @@ fresh one does (`model_process.serve`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import os
 import signal
@@ -34,7 +32,7 @@ import sys
 import threading
 import traceback
 
-from modelloader_workers import model_process
+from modelloader_workers import c_library, model_process
 from modelloader_workers.model_process import AdoptedProcess, ModelProcess
 
 MODULE = "modelloader_workers.spawner"
@@ -48,7 +46,7 @@ _REPLY_BYTES = 256
 def become_subreaper() -> bool:
     """Orphaned descendants of this process become its children (Linux 3.4+)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = c_library.handle()
         return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
@@ -78,6 +76,10 @@ class Spawner:
         except OSError:
             return None
         return Spawner(process, control)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     @property
     def running(self) -> bool:
