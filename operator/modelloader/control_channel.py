@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 SOCKET_NAME = "control.sock"
 
 
@@ -47,8 +49,8 @@ def fetch(state_dir: Path, path: str = "/status", timeout: float = 10.0) -> Any:
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        return json.loads(response.read())
-    except (OSError, ValueError) as error:
+        return orjson.loads(response.read())
+    except (OSError, ValueError) as error:  # orjson.JSONDecodeError is a ValueError
         raise ControlUnavailable(
             f"no modelloader local is answering at {state_dir / SOCKET_NAME} ({error}); "
             "is it running with the same --state-dir?"
@@ -80,7 +82,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path != "/status":
             self.send_error(404)
             return
-        body = json.dumps(self.server.report()).encode()
+        body = encode(self.server.report())
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -92,6 +94,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def encode(report: Any) -> bytes:
+    """The status as JSON: by orjson, a twelfth of the standard encoder's time for the 1 MB
+    of 500 models (11.3 against 0.9 ms here), asked every half second while they load
+    (bench/model_process.py); the standard encoder for what orjson refuses (an integer past
+    64 bits), with the same error for what neither takes."""
+    try:
+        return orjson.dumps(report)
+    except TypeError:
+        return json.dumps(report).encode()
 
 
 class ControlServer:

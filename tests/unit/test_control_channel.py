@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import threading
 from pathlib import Path
@@ -32,3 +33,10 @@ def test_status_is_answered_while_the_event_loop_would_be_busy(tmp_path: Path) -
         server.close()
     assert not (tmp_path / control_channel.SOCKET_NAME).exists()
     assert not control_channel.is_running(tmp_path)
+
+
+def test_status_is_encoded_as_the_standard_encoder_reads_it() -> None:
+    report = {"items": [{"name": "m", "loadSeconds": 0.25, "ready": "1/1", "pid": 7}], "e": []}
+    assert json.loads(control_channel.encode(report)) == report
+    huge = {"n": 1 << 70}  # past orjson's 64 bits: the standard encoder takes it
+    assert json.loads(control_channel.encode(huge)) == huge
