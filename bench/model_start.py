@@ -3,10 +3,10 @@ load, as a worker does it (`Spawner.spawn`, then `ModelProcess.load`), N in a ro
 
     .venv/bin/python bench/model_start.py [--models 20]
 
-Prints the median wall time from spawn to loaded and the CPU time per model: the model
-process and whatever it ran (reaped here: this process is their subreaper, as the worker is),
-and the spawner's share (its forks). To compare with other code, put its `workers` folder
-first on PYTHONPATH: the spawner is started from where `modelloader_workers` was imported.
+Prints the median wall time from spawn to loaded, the CPU time per model (the model process
+and whatever it ran, reaped here: this process is their subreaper, as the worker is; and the
+spawner's share, its forks) and a loaded model process's proportional set size. The spawner
+is started from wherever `modelloader_workers` was imported (PYTHONPATH picks the code).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ def _cpu_ms_of(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK") * 1000
 
 
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _children_cpu_ms() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (usage.ru_utime + usage.ru_stime) * 1000
@@ -47,6 +54,7 @@ def main() -> None:
     started.spawn().stop()  # the spawner has imported everything and forked once
     request = model_process.ProcessLoad(model=str(DIGITS), memory_limit=256 << 20)
     walls: list[float] = []
+    sizes: list[int] = []
     children, forks = _children_cpu_ms(), _cpu_ms_of(spawner_pid)
     for i in range(args.models):
         listener = socket.socket(socket.AF_UNIX)
@@ -56,13 +64,15 @@ def main() -> None:
         process = started.spawn()
         process.load(request, listener)
         walls.append((time.perf_counter() - began) * 1000)
+        sizes.append(_pss_kib(process.pid))
         process.stop()
         listener.close()
     cpu = (_children_cpu_ms() - children + _cpu_ms_of(spawner_pid) - forks) / args.models
     started.stop()
     print(
         f"{args.models} model processes: spawn to loaded, median {statistics.median(walls):.1f}"
-        f" ms of wall time; {cpu:.1f} ms of CPU per model"
+        f" ms of wall time; {cpu:.1f} ms of CPU per model; a loaded one's PSS, median"
+        f" {statistics.median(sizes) / 1024:.1f} MiB"
     )
 
 
