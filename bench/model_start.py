@@ -5,8 +5,9 @@ load, as a worker does it (`Spawner.spawn`, then `ModelProcess.load`), N in a ro
 
 Prints the median wall time from spawn to loaded, the CPU time per model (the model process
 and whatever it ran, reaped here: this process is their subreaper, as the worker is; and the
-spawner's share, its forks) and a loaded model process's proportional set size. The spawner
-is started from wherever `modelloader_workers` was imported (PYTHONPATH picks the code).
+spawner's share, its forks) and a loaded model process's proportional set size (read from
+/proc: needs root or CAP_SYS_PTRACE, as a model process is not dumpable). The spawner is
+started from wherever `modelloader_workers` was imported (PYTHONPATH picks the code).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     .venv/bin/python bench/replicas.py [--quick] [--no-write]
 
 - throughput of MobileNetV2 uint8 with 1 and with 2 replicas, each `threads: 1` (rounds of
-  two adjacent windows, clients at 2x the replicas), and beside it the interpreter alone in 1
-  and in 2 processes, the most this host gives a second core at the time;
+  two adjacent windows, clients at 2x the replicas), and after it the same rounds for the
+  interpreter alone in 1 and in 2 processes: what this host gives a second core, measured
+  in the same minutes;
 - the first request to a model its autoscaler scaled to zero, with the warm pool;
 - the memory a second replica adds, as proportional set size (shared pages counted once);
 - requests lost while one of two replicas is SIGKILLed under load.
@@ -182,8 +183,8 @@ def main() -> None:
                 for name, clients in order:
                     rates[name].append(throughput(poster(name), clients, window))
             results["rps"] = rates
-            # The same rounds for the interpreter alone, in 1 and in 2 processes: what this
-            # host gives a second core at the time, with nothing else between them.
+            # The same rounds for the interpreter alone, in 1 and in 2 processes, right after:
+            # what this host gives a second core in the same minutes, with nothing between.
             results["raw_rps"] = raw_rounds(str(path), variant.x, rounds, window)
 
             # 2. Memory: the worker processes of `one` and of `two`, and the whole tree.
@@ -276,7 +277,7 @@ def ratio_range(rates: dict[str, list[float]]) -> str:
     return f"{min(ratios):.2f} to {max(ratios):.2f}"
 
 
-def _invoke_loop(path: str, x: Any, seconds: float, go: Any, rates: Any) -> None:
+def _invoke_loop(path: str, x: Any, seconds: float, go: Any, reports: Any) -> None:
     """One process: the interpreter (threads 1) called back to back; puts its rate."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -285,14 +286,14 @@ def _invoke_loop(path: str, x: Any, seconds: float, go: Any, rates: Any) -> None
     index = interpreter.get_input_details()[0]["index"]
     interpreter.set_tensor(index, x)
     interpreter.invoke()  # the first call prepares XNNPACK's operators
-    rates.put(None)  # ready
-    go.get()  # the processes of a window start together
+    reports.put(None)  # ready
+    go.get(timeout=120)  # the processes of a window start together
     calls, began = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - began) < seconds:
         interpreter.set_tensor(index, x)
         interpreter.invoke()
         calls += 1
-    rates.put(calls / elapsed)
+    reports.put(calls / elapsed)
 
 
 def raw_rounds(path: str, x: Any, rounds: int, window: float) -> dict[str, list[float]]:
@@ -303,18 +304,24 @@ def raw_rounds(path: str, x: Any, rounds: int, window: float) -> dict[str, list[
         for name in ("one", "two") if round_ % 2 == 0 else ("two", "one"):
             go, got = context.Queue(), context.Queue()
             processes = [
-                context.Process(target=_invoke_loop, args=(path, x, window, go, got))
+                context.Process(target=_invoke_loop, args=(path, x, window, go, got), daemon=True)
                 for _ in range(1 if name == "one" else 2)
             ]
-            for process in processes:
-                process.start()
-            for _ in processes:
-                got.get(timeout=60)  # each started, loaded and past its first call
-            for _ in processes:
-                go.put(None)
-            rates[name].append(sum(got.get(timeout=60) for _ in processes))
-            for process in processes:
-                process.join()
+            try:
+                for process in processes:
+                    process.start()
+                for _ in processes:
+                    got.get(timeout=60)  # each started, loaded and past its first call
+                for _ in processes:
+                    go.put(None)
+                rates[name].append(sum(got.get(timeout=60) for _ in processes))
+            finally:  # one that failed leaves none behind waiting for its window
+                for process in processes:
+                    if process.is_alive():
+                        process.join(5)
+                    if process.is_alive():
+                        process.terminate()
+                        process.join()
     return rates
 
 

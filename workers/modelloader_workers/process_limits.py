@@ -64,10 +64,10 @@ def harden() -> list[str]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (bound, bound))  # hard: it may not raise it
     applied.append(f"open files <= {bound}")
     if c_library.name():
-        lib = c_library.handle()
-        if hasattr(lib, "prctl") and lib.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+        libc = c_library.handle()
+        if hasattr(libc, "prctl") and libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
             applied.append("not dumpable")
-        if hasattr(lib, "mallopt") and lib.mallopt(_M_ARENA_MAX, 2) == 1:
+        if hasattr(libc, "mallopt") and libc.mallopt(_M_ARENA_MAX, 2) == 1:
             applied.append("malloc arenas <= 2")
     return applied
 
