@@ -17,10 +17,14 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from modelloader_workers import model_process, spawner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replicas import pss_kib
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "01-digits" / "digits.tflite"
 
@@ -29,13 +33,6 @@ def _cpu_ms_of(pid: int) -> float:
     """CPU of `pid` and of its reaped children, in ms."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK") * 1000
-
-
-def _pss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _children_cpu_ms() -> float:
@@ -65,7 +62,7 @@ def main() -> None:
         process = started.spawn()
         process.load(request, listener)
         walls.append((time.perf_counter() - began) * 1000)
-        sizes.append(_pss_kib(process.pid))
+        sizes.append(pss_kib(process.pid))
         process.stop()
         listener.close()
     cpu = (_children_cpu_ms() - children + _cpu_ms_of(spawner_pid) - forks) / args.models

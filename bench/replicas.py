@@ -43,6 +43,7 @@ from dataplane import (
     write_results,
 )
 from modelloader import control_channel
+from modelloader_workers.litert_runner import LiteRTRunner
 
 TITLE = "# Replicas and autoscaling: throughput, scale from zero, memory, a replica killed"
 
@@ -185,7 +186,9 @@ def main() -> None:
             results["rps"] = rates
             # The same rounds for the interpreter alone, in 1 and in 2 processes, right after:
             # what this host gives a second core in the same minutes, with nothing between.
-            results["raw_rps"] = raw_rounds(str(path), variant.x, rounds, window)
+            results["raw_rps"] = raw_rounds(
+                str(path), variant.input_name, variant.x, rounds, window
+            )
 
             # 2. Memory: the worker processes of `one` and of `two`, and the whole tree.
             placements = status(state_dir, "two")["replicaPlacements"]
@@ -268,35 +271,37 @@ def main() -> None:
         write_results(section, TITLE)
 
 
+def round_ratios(rates: dict[str, list[float]]) -> list[float]:
+    return [t / o for o, t in zip(rates["one"], rates["two"], strict=True)]
+
+
 def paired_ratio(rates: dict[str, list[float]]) -> float:
-    return statistics.median(t / o for o, t in zip(rates["one"], rates["two"], strict=True))
+    return statistics.median(round_ratios(rates))
 
 
 def ratio_range(rates: dict[str, list[float]]) -> str:
-    ratios = [t / o for o, t in zip(rates["one"], rates["two"], strict=True)]
+    ratios = round_ratios(rates)
     return f"{min(ratios):.2f} to {max(ratios):.2f}"
 
 
-def _invoke_loop(path: str, x: Any, seconds: float, go: Any, reports: Any) -> None:
-    """One process: the interpreter (threads 1) called back to back; puts its rate."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=1)
-    interpreter.allocate_tensors()
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.set_tensor(index, x)
-    interpreter.invoke()  # the first call prepares XNNPACK's operators
+def _invoke_loop(path: str, input_name: str, x: Any, seconds: float, go: Any, reports: Any) -> None:
+    """One process: the interpreter (threads 1) called back to back, through the runner the
+    model process uses; puts its rate."""
+    runner = LiteRTRunner(path, threads=1)
+    inputs = {input_name: x}
+    runner.run(inputs)  # the first call prepares XNNPACK's operators
     reports.put(None)  # ready
     go.get(timeout=120)  # the processes of a window start together
     calls, began = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - began) < seconds:
-        interpreter.set_tensor(index, x)
-        interpreter.invoke()
+        runner.run(inputs)
         calls += 1
     reports.put(calls / elapsed)
 
 
-def raw_rounds(path: str, x: Any, rounds: int, window: float) -> dict[str, list[float]]:
+def raw_rounds(
+    path: str, input_name: str, x: Any, rounds: int, window: float
+) -> dict[str, list[float]]:
     """The interpreter in 1 and in 2 processes, in rounds of adjacent windows as above."""
     context = multiprocessing.get_context("spawn")
     rates: dict[str, list[float]] = {"one": [], "two": []}
@@ -304,7 +309,9 @@ def raw_rounds(path: str, x: Any, rounds: int, window: float) -> dict[str, list[
         for name in ("one", "two") if round_ % 2 == 0 else ("two", "one"):
             go, got = context.Queue(), context.Queue()
             processes = [
-                context.Process(target=_invoke_loop, args=(path, x, window, go, got), daemon=True)
+                context.Process(
+                    target=_invoke_loop, args=(path, input_name, x, window, go, got), daemon=True
+                )
                 for _ in range(1 if name == "one" else 2)
             ]
             try:
