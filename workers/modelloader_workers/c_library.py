@@ -2,8 +2,8 @@
 
 `ctypes.util.find_library` runs `ldconfig -p` in a child process and parses its output: about
 2 ms each time on the machine of bench/RESULTS.md, and a model process looked it up five times
-on its way into its sandbox. The spawner looks it up before it forks, so a forked model
-process looks it up not at all.
+on its way into its sandbox. `model_process.die_with_parent`, the first thing a spawner and a
+fresh model process do, looks it up, so a process forked by a spawner never does.
 """
 
 from __future__ import annotations

@@ -503,9 +503,6 @@ def warm_up() -> None:
     for module in WARM_IMPORTS:
         importlib.import_module(module)
     litert_runner.preload()
-    # Already looked up by die_with_parent, which runs first; looked up here as well so a
-    # warm process, and every fork of a spawner, has it before its sandbox whatever the order.
-    c_library.name()
 
 
 def name_process(name: str) -> None:
