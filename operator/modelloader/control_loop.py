@@ -157,6 +157,7 @@ class ControlLoop(Generic[H]):
                     log.warning("control loop restarted: adopted %d running workers", adopted)
                 started = time.monotonic()
                 await self.reconcile_once()
+                _raise_if_cancel_was_swallowed()
                 # A pass over many models takes a while (tens of ms at 500, longer while
                 # their processes start and take the CPU): the next one waits at least as long,
                 # so a stream of wake-ups (loads finishing) still leaves at least half of the
@@ -321,6 +322,19 @@ class ControlLoop(Generic[H]):
         )
         outcome = Outcome(statuses, listing, origins, problems, tuple(scaled))
         await self.sink.publish(outcome, desired)
+
+
+def _raise_if_cancel_was_swallowed() -> None:
+    """End the loop if it was asked to stop during a pass that did not stop.
+
+    A pass awaits code this project does not own (aiohttp, Ray's futures, `wait_for`, which on
+    Python 3.11 returns a result that arrives with a cancel and drops the cancel). A cancel
+    lost there leaves the task marked as cancelling but running, and the loop would then run
+    forever (an operator that did not stop within 30 s, in CI). Between passes nothing of
+    ours is inside a timeout, so a request still counted means one that was lost."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _item(key: ModelKey, origin: str, rendered: dict[str, Any]) -> dict[str, Any]:
