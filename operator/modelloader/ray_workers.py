@@ -17,9 +17,11 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
+import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,25 +95,59 @@ async def _ask_hosting(handle: WorkerHandle, timeout: float) -> Hosting:
     return frozenset(serving), deaths
 
 
-def start_local_ray(num_cpus: int | None) -> str:
+# How many times `start_local_ray` tries: a start under load can miss Ray's fixed 30 s wait for
+# its raylet to register (once in CI, just after the GCS of the Ray before was killed).
+LOCAL_RAY_ATTEMPTS = 2
+
+
+def start_local_ray(
+    num_cpus: int | None,
+    init: Callable[..., object] = ray.init,
+    attempts: int = LOCAL_RAY_ATTEMPTS,
+) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
-    `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
-    started = time.perf_counter()
-    temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+    `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere. A
+    start that fails leaves nothing behind and is tried again; `init` is Ray's, or a test's."""
     # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
     # shares the cores with the gateway (bench/RESULTS.md, "What changed, and what each
     # change bought").
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _temp_dir=temp_dir,
-    )
-    log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, temp_dir)
-    return temp_dir
+    for attempt in range(1, attempts + 1):
+        started = time.perf_counter()
+        temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+        try:
+            init(
+                address="local",
+                num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                _temp_dir=temp_dir,
+            )
+        except Exception as error:
+            _end_failed_start(temp_dir)
+            if attempt == attempts:
+                raise
+            log.warning("local Ray did not start (%s); trying again", error)
+            continue
+        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, temp_dir)
+        return temp_dir
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _end_failed_start(temp_dir: str) -> None:
+    """What a failed `ray.init` started: it raises after starting the GCS and the raylet,
+    without ending them. Each names the temp dir, fresh for this attempt, on its command line."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    needle = os.fsencode(temp_dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 async def connect_ray(address: str | None, role: str) -> None:
