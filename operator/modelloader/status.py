@@ -30,8 +30,10 @@ def render(
     previous: Mapping[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
+    before = {c.get("type"): c for c in (previous or {}).get("conditions", ())}
     conditions = [
-        _condition(kind, condition, previous, now) for kind, condition in _by_type(state.conditions)
+        _condition(kind, condition, before.get(kind), now)
+        for kind, condition in _by_type(state.conditions)
     ]
     status: dict[str, Any] = {
         "phase": state.phase,
@@ -60,10 +62,12 @@ def render(
     status["desiredReplicas"] = state.desired
     status["ready"] = f"{ready}/{state.desired}"
     status["selector"] = f"{SELECTOR_LABEL}={model.name}"
+    serving = {w.id for w in state.serving}
+    shown_workers = {w.id: w for w in (*state.replicas, *state.serving)}.values()  # by id: hashing views costs
     placements = [
-        {"replica": w.replica, "generation": w.generation, "ready": w in state.serving}
+        {"replica": w.replica, "generation": w.generation, "ready": w.id in serving}
         | (w.placement.to_dict() if w.placement is not None else {})
-        for w in sorted({*state.replicas, *state.serving}, key=lambda w: (w.replica, -w.generation))
+        for w in sorted(shown_workers, key=lambda w: (w.replica, -w.generation))
     ]
     if placements:
         status["replicaPlacements"] = placements
@@ -102,14 +106,12 @@ def render_rejected(rejected: Rejected, now: datetime) -> dict[str, Any]:
 def _condition(
     kind: str,
     condition: Condition,
-    previous: Mapping[str, Any] | None,
+    before: Mapping[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
+    """One condition; its transition time moves only when its status changes."""
     value = condition.status
     text = "Unknown" if value is None else ("True" if value else "False")
-    before = next(
-        (c for c in (previous or {}).get("conditions", []) if c.get("type") == kind), None
-    )
     since = (
         before["lastTransitionTime"]
         if before is not None and before.get("status") == text

@@ -281,3 +281,13 @@ def test_a_rate_of_zero_refuses_even_the_first_request() -> None:
 
     with pytest.raises(TooManyRequests):
         OriginLimiter().enter("a", OriginAccess(requests_per_second=0))
+
+
+def test_an_origin_without_a_policy_gets_the_default_made_once_as_its_own() -> None:
+    default = OriginPolicy("", quota=Quota(max_workers=3), explicit=False)
+    known = policies(default, [OriginPolicy("a", quota=Quota(max_workers=1))])
+    b = known.of("b")
+    assert (b.origin, b.quota.max_workers, b.namespaces) == ("b", 3, ())
+    assert known.of("b") is b  # made once per Policies: a pass asks thousands of times
+    assert known.of("a").quota.max_workers == 1
+    assert known == policies(default, [OriginPolicy("a", quota=Quota(max_workers=1))])
