@@ -334,6 +334,7 @@ def _raise_if_cancel_was_swallowed() -> None:
     ours is inside a timeout, so a request still counted means one that was lost."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
+        log.warning("a stop request was lost during a pass; stopping now")
         raise asyncio.CancelledError
 
 

@@ -102,7 +102,7 @@ LOCAL_RAY_ATTEMPTS = 2
 
 def start_local_ray(
     num_cpus: int | None,
-    init: Callable[..., object] = ray.init,
+    init: Callable[..., object] | None = None,
     attempts: int = LOCAL_RAY_ATTEMPTS,
 ) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
@@ -116,7 +116,7 @@ def start_local_ray(
         started = time.perf_counter()
         temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
         try:
-            init(
+            (init or ray.init)(
                 address="local",
                 num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
                 include_dashboard=False,
@@ -137,17 +137,41 @@ def start_local_ray(
 
 def _end_failed_start(temp_dir: str) -> None:
     """What a failed `ray.init` started: it raises after starting the GCS and the raylet,
-    without ending them. Each names the temp dir, fresh for this attempt, on its command line."""
+    without ending them. Each names the temp dir, fresh for this attempt, on its command line;
+    what they started (workers that renamed themselves `ray::IDLE`) are their descendants."""
     with contextlib.suppress(Exception):
         ray.shutdown()
     needle = os.fsencode(temp_dir)
+    parents: dict[int, int] = {}
+    ended: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pid = int(entry.name)
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if needle in (entry / "cmdline").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
+                ended.add(pid)
+    grown = True
+    while grown:
+        below = {pid for pid, parent in parents.items() if parent in ended} - ended
+        ended |= below
+        grown = bool(below)
+    for pid in ended:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_running(pid) for pid in ended):
+        time.sleep(0.05)  # gone (or a zombie) before their files are removed
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 async def connect_ray(address: str | None, role: str) -> None:

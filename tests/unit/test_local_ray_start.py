@@ -15,6 +15,18 @@ import pytest
 from modelloader.ray_workers import start_local_ray
 
 TIMED_OUT = "The current node timed out during startup."
+# As the raylet does: a process that names the dir starts one that does not.
+STARTS_A_CHILD = (
+    "import subprocess, sys, time; "
+    "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); time.sleep(60)"
+)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 class FailingInit:
@@ -24,14 +36,18 @@ class FailingInit:
         self.failures = failures
         self.calls: list[str] = []
         self.started: list[subprocess.Popen[bytes]] = []
+        self.children: list[int] = []  # what they started, not naming the dir (ray::IDLE)
 
     def __call__(self, **options: Any) -> None:
         temp_dir = options["_temp_dir"]
         self.calls.append(temp_dir)
         if len(self.calls) <= self.failures:
-            self.started.append(
-                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", temp_dir])
+            started = subprocess.Popen(
+                [sys.executable, "-c", STARTS_A_CHILD, temp_dir], stdout=subprocess.PIPE
             )
+            assert started.stdout is not None
+            self.children.append(int(started.stdout.readline()))
+            self.started.append(started)
             raise Exception(TIMED_OUT)
 
 
@@ -43,6 +59,7 @@ def test_a_start_that_times_out_is_cleaned_up_and_tried_again() -> None:
         assert temp_dir == second != first
         assert not Path(first).exists()
         assert init.started[0].wait(5) == -9  # what the failed start left running is ended
+        assert gone(init.children[0])  # and what that started
         assert Path(second).is_dir()
     finally:
         os.rmdir(temp_dir)
@@ -55,3 +72,4 @@ def test_the_last_failure_is_raised_and_nothing_is_left() -> None:
     assert len(init.calls) == 2
     assert not any(Path(d).exists() for d in init.calls)
     assert all(p.wait(5) == -9 for p in init.started)
+    assert all(gone(pid) for pid in init.children)
