@@ -106,33 +106,37 @@ def start_local_ray(
     attempts: int = LOCAL_RAY_ATTEMPTS,
 ) -> str:
     """A private, local Ray for `modelloader local`; returns its temp dir (for cleanup checks).
-    `address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere. A
-    start that fails leaves nothing behind and is tried again; `init` is Ray's, or a test's."""
+    A start that fails leaves nothing behind and is tried again; `init` is Ray's, or a test's."""
     # Ray starts workers at niceness 15, right for batch tasks and wrong for a data path that
     # shares the cores with the gateway (bench/RESULTS.md, "What changed, and what each
     # change bought").
     os.environ.setdefault("RAY_worker_niceness", "0")
-    for attempt in range(1, attempts + 1):
-        started = time.perf_counter()
-        temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+    for _ in range(attempts - 1):
         try:
-            (init or ray.init)(
-                address="local",
-                num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                _temp_dir=temp_dir,
-            )
+            return _start_local_ray_once(num_cpus, init or ray.init)
         except Exception as error:
-            _end_failed_start(temp_dir)
-            if attempt == attempts:
-                raise
             log.warning("local Ray did not start (%s); trying again", error)
-            continue
-        log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, temp_dir)
-        return temp_dir
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return _start_local_ray_once(num_cpus, init or ray.init)
+
+
+def _start_local_ray_once(num_cpus: int | None, init: Callable[..., object]) -> str:
+    """`address="local"` keeps a RAY_ADDRESS in the environment from pointing us elsewhere."""
+    started = time.perf_counter()
+    temp_dir = tempfile.mkdtemp(prefix="mlray-", dir="/tmp")  # short: Ray's sockets live there
+    try:
+        init(
+            address="local",
+            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            _temp_dir=temp_dir,
+        )
+    except Exception:
+        _end_failed_start(temp_dir)
+        raise
+    log.info("local Ray started in %.1fs (%s)", time.perf_counter() - started, temp_dir)
+    return temp_dir
 
 
 def _end_failed_start(temp_dir: str) -> None:
@@ -147,9 +151,9 @@ def _end_failed_start(temp_dir: str) -> None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
+        pid = int(entry.name)
         with contextlib.suppress(OSError, IndexError, ValueError):
-            pid = int(entry.name)
-            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parents[pid] = int(_stat_fields(pid)[1])
             if needle in (entry / "cmdline").read_bytes():
                 ended.add(pid)
     grown = True
@@ -166,12 +170,17 @@ def _end_failed_start(temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): the
+    state first, then the parent's pid."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _running(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return _stat_fields(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
-    return state != "Z"
 
 
 async def connect_ray(address: str | None, role: str) -> None:
