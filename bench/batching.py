@@ -8,24 +8,33 @@ each loaded three times by one `modelloader local`: without batching, with `maxB
 and no queue delay (a batch is what arrived while the interpreter ran the last one), and with
 a delay of DELAY_US. At concurrency 1, 4 and 16, perf_analyzer (`-i http`, binary tensors,
 the same image in every request; fetched as `protocols.py` fetches it) drives the three one
-after another, and the raw interpreter's batch-1 loop (`LiteRTRunner.run` in this process,
-back to back) runs before each model and after each concurrency. perf_analyzer rather than
-Python client threads: on 2 cores the client's own CPU time is taken from the server's, and
-perf_analyzer's is the smaller. The mean batch comes from Triton's statistics (inferences
-per execution).
+after another (at 1 client ROUNDS_AT_ONE times, the order alternating), and the raw
+interpreter's batch-1 loop (`LiteRTRunner.run` in this process, back to back) runs before
+each model and after each concurrency. perf_analyzer rather than Python client threads: on 2
+cores the client's own CPU time is taken from the server's, and perf_analyzer's is the
+smaller. The mean batch comes from Triton's statistics (inferences per execution).
 
-Then the worker alone (no Ray, no HTTP: the gateway's own links to a `WorkerServer` in this
-process), one request at a time, for what batching adds to a lone request's latency without
-the rest of the path's noise; and how late the serving thread's timed waits wake on this
-machine (`worker_server.WAKE_LATE`).
+Each served run also reads from /proc what each part of the machine spent per request (the
+gateway's process, the model processes, perf_analyzer, the rest), and at the end
+perf_analyzer drives a server that answers at once (`fixed_answer.py`) with the digits request:
+the rate these two cores allow when serving costs nothing.
+
+First of all, the worker alone (no Ray, no HTTP: the gateway's own links to a `WorkerServer`
+in this process, one per configuration, all on one interpreter), one request at a time, the
+configurations interleaved call by call, for what batching adds to a lone request's latency
+without the rest of the path's noise; and how late the serving thread's timed waits wake on
+this machine (`worker_server.WAKE_LATE`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,10 +69,18 @@ from modelloader_gateway.worker_client import WorkerClients, request_prefix
 from modelloader_workers.batch_runner import check_batchable
 from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.litert_runner import LiteRTRunner
+from modelloader_workers.model_process import PROCESS_NAME
 from modelloader_workers.wire import ipc
 from modelloader_workers.wire.address import Address
 from modelloader_workers.worker_server import WorkerServer
-from protocols import perf_analyzer
+from protocols import (
+    Settings,
+    cpu_seconds,
+    fixed_answers,
+    input_data,
+    perf_analyzer,
+    run_perf_analyzer,
+)
 
 TITLE = "# Batching: throughput and latency, on and off, against the raw batch-1 loop"
 THREADS = 2
@@ -75,6 +92,7 @@ CONFIGS = {
     f"on, {DELAY_US} us": {"maxBatchSize": MAX_BATCH, "maxQueueDelayMicroseconds": DELAY_US},
 }
 CONCURRENCY = (1, 4, 16)
+ROUNDS_AT_ONE = 3
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,45 @@ class Load:
     p50_ms: float
     p99_ms: float
     mean_batch: float = 1.0
+    # CPU ms per request by part (`Cores`), for served runs
+    cpu_ms: dict[str, float] | None = None
+
+
+class Cores:
+    """CPU time by part while perf_analyzer drives the server: `modelloader local` (the
+    gateway, with the control loop and Ray's driver beside it), the model processes,
+    perf_analyzer (this process's children) and the rest of the machine (Ray, the kernel's
+    threads, this process)."""
+
+    def __init__(self, gateway: int) -> None:
+        self.gateway = gateway
+        self.began = self._now()
+
+    def _now(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / tick
+        models = 0.0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == PROCESS_NAME:
+                    models += cpu_seconds(int(entry.name))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "gateway": cpu_seconds(self.gateway),
+            "model processes": models,
+            "perf_analyzer": children.ru_utime + children.ru_stime,
+            "machine": busy,
+        }
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        now = self._now()
+        used = {part: now[part] - self.began[part] for part in now}
+        used["rest"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
+        return {part: seconds * 1000 / max(1, requests) for part, seconds in used.items()}
 
 
 def under_load(make: Callable[[], Callable[[], None]], concurrency: int, seconds: float) -> Load:
@@ -152,11 +209,18 @@ def input_files(variant: Variant, folder: Path) -> dict[bool, Path]:
 
 
 def drive(
-    command: list[str], port: int, model: str, concurrency: int, data: Path, window: float
+    command: list[str],
+    port: int,
+    model: str,
+    concurrency: int,
+    data: Path,
+    window: float,
+    gateway: int,
 ) -> Load:
-    """perf_analyzer against one model: throughput and p50/p99 of its stable windows, and the
-    mean batch over the run (Triton's statistics)."""
+    """perf_analyzer against one model: throughput and p50/p99 of its stable windows, the
+    mean batch over the run (Triton's statistics), and the CPU per request by part."""
     before = counts(port, model)
+    cores = Cores(gateway)
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "pa.csv"
         args = [
@@ -181,11 +245,26 @@ def drive(
         float(row["p50 latency"]) / 1000,
         float(row["p99 latency"]) / 1000,
         (after[0] - before[0]) / max(1, after[1] - before[1]),
+        cores.per_request(after[0] - before[0]),
     )
 
 
+def floor(command: list[str], variant: Variant, folder: Path, window: float) -> dict[int, float]:
+    """perf_analyzer against a server that answers at once (`fixed_answer.py`, HTTP), by
+    concurrency: requests a second with no model, no worker and no checks, on these cores."""
+    data = input_data(variant, folder)
+    settings = Settings(window_ms=int(window * 1000), raw_calls=0, raw_window=0, poster_calls=0)
+    with fixed_answers(variant) as ports:
+        return {
+            concurrency: run_perf_analyzer(
+                command, variant.name, "REST binary", ports, concurrency, settings, None, data
+            ).per_second
+            for concurrency in CONCURRENCY
+        }
+
+
 def measure(
-    command: list[str], port: int, variant: Variant, window: float, folder: Path
+    command: list[str], port: int, gateway: int, variant: Variant, window: float, folder: Path
 ) -> dict[str, Any]:
     raw_runner = RawRunner(variant.path, variant.input_name, variant.x)
     data = input_files(variant, folder)
@@ -193,19 +272,31 @@ def measure(
     def raw() -> Load:
         return under_load(lambda: raw_runner, 1, window)
 
+    def run(config: str, concurrency: int) -> Load:
+        return drive(
+            command,
+            port,
+            name(variant.name, config),
+            concurrency,
+            data[CONFIGS[config] is not None],
+            window,
+            gateway,
+        )
+
     out: dict[str, Any] = {"raw": [raw()]}
     for turn, concurrency in enumerate(CONCURRENCY):
-        order = list(CONFIGS) if turn % 2 == 0 else list(CONFIGS)[::-1]
+        # One client: what batching adds to a lone request is a fraction of a millisecond,
+        # less than one run's p50 moves here, so the configurations take ROUNDS_AT_ONE turns
+        # in alternating order and each keeps its run of median p50.
+        rounds = ROUNDS_AT_ONE if concurrency == 1 else 1
+        runs: dict[str, list[Load]] = {config: [] for config in CONFIGS}
+        for round_ in range(rounds):
+            order = list(CONFIGS) if (turn + round_) % 2 == 0 else list(CONFIGS)[::-1]
+            for config in order:
+                runs[config].append(run(config, concurrency))
         out[concurrency] = {
-            config: drive(
-                command,
-                port,
-                name(variant.name, config),
-                concurrency,
-                data[CONFIGS[config] is not None],
-                window,
-            )
-            for config in order
+            config: sorted(loads, key=lambda load: load.p50_ms)[len(loads) // 2]
+            for config, loads in runs.items()
         }
         out["raw"].append(raw())
     return out
@@ -218,42 +309,43 @@ def policy(config: str) -> BatchPolicy | None:
     return BatchPolicy(found["maxBatchSize"], found.get("maxQueueDelayMicroseconds", 0) / 1e6)
 
 
-def worker_alone(variant: Variant, folder: Path, calls: int, rounds: int) -> dict[str, float]:
+def worker_alone(variant: Variant, folder: Path, calls: int) -> dict[str, float]:
     """p50 (ms) of one request at a time to a WorkerServer of each configuration, through
-    the gateway's links; configurations alternate, `rounds` runs each, medians."""
-    servers = {}
-    for index, config in enumerate(CONFIGS):
-        runner = LiteRTRunner(str(variant.path), threads=THREADS)
-        chosen = policy(config)
-        if chosen is not None:
-            check_batchable(runner, chosen.max_batch_size)
-        address = Address("unix", str(folder / f"alone-{index}.sock"))
-        servers[config] = (WorkerServer(runner, address, batching=chosen), address)
+    the gateway's links, the configurations interleaved call by call (so the host's drift
+    falls on each alike). Every server runs the same interpreter (grown to a full batch once,
+    as a batching model's is at load), so the configurations differ in the serving path
+    alone. One request is in flight at a time, so no two servers use it at once."""
+    runner = LiteRTRunner(str(variant.path), threads=THREADS)
+    check_batchable(runner, MAX_BATCH)
     entries, buffers = ipc.describe({variant.input_name: variant.x})
     prefix = request_prefix(entries, [])
+    servers = {}
+    for index, config in enumerate(CONFIGS):
+        address = Address("unix", str(folder / f"alone-{index}.sock"))
+        servers[config] = (WorkerServer(runner, address, batching=policy(config)), address)
 
-    async def sequential(address: Address) -> float:
+    async def interleaved() -> dict[str, list[float]]:
         clients = WorkerClients()
-        timings = []
-        for _ in range(calls):
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            began = time.perf_counter()
-            clients.submit(address, prefix, buffers, future.set_result)
-            await future
-            timings.append(time.perf_counter() - began)
-        clients.close()
-        return statistics.median(timings[calls // 10 :]) * 1000
-
-    got: dict[str, list[float]] = {config: [] for config in CONFIGS}
-    try:
-        for round_ in range(rounds):
-            order = list(CONFIGS) if round_ % 2 == 0 else list(CONFIGS)[::-1]
+        timings: dict[str, list[float]] = {config: [] for config in CONFIGS}
+        for call in range(calls):
+            order = list(CONFIGS) if call % 2 == 0 else list(CONFIGS)[::-1]
             for config in order:
-                got[config].append(asyncio.run(sequential(servers[config][1])))
+                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                began = time.perf_counter()
+                clients.submit(servers[config][1], prefix, buffers, future.set_result)
+                await future
+                timings[config].append(time.perf_counter() - began)
+        clients.close()
+        return timings
+
+    try:
+        got = asyncio.run(interleaved())
     finally:
         for server, _ in servers.values():
             server.close()
-    return {config: statistics.median(values) for config, values in got.items()}
+    return {
+        config: statistics.median(values[calls // 10 :]) * 1000 for config, values in got.items()
+    }
 
 
 def wake_late(waits: int = 300) -> tuple[float, float]:
@@ -310,7 +402,9 @@ def report(
         f"perf_analyzer 2.60 (`-i http`, binary tensors) with windows of {window:g} s, stable "
         "to 25% over three (60% where the host would not settle). Raw: the interpreter's "
         "batch-1 loop in the bench's process (one caller), its median over the runs before "
-        "and between the concurrencies. Rows in the order they ran.",
+        "and between the concurrencies. At 1 client each configuration ran "
+        f"{ROUNDS_AT_ONE} times, the order alternating, and shows its run of median p50; at 4 "
+        "and 16, once each.",
         "",
         "| model | clients | configuration | req/s | vs off | vs raw b1 | p50 ms | p99 ms | "
         "mean batch |",
@@ -327,6 +421,41 @@ def report(
                     f"{load.per_second / off:.2f} | {load.per_second / raw:.2f} | "
                     f"{load.p50_ms:.2f} | {load.p99_ms:.2f} | {load.mean_batch:.2f} |"
                 )
+    lines += [
+        "",
+        "## 16 clients: where the two cores go (CPU ms per request)",
+        "",
+        "Read from /proc over each perf_analyzer run: `modelloader local` (the gateway, with the "
+        "control loop and Ray's driver beside it), the model processes, perf_analyzer, and the "
+        "rest of the machine's busy time (Ray's processes, the kernel, this bench). Two cores "
+        "give 2000 ms a second, so `all` bounds the rate: 2000 / all requests a second.",
+        "",
+        "| model | configuration | req/s | gateway | model processes | perf_analyzer | rest | "
+        "all |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, found in results.items():
+        for config, load in found[16].items():
+            cpu = load.cpu_ms or {}
+            cells = [cpu.get(k, 0.0) for k in ("gateway", "model processes", "perf_analyzer")]
+            lines.append(
+                f"| {model} | {config} | {load.per_second:.1f} | "
+                + " | ".join(f"{v:.3f}" for v in cells)
+                + f" | {cpu.get('rest', 0.0):.3f} | {cpu.get('machine', 0.0):.3f} |"
+            )
+    if "floor" in results.get("digits", {}):
+        fixed = results["digits"]["floor"]
+        twice = 2 * results["digits"][16]["off"].per_second
+        lines += [
+            "",
+            "The floor: perf_analyzer against a server that answers at once "
+            "(`bench/fixed_answer.py`, HTTP, the digits request; no model, no worker, no "
+            "checks), on the same cores: "
+            + " / ".join(f"{fixed[c]:.0f}" for c in CONCURRENCY)
+            + f" requests a second at {' / '.join(str(c) for c in CONCURRENCY)} clients. "
+            f"Twice digits' unbatched rate at 16 clients is {twice:.0f} requests a second: "
+            f"{2000 / twice:.3f} ms of the two cores per request, everything included.",
+        ]
     alone = dict(alone)
     if alone:
         late = alone.pop("_late")
@@ -334,9 +463,10 @@ def report(
             "",
             "## A lone request, the worker alone (p50 ms, one request at a time)",
             "",
-            "The gateway's links to a `WorkerServer` in the bench's process: no Ray, no HTTP, "
-            "so what batching adds to a request that waits for no one shows without the "
-            "rest of the path's noise. The serving thread's timed waits wake "
+            "The gateway's links to a `WorkerServer` per configuration in the bench's "
+            "process, all on one interpreter, the configurations interleaved call by call: "
+            "no Ray, no HTTP, so what batching adds to a request that waits for no one shows "
+            "without the rest of the path's noise. The serving thread's timed waits wake "
             f"{late[0]:.0f} us late at the median here ({late[1]:.0f} us at p90), and "
             "batches are cut short by that much (`WAKE_LATE`).",
             "",
@@ -406,17 +536,19 @@ def main() -> None:
         names = {name(v.name, c): f"{v.name}.tflite" for v in chosen for c in CONFIGS}
         print("the worker alone", flush=True)
         alone: dict[str, Any] = {
-            v.name: worker_alone(v, work, 200 if args.quick else 600, 1 if args.quick else 3)
+            v.name: worker_alone(v, work, 300 if args.quick else 1500)
             for v in chosen
             if v.name in ("digits", "uint8")
         }
         alone["_late"] = wake_late()
-        with modelloader_local(work, {}) as (port, state_dir, _, _):
+        with modelloader_local(work, {}) as (port, state_dir, _, gateway):
             for model in names:
                 wait_phase(state_dir, model, "Ready")
             for variant in chosen:
                 print(f"measuring {variant.name}", flush=True)
-                results[variant.name] = measure(command, port, variant, window, work)
+                results[variant.name] = measure(command, port, gateway, variant, window, work)
+        print("the floor: digits against a fixed answer", flush=True)
+        results["digits"]["floor"] = floor(command, chosen[0], work, window)
     shown = "bench/batching.py" + (" --quick" if args.quick else "")
     section = report(results, alone, f".venv/bin/python {shown}", window)
     print(section)
