@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from modelloader_gateway.errors import BadRequest, DataPlaneError
 from modelloader_gateway.worker_client import WorkerClients, WorkerReply
+from modelloader_workers import worker_server
 from modelloader_workers.batch_runner import check_batchable
 from modelloader_workers.batching import BatchPolicy
 from modelloader_workers.litert_runner import LiteRTRunner, ModelLoadError
@@ -145,3 +147,28 @@ def test_without_a_delay_a_lone_request_and_a_burst_are_answered_alike(address: 
     for reply, x in zip(got, inputs, strict=True):
         np.testing.assert_array_equal(reply.outputs["y"], 2 * x)
     assert sum(r.batch for r in got) == sum(x.shape[0] for x in inputs)
+
+
+def test_with_a_delay_the_serving_thread_tightens_its_timer_slack(
+    address: Address, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Linux may fire a timer up to 50 us late by default; a queue delay is one or two timed
+    # waits of the serving thread, so that thread asks for its timers on time.
+    tightened: list[tuple[str, bool]] = []
+    real = worker_server.tighten_timer_slack
+
+    def recorded() -> bool:
+        done = real()
+        tightened.append((threading.current_thread().name, done))
+        return done
+
+    monkeypatch.setattr(worker_server, "tighten_timer_slack", recorded)
+    x = np.full((1, 2), 3, np.float32)
+    for policy in (BatchPolicy(4), BatchPolicy(4, max_queue_delay_seconds=0.002)):
+        server = serve(SCALE, policy, address)
+        try:
+            (reply,) = replies(burst(address, [{"x": x}]))
+        finally:
+            server.close()
+        np.testing.assert_array_equal(reply.outputs["y"], 2 * x)
+    assert tightened == [("ipc-serve", True)]  # the delayed one only

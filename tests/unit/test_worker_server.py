@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from modelloader_gateway.worker_client import WorkerClients
-from modelloader_workers import worker_server
+from modelloader_workers import c_library, worker_server
 from modelloader_workers.wire import ipc
 from modelloader_workers.wire.address import Address
 from modelloader_workers.wire.signature import Signature, TensorSpec
@@ -136,3 +138,20 @@ def test_a_payload_that_comes_late_is_read_whole_and_a_stalled_one_ends_the_conn
             assert _reply(sock) is None
     finally:
         server.close()
+
+
+def test_tightening_the_timer_slack_is_for_the_calling_thread_alone() -> None:
+    # prctl(PR_GET_TIMERSLACK) answers for the calling thread; the serving thread of a model
+    # with a queue delay tightens its own, so its waits end on time, and no other's.
+    libc = c_library.handle()
+    before = libc.prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK
+    seen: list[tuple[bool, int]] = []
+
+    def tighten() -> None:
+        seen.append((worker_server.tighten_timer_slack(), libc.prctl(30, 0, 0, 0, 0)))
+
+    thread = threading.Thread(target=tighten)
+    thread.start()
+    thread.join()
+    assert seen == [(True, 1)], ctypes.get_errno()
+    assert libc.prctl(30, 0, 0, 0, 0) == before > 1
