@@ -14,8 +14,9 @@ memory, measured side by side in one run:
    them), and what one more model adds to every process of `modelloader local`.
 3. Scale (`--scale-models`, over `--scale-origins`): perModel digits models applied at once to
    one `modelloader local`; the seconds until every one is Ready, how long `modelloader status`
-   (its control channel) takes to answer, asked every half second meanwhile, and the PSS of the
-   whole tree once they are Ready.
+   (its control channel) takes to answer, asked every half second meanwhile, the PSS of the
+   whole tree once they are Ready, and then one inference to each model through the gateway,
+   with its origin's bearer token (every one must answer 200).
 
 Writes its section of bench/RESULTS.md.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import shutil
 import statistics
@@ -159,26 +161,70 @@ def memory(models: int, work: Path) -> dict[str, Any]:
         }
 
 
+def origin_secret(origin: str) -> tuple[str, str]:
+    """A bearer token for `origin` and the Secret that grants it (the origin's namespace)."""
+    token = f"{origin}-token-0123456789abcdef"
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": f"{origin}-token",
+            "namespace": origin,
+            "labels": {"modelloader.dev/origin": origin},
+        },
+        "stringData": {"token": token},
+    }
+    return token, json.dumps(secret)
+
+
+def answer_each(port: int, tokens: dict[str, str]) -> tuple[int, list[str]]:
+    """One inference per model (name -> its origin's token) over one keep-alive connection:
+    how many answered 200, and the first few that did not, with why."""
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    )
+    answered, failures = 0, []
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for name, token in tokens.items():
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            connection.request("POST", f"/v2/models/{name}/infer", body, headers)
+            response = connection.getresponse()
+            data = response.read()
+            if response.status == 200 and b'"outputs"' in data:
+                answered += 1
+            elif len(failures) < 3:
+                failures.append(f"{name}: {response.status} {data[:120]!r}")
+    finally:
+        connection.close()
+    return answered, failures
+
+
 def scale(models: int, origins: int, work: Path) -> dict[str, Any]:
-    """Every model applied at once; Ready times, the control channel's answers meanwhile."""
+    """Every model applied at once; Ready times, the control channel's answers meanwhile, then
+    one inference to each model, with its origin's token."""
     from modelloader import control_channel
     from replicas import node_pss
 
     folder = work / "scale"
     folder.mkdir()
     shutil.copy(DIGITS, folder / "digits.tflite")
+    owners = {f"m{i:03d}": f"o{i % origins:02d}" for i in range(models)}
+    secrets = {o: origin_secret(o) for o in sorted(set(owners.values()))}
+    # The tokens are there from the start: what is timed is the models alone.
+    (folder / "secrets.yaml").write_text("\n---\n".join(s for _, s in secrets.values()))
     documents = [
         json.dumps(
             {
                 "apiVersion": "modelloader.dev/v1alpha1",
                 "kind": "LoadedModel",
-                "metadata": {"name": f"m{i:03d}", "namespace": f"o{i % origins:02d}"},
+                "metadata": {"name": name, "namespace": origin},
                 "spec": {"source": {"uri": "file://digits.tflite"}, "accelerator": "cpu"},
             }
         )
-        for i in range(models)
+        for name, origin in owners.items()
     ]
-    with modelloader_local(folder, {}) as (_port, state_dir, _seconds, pid):
+    with modelloader_local(folder, {}) as (port, state_dir, _seconds, pid):
         applied = time.monotonic()
         (folder / "all.yaml").write_text("\n---\n".join(documents))
         answers: list[float] = []
@@ -196,6 +242,11 @@ def scale(models: int, origins: int, work: Path) -> dict[str, Any]:
                 break
             time.sleep(0.5)
         seconds = time.monotonic() - applied
+        asked = time.monotonic()
+        answered, failures = answer_each(
+            port, {name: secrets[origin][0] for name, origin in owners.items()}
+        )
+        answering = time.monotonic() - asked
         time.sleep(3.0)
         return {
             "ready": ready,
@@ -203,6 +254,9 @@ def scale(models: int, origins: int, work: Path) -> dict[str, Any]:
             "status_p50": statistics.median(answers),
             "status_max": max(answers),
             "status_asked": len(answers),
+            "answered": answered,
+            "answer_seconds": answering,
+            "failures": failures,
             "tree_mib": node_pss(pid) / 1024,
         }
 
@@ -273,6 +327,10 @@ def main() -> None:
             "| what | measured |",
             "| --- | --- |",
             f"| Ready | {grown['ready']} of {args.scale_models} after {grown['seconds']:.1f} s |",
+            f"| then one inference to each, with its origin's token | {grown['answered']} of "
+            f"{args.scale_models} answered 200, in {grown['answer_seconds']:.1f} s"
+            + "".join(f"; {f}" for f in grown["failures"])
+            + " |",
             f"| `modelloader status` meanwhile ({grown['status_asked']} asks) | p50 "
             f"{grown['status_p50']:.3f} s, slowest {grown['status_max']:.3f} s |",
             f"| every process of `modelloader local` (PSS) | {grown['tree_mib']:.0f} MiB, "
