@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mobilenet
 from dataplane import (
     MODEL_CACHE,
+    json_request,
     machine,
     manifest,
     modelloader_local,
@@ -182,9 +183,7 @@ def answer_each(port: int, tokens: dict[str, str], budget: float = 300.0) -> tup
     many answered 200, and the first few that did not, with why. A connection that fails is
     dropped (the next request opens another); models not asked within `budget` seconds count
     as not answering."""
-    body = json.dumps(
-        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
-    )
+    body = json_request("pixels", "FP32", np.zeros((1, 64), np.float32))
     answered, failures = 0, []
     deadline = time.monotonic() + budget
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
